@@ -1,0 +1,1 @@
+"""Keras callbacks that watch training for embedded critical points (see issue on callbacks)."""

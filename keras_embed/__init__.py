@@ -1,0 +1,38 @@
+"""keras-embed: find and remove the redundancy the Embedding Principle predicts.
+
+Importing the package is cheap; TensorFlow loads on first use of a function.
+
+Example:
+    >>> import keras_embed
+    >>> pruned, report = keras_embed.prune(model)
+    >>> report.widths_after
+    [16, 10]
+"""
+
+import importlib
+
+_EXPORTS = {
+    "read_model": "keras_embed.read",
+    "build_model": "keras_embed.build",
+    "Graph": "keras_embed.graph",
+    "find_redundancy": "keras_embed.analysis",
+    "plan_exact": "keras_embed.plan",
+    "apply_plan": "keras_embed.surgery",
+    "widen": "keras_embed.operators",
+    "add_null": "keras_embed.operators",
+    "permute": "keras_embed.operators",
+    "prune": "keras_embed.prune",
+    "analyze": "keras_embed.prune",
+    "assert_outputs_preserved": "keras_embed.verify",
+    "load_model": "keras_embed.io",
+    "save_model": "keras_embed.io",
+}
+
+__all__ = sorted(_EXPORTS)
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'keras_embed' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -1,0 +1,87 @@
+"""Function-preserving growth: the width embeddings of the Embedding Principle.
+
+`widen` is the one-step splitting embedding T^alpha_{l,s} (unit s of layer l is copied,
+its outgoing weights split as (1 - alpha) and alpha); `add_null` is the null embedding
+(a new unit with zero outgoing weights); `permute` reorders units. Each returns a new
+`Graph` computing the same function for every input; they are also the oracle of the
+tests of `apply_plan`.
+
+Example:
+    >>> wide = widen(graph, "hidden", unit=3, alpha=0.25)
+    >>> wide.layers[0].width == graph.layers[0].width + 1
+    True
+"""
+
+import numpy as np
+
+from keras_embed import activations
+
+
+def _hidden_pair(graph, layer):
+    index = graph.hidden_index(layer)
+    hidden = graph.layers[index]
+    if not activations.is_elementwise(hidden.activations):
+        raise ValueError(f"layer '{hidden.name}' mixes its units ({', '.join(hidden.activations)}); it cannot grow")
+    return index, hidden, graph.layers[index + 1]
+
+
+def _grow(graph, index, incoming, bias, next_kernel):
+    """Appends one unit to hidden layer `index`; `next_kernel` already has its row."""
+    layer, next_layer = graph.layers[index], graph.layers[index + 1]
+    new_bias = None if layer.bias is None else np.append(layer.bias, bias)
+    return graph.replace_layers({
+        index: layer.with_weights(np.column_stack([layer.kernel, incoming]), new_bias),
+        index + 1: next_layer.with_weights(next_kernel, next_layer.bias),
+    })
+
+
+def widen(graph, layer, unit, alpha=0.5):
+    """Splits `unit` of hidden `layer` into two units with the same incoming weights.
+
+    Args:
+        graph: the `Graph` to grow.
+        layer: hidden layer name or index.
+        unit: index of the unit to split.
+        alpha: the copy takes alpha of the outgoing weights, the original keeps 1 - alpha;
+            any real number.
+
+    Returns:
+        A new `Graph` whose layer is one unit wider (the copy is the last unit).
+    """
+    index, hidden, next_layer = _hidden_pair(graph, layer)
+    if not 0 <= unit < hidden.width:
+        raise ValueError(f"layer '{hidden.name}' has units 0..{hidden.width - 1}. Received: unit={unit}")
+    next_kernel = np.vstack([next_layer.kernel, alpha * next_layer.kernel[unit]])
+    next_kernel[unit] *= 1.0 - alpha
+    bias = None if hidden.bias is None else hidden.bias[unit]
+    return _grow(graph, index, hidden.kernel[:, unit], bias, next_kernel)
+
+
+def add_null(graph, layer, bias=0.0, incoming=None):
+    """Adds a unit whose outgoing weights are zero (its output is never used).
+
+    Args:
+        graph: the `Graph` to grow.
+        layer: hidden layer name or index.
+        bias: the new unit's bias (must be 0 for a layer without bias).
+        incoming: its incoming weights (default zeros, the paper's null neuron).
+    """
+    index, hidden, next_layer = _hidden_pair(graph, layer)
+    if hidden.bias is None and bias != 0:
+        raise ValueError(f"layer '{hidden.name}' has no bias. Received: bias={bias}")
+    incoming = np.zeros(hidden.kernel.shape[0]) if incoming is None else np.asarray(incoming, dtype=np.float64)
+    if incoming.shape != (hidden.kernel.shape[0],):
+        raise ValueError(f"incoming must have shape ({hidden.kernel.shape[0]},). Received: {incoming.shape}")
+    return _grow(graph, index, incoming, bias, np.vstack([next_layer.kernel, np.zeros(next_layer.width)]))
+
+
+def permute(graph, layer, order):
+    """Reorders the units of hidden `layer`: new unit k is old unit order[k]."""
+    index, hidden, next_layer = _hidden_pair(graph, layer)
+    order = np.asarray(order)
+    if sorted(order.tolist()) != list(range(hidden.width)):
+        raise ValueError(f"order must be a permutation of 0..{hidden.width - 1}. Received: order={order.tolist()}")
+    return graph.replace_layers({
+        index: hidden.with_weights(hidden.kernel[:, order], None if hidden.bias is None else hidden.bias[order]),
+        index + 1: next_layer.with_weights(next_layer.kernel[order], next_layer.bias),
+    })

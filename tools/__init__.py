@@ -1,0 +1,1 @@
+"""The keras-embed command line: `cli.py` and one module per command."""
