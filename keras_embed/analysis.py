@@ -64,7 +64,7 @@ def _merges(incoming, candidates, homogeneous, rtol):
     for group in groups:
         keep, *rest = group
         scales = [float(norms[unit] / norms[keep]) if homogeneous else 1.0 for unit in rest]
-        merges.append(Merge(candidates[keep], tuple(candidates[unit] for unit in rest), tuple(scales)))
+        merges.append(Merge(int(candidates[keep]), tuple(int(candidates[unit]) for unit in rest), tuple(scales)))
     return merges
 
 

@@ -85,3 +85,49 @@ def permute(graph, layer, order):
         index: hidden.with_weights(hidden.kernel[:, order], None if hidden.bias is None else hidden.bias[order]),
         index + 1: next_layer.with_weights(next_layer.kernel[order], next_layer.bias),
     })
+
+
+def add_constant(graph, layer, bias, outgoing):
+    """Adds a unit with zero incoming weights: it outputs sigma(bias) on every input.
+
+    The next layer's bias is reduced by sigma(bias) * outgoing, so the function is the
+    same; `prune` folds such a unit back into that bias.
+
+    Args:
+        graph: the `Graph` to grow.
+        layer: hidden layer name or index (its layer and the next must have a bias).
+        bias: the new unit's bias.
+        outgoing: its outgoing weights, one per unit of the next layer.
+    """
+    index, hidden, next_layer = _hidden_pair(graph, layer)
+    outgoing = np.asarray(outgoing, dtype=np.float64)
+    if hidden.bias is None or next_layer.bias is None:
+        raise ValueError(f"layer '{hidden.name}' and the next layer need a bias to hold a constant unit")
+    if outgoing.shape != (next_layer.width,):
+        raise ValueError(f"outgoing must have shape ({next_layer.width},). Received: {outgoing.shape}")
+    grown = _grow(graph, index, np.zeros(hidden.kernel.shape[0]), bias, np.vstack([next_layer.kernel, outgoing]))
+    grown_next = grown.layers[index + 1]
+    shift = activations.evaluate(hidden.activations, np.array([bias]))[0] * outgoing
+    return grown.replace_layers({index + 1: grown_next.with_weights(grown_next.kernel, grown_next.bias - shift)})
+
+
+def rescale(graph, layer, unit, factor):
+    """Scales the incoming weights and bias of `unit` by `factor` > 0 and its outgoing
+    weights by 1 / `factor`: the identity for positively homogeneous activations
+    (relu, leaky_relu, linear), as in the width paper's Appendix A.1."""
+    index, hidden, next_layer = _hidden_pair(graph, layer)
+    if factor <= 0 or not activations.is_positively_homogeneous(hidden.activations):
+        raise ValueError(
+            f"rescaling needs factor > 0 and a relu, leaky_relu or linear layer. "
+            f"Received: factor={factor}, activations={hidden.activations}"
+        )
+    kernel, next_kernel = hidden.kernel.copy(), next_layer.kernel.copy()
+    kernel[:, unit] *= factor
+    next_kernel[unit] /= factor
+    bias = None if hidden.bias is None else hidden.bias.copy()
+    if bias is not None:
+        bias[unit] *= factor
+    return graph.replace_layers({
+        index: hidden.with_weights(kernel, bias),
+        index + 1: next_layer.with_weights(next_kernel, next_layer.bias),
+    })

@@ -1,0 +1,38 @@
+# make demo | make test | make bench | make fuzz — each sets itself up from nothing.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+DEMO := build/demo
+
+.PHONY: demo test fuzz install clean
+
+install: $(INSTALLED)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(INSTALLED): $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(INSTALLED)
+	@mkdir -p $(DEMO)
+	@echo "== redundancy in a digits MLP that was widened 16-12 -> 48-36 by function-preserving embeddings"
+	$(BIN)/keras-embed analyze saved_models/digits_widened.keras
+	@echo "== prune it, verified on held-out digits"
+	$(BIN)/keras-embed prune saved_models/digits_widened.keras -o $(DEMO)/digits_pruned.keras \
+		--data saved_models/digits_heldout.npz --report $(DEMO)/report.json
+	@echo "== compare with the narrow network it was grown from"
+	$(BIN)/python saved_models/compare.py saved_models/digits_narrow.keras $(DEMO)/digits_pruned.keras \
+		--data saved_models/digits_heldout.npz
+
+test: $(INSTALLED)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+fuzz: $(INSTALLED)
+	KERAS_EMBED_FUZZ_EXAMPLES=2000 $(BIN)/python -m pytest -q -p no:cacheprovider tests -k property
+
+clean:
+	rm -rf $(VENV) build *.egg-info

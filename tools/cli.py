@@ -1,0 +1,26 @@
+"""The `keras-embed` command. `--help` stays fast: commands import the library lazily.
+
+Exit codes: 0 ok, 1 internal error, 2 bad usage or input, 3 verification failed,
+4 unsupported model.
+"""
+
+import click
+
+from keras_embed.tools.analyze import analyze
+from keras_embed.tools.embed import embed
+from keras_embed.tools.prune import prune
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="keras-embed")
+def main():
+    """Find and remove the redundancy the Embedding Principle predicts in Keras networks.
+
+    Exit codes: 0 ok, 2 bad usage or input, 3 verification failed, 4 unsupported model,
+    1 internal error.
+    """
+
+
+main.add_command(analyze)
+main.add_command(prune)
+main.add_command(embed)

@@ -1,0 +1,76 @@
+"""What every command shares: quiet TensorFlow start-up, error-to-exit-code mapping, tables.
+
+Exit codes: 0 ok, 2 bad usage or unreadable input, 3 verification failed,
+4 unsupported model, 1 internal error.
+"""
+
+import functools
+import os
+import sys
+
+import click
+
+UNSAFE_HELP = (
+    "Load the model with Keras safe mode off. Safe mode refuses to run code stored in a model "
+    "file (Lambda layers, pickled functions); turn it off only for files you trust."
+)
+
+
+def quiet_tensorflow():
+    """Imports Keras with TensorFlow's C++ start-up logs silenced (they bypass Python)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "keras" in sys.modules:
+        return
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import keras  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def fail(message, code):
+    """Prints a one-line error on stderr and exits with `code`."""
+    click.echo(f"keras-embed: error: {message}", err=True)
+    sys.exit(code)
+
+
+def handles_errors(command):
+    """Turns keras-embed errors into one-line messages and documented exit codes."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        quiet_tensorflow()
+        from keras_embed.errors import KerasEmbedError
+
+        try:
+            return command(*args, **kwargs)
+        except KerasEmbedError as error:
+            fail(str(error), error.exit_code)
+        except ValueError as error:  # argument validation in the library
+            fail(str(error), 2)
+        except Exception as error:
+            if os.environ.get("KERAS_EMBED_DEBUG"):
+                raise
+            fail(f"internal error: {type(error).__name__}: {error}; rerun with KERAS_EMBED_DEBUG=1 and report it", 1)
+
+    return wrapper
+
+
+def table(rows, columns):
+    """Formats dict rows as an aligned text table with the given columns."""
+    cells = [[str(column) for column in columns]] + [[str(row[column]) for column in columns] for row in rows]
+    widths = [max(len(line[index]) for line in cells) for index in range(len(columns))]
+    lines = ["  ".join(cell.rjust(width) if index else cell.ljust(width) for index, (cell, width) in enumerate(zip(line, widths))) for line in cells]
+    return "\n".join([lines[0], "  ".join("-" * width for width in widths), *lines[1:]])
+
+
+def load_inputs(data, model):
+    """Calibration inputs from a --data file, or None to use the default ones."""
+    if data is None:
+        return None
+    from keras_embed.data import check_inputs, load_array
+
+    return check_inputs(load_array(data), model)

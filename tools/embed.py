@@ -1,0 +1,62 @@
+"""`keras-embed embed`: grow a model without changing what it computes."""
+
+import click
+
+from keras_embed.tools.common import handles_errors, load_inputs, table
+from keras_embed.tools.prune import output_options
+
+
+def _layer(graph, text):
+    """A hidden layer given by name, or by index when no layer has that name."""
+    names = [layer.name for layer in graph.layers]
+    return int(text) if text not in names and text.isdigit() else text
+
+
+def _parse(spec, option, fields):
+    parts = spec.split(":")
+    if not 1 <= len(parts) - fields[0] <= fields[1]:
+        raise click.BadParameter(f"expected {option} in the form {fields[2]}. Received: {spec!r}", param_hint=option)
+    return parts
+
+
+@click.command()
+@click.argument("model", type=click.Path(path_type=str))
+@output_options
+@click.option("--widen", "widen_specs", multiple=True, metavar="LAYER:UNIT[:ALPHA]",
+              help="Split UNIT of hidden LAYER (name or index) into two; the copy takes ALPHA of its outgoing weights [default alpha 0.5]. Repeatable.")
+@click.option("--null", "null_specs", multiple=True, metavar="LAYER[:BIAS]",
+              help="Add a unit with zero incoming and outgoing weights and bias BIAS [default 0] to hidden LAYER. Repeatable.")
+@handles_errors
+def embed(model, output, format_, atol, data, unsafe, widen_specs, null_specs):
+    """Widen MODEL by the Embedding Principle's embeddings; the outputs stay the same.
+
+    All --widen steps run first, in order, then all --null steps. The result is checked
+    against MODEL like `prune` output (exit code 3 when it differs).
+    """
+    from keras_embed.build import build_model
+    from keras_embed.io import check_output, load_model, save_model
+    from keras_embed.operators import add_null, widen
+    from keras_embed.read import read_model
+    from keras_embed.verify import assert_outputs_preserved, calibration_inputs
+
+    widen_steps = [_parse(spec, "--widen", (1, 2, "LAYER:UNIT[:ALPHA]")) for spec in widen_specs]
+    null_steps = [_parse(spec, "--null", (0, 2, "LAYER[:BIAS]")) for spec in null_specs]
+    if not widen_steps and not null_steps:
+        raise click.UsageError("nothing to do: give at least one --widen or --null")
+    format_ = check_output(output, model, format_)
+    original = load_model(model, unsafe)
+    graph = before = read_model(original)
+    try:
+        for layer, unit, *alpha in widen_steps:
+            graph = widen(graph, _layer(graph, layer), int(unit), float(alpha[0]) if alpha else 0.5)
+        for layer, *bias in null_steps:
+            graph = add_null(graph, _layer(graph, layer), float(bias[0]) if bias else 0.0)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+    grown = build_model(graph)
+    x = load_inputs(data, original)
+    diff, tolerance = assert_outputs_preserved(original, grown, calibration_inputs(original) if x is None else x, atol)
+    save_model(grown, output, format_)
+    rows = [{"name": a.name, "width_before": a.width, "width_after": b.width} for a, b in zip(before.layers, graph.layers)]
+    click.echo(table(rows, ("name", "width_before", "width_after")))
+    click.echo(f"params: {original.count_params()} -> {grown.count_params()}   max abs output difference: {diff:.3g} (atol {tolerance:.3g})")
