@@ -12,8 +12,10 @@ Example:
 
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
+import h5py
 import keras
 
 from keras_embed.errors import InputError, UnsupportedLayerError
@@ -41,6 +43,10 @@ def _check_model_path(path):
         raise InputError(f"unknown model format '{path.suffix or path.name}' of '{path}'; pass a .keras or .h5 file")
     if path.stat().st_size == 0:
         raise InputError(f"model file '{path}' is empty; re-save the model with model.save()")
+    valid = zipfile.is_zipfile(path) if path.suffix.lower() == ".keras" else h5py.is_hdf5(path)
+    if not valid:
+        kind = "a .keras archive (zip)" if path.suffix.lower() == ".keras" else "an HDF5 file"
+        raise InputError(f"model file '{path}' is not {kind}: truncated or corrupt; re-save it with model.save()")
 
 
 def load_model(path, unsafe=False):
@@ -96,21 +102,52 @@ def output_format(path, format=None):
     return found
 
 
+def _target(path):
+    """The absolute, normalized path that will be written ('out/' becomes 'out')."""
+    return Path(os.path.abspath(path))
+
+
+def _check_target(path, taken):
+    """Common checks of anything keras-embed will write at `path`."""
+    target = _target(path).resolve()
+    if any(target == _target(other).resolve() for other in taken if other is not None):
+        raise InputError(f"output '{path}' is also the model input or another output; choose another path")
+    if not target.parent.is_dir():
+        raise InputError(f"output folder '{target.parent}' does not exist; create it first")
+    if not os.access(target.parent, os.W_OK):
+        raise InputError(f"output folder '{target.parent}' is not writable; choose another path")
+    return target
+
+
+def check_side_output(path, *taken):
+    """Validates the path of a report or other side file before any work is done.
+
+    Args:
+        path: the side file.
+        taken: paths it must not overwrite (the input model, the output model).
+    """
+    if _check_target(path, taken).is_dir():
+        raise InputError(f"'{path}' is a folder; give a file path")
+
+
 def check_output(path, input_path=None, format=None):
-    """Validates an output path before any work is done; returns its format.
+    """Validates a model output path before any work is done; returns its format.
+
+    An existing SavedModel folder may be replaced; any other existing folder is refused,
+    so no unrelated file is ever deleted.
 
     Raises:
-        InputError: unknown format, output equal to the input, missing or read-only folder.
+        InputError: unknown format, output equal to (or holding) the input, a folder that is
+            not a SavedModel, missing or read-only folder.
     """
     format = output_format(path, format)
-    target = Path(path).absolute()
-    if input_path is not None and target.resolve() == Path(input_path).absolute().resolve():
-        raise InputError(f"output '{path}' is the input model; choose another output path")
-    folder = target.parent
-    if not folder.is_dir():
-        raise InputError(f"output folder '{folder}' does not exist; create it first")
-    if not os.access(folder, os.W_OK):
-        raise InputError(f"output folder '{folder}' is not writable; choose another output path")
+    target = _check_target(path, (input_path,))
+    if target.is_dir():
+        source = None if input_path is None else _target(input_path).resolve()
+        if format != "savedmodel" or not (target / "saved_model.pb").is_file() or (
+            source is not None and target in source.parents
+        ):
+            raise InputError(f"output '{path}' is an existing folder that is not a SavedModel; choose a new path")
     return format
 
 
@@ -162,7 +199,7 @@ def save_model(model, path, format=None):
         The path written.
     """
     format = output_format(path, format)
-    target = Path(str(path).rstrip("/" + os.sep) or str(path))
+    target = _target(path)
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp{_TEMP_SUFFIXES[format]}")
     try:
         _WRITERS[format](model, temporary)
@@ -174,7 +211,7 @@ def save_model(model, path, format=None):
 
 def write_text(path, text):
     """Writes a text file atomically (reports, JSON)."""
-    target = Path(path)
+    target = _target(path)
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         temporary.write_text(text)

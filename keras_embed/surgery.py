@@ -5,7 +5,7 @@ layer l+1: a merged unit's outgoing weights are added (scaled) to those of the u
 merges into, and a constant unit's contribution sigma(b) * w_out joins the next bias.
 
 Example:
-    >>> plan = plan_exact(graph)                 # keras_embed.prune
+    >>> plan = plan_exact(graph)                 # keras_embed.compress
     >>> apply_plan(graph, plan).widths
     [16, 10]
 """

@@ -21,11 +21,16 @@ def analyze(model, json_path, rtol, unsafe):
     Zero-out units have all-zero outgoing weights, constant units all-zero incoming
     weights, duplicates the same incoming weights and bias as another unit (or a positive
     multiple, for relu, leaky_relu and linear). The effective width is what `prune` keeps.
+
+    \b
+    Exit codes: 0 ok, 2 bad usage or input, 4 unsupported model.
     """
-    from keras_embed.io import load_model, write_text
-    from keras_embed.prune import analyze as analyze_graph
+    from keras_embed.io import check_side_output, load_model, write_text
+    from keras_embed.compress import analyze as analyze_graph
     from keras_embed.read import read_model
 
+    if json_path not in (None, "-"):
+        check_side_output(json_path, model)
     rows = analyze_graph(read_model(load_model(model, unsafe)), rtol)
     text = json.dumps({"model": model, "layers": rows}, indent=2)
     click.echo(table(rows, COLUMNS), err=json_path == "-")

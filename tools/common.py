@@ -47,6 +47,8 @@ def handles_errors(command):
 
         try:
             return command(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit):
+            raise  # click prints usage errors itself (exit code 2)
         except KerasEmbedError as error:
             fail(str(error), error.exit_code)
         except ValueError as error:  # argument validation in the library

@@ -31,7 +31,10 @@ def embed(model, output, format_, atol, data, unsafe, widen_specs, null_specs):
     """Widen MODEL by the Embedding Principle's embeddings; the outputs stay the same.
 
     All --widen steps run first, in order, then all --null steps. The result is checked
-    against MODEL like `prune` output (exit code 3 when it differs).
+    against MODEL like `prune` output.
+
+    \b
+    Exit codes: 0 ok, 2 bad usage or input, 3 verification failed, 4 unsupported model.
     """
     from keras_embed.build import build_model
     from keras_embed.io import check_output, load_model, save_model

@@ -38,12 +38,15 @@ def prune(model, output, format_, atol, data, unsafe, report, as_json, rtol, for
     merged. The outputs of both models are compared on calibration inputs; above --atol
     nothing is written and the exit code is 3.
 
+    \b
     Exit codes: 0 ok, 2 bad usage or input, 3 verification failed, 4 unsupported model.
     """
-    from keras_embed.io import check_output, load_model, save_model, write_text
-    from keras_embed.prune import prune as prune_model
+    from keras_embed.compress import prune as prune_model
+    from keras_embed.io import check_output, check_side_output, load_model, save_model, write_text
 
     format_ = check_output(output, model, format_)
+    if report:
+        check_side_output(report, model, output)
     original = load_model(model, unsafe)
     pruned, result = prune_model(original, rtol, load_inputs(data, original), atol, force)
     figures = result.to_dict()

@@ -1,0 +1,533 @@
+"""End-to-end tests of the `keras-embed` command line (analyze, prune, embed).
+
+Every test drives the click group through `CliRunner`, exactly as the console script
+does, and checks what a user sees: exit codes, the tables and JSON, the files written
+(loaded back with plain Keras, TensorFlow or the TFLite interpreter) and, for bad
+input, a one-line error that leaves the input untouched and the output folder clean.
+
+The committed digits models are the main fixtures: `digits_widened.keras` (64-48-36-10)
+is `digits_narrow.keras` (64-16-12-10) grown by function-preserving embeddings, so
+pruning the first must give back the widths and the outputs of the second.
+
+"""
+
+import dataclasses
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import keras_embed
+from keras_embed.operators import widen
+from keras_embed.tools.cli import main
+
+SAVED_MODELS = Path(__file__).resolve().parents[1] / "saved_models"
+WIDENED = SAVED_MODELS / "digits_widened.keras"
+NARROW = SAVED_MODELS / "digits_narrow.keras"
+HELDOUT = SAVED_MODELS / "digits_heldout.npz"
+NARROW_WIDTHS = [16, 12, 10]
+EXIT_CODES = ("0 ok", "2 bad usage or input", "3 verification failed", "4 unsupported model", "1 internal error")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def invoke(*args):
+    """Runs `keras-embed ARGS...` in-process; stdout and stderr come back separately."""
+    return CliRunner().invoke(main, [str(arg) for arg in args], prog_name="keras-embed")
+
+
+def assert_ok(result):
+    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}"
+    assert "Traceback" not in result.output
+
+
+def assert_clean_error(result, code):
+    """Checks `code`, no traceback, and a one-line error (ours, or click's usage error).
+
+    Returns the line that carries the message.
+    """
+    assert result.exit_code == code, f"exit {result.exit_code}, wanted {code}\n{result.output}"
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines, "no error message on stderr"
+    if lines[0].startswith("Usage:"):  # click's usage error: usage, hint, blank line, Error: ...
+        assert lines[-1].startswith("Error: "), result.stderr
+        assert sum(line.startswith("Error: ") for line in lines) == 1, result.stderr
+    else:
+        assert len(lines) == 1, f"expected one line on stderr:\n{result.stderr}"
+        assert lines[0].startswith("keras-embed: error: "), result.stderr
+    return lines[-1]
+
+
+def table_rows(text):
+    """The rows of the first aligned table in `text`, keyed by their first cell."""
+    lines = text.strip().splitlines()
+    header = lines[0].split()
+    assert set(lines[1].replace(" ", "")) == {"-"}, f"no table in:\n{text}"
+    rows = itertools.takewhile(lambda cells: len(cells) == len(header), (line.split() for line in lines[2:]))
+    return {cells[0]: dict(zip(header, cells)) for cells in rows}
+
+
+def heldout_x():
+    return np.load(HELDOUT)["x"]
+
+
+def outputs(model, x):
+    return np.asarray(keras.ops.convert_to_numpy(model(x, training=False)), dtype=np.float64)
+
+
+def dense_widths(model):
+    return [layer.units for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+
+
+def listing(folder):
+    return sorted(os.listdir(folder)) if folder.exists() else None
+
+
+# ---------------------------------------------------------------- shared runs
+
+
+@pytest.fixture(scope="module")
+def pruned_digits(tmp_path_factory):
+    """`prune digits_widened.keras -o out.keras --report report.json --data heldout`, run once."""
+    folder = tmp_path_factory.mktemp("pruned")
+    output, report = folder / "out.keras", folder / "report.json"
+    result = invoke("prune", WIDENED, "-o", output, "--report", report, "--data", HELDOUT)
+    assert_ok(result)
+    return result, output, report
+
+
+@pytest.fixture(scope="module")
+def pruned_model(pruned_digits):
+    return keras.saving.load_model(pruned_digits[1])
+
+
+@pytest.fixture(scope="module")
+def embedded_digits(tmp_path_factory):
+    """The narrow digits model grown by two splits of hidden_relu and a null unit in hidden_tanh."""
+    output = tmp_path_factory.mktemp("embedded") / "grown.keras"
+    result = invoke("embed", NARROW, "-o", output,
+                    "--widen", "hidden_relu:0:0.3", "--widen", "hidden_relu:1", "--null", "hidden_tanh")
+    assert_ok(result)
+    return result, output
+
+
+@pytest.fixture(scope="module")
+def near_duplicate_model(tmp_path_factory):
+    """The narrow model plus a copy of hidden_relu unit 0 whose incoming weights and bias
+    are each off by 1e-5 relative (random signs, so not a positive multiple, which relu would
+    allow): a duplicate at --rtol 1e-3 but not at 1e-6, and merging it changes the outputs."""
+    graph = widen(keras_embed.read_model(keras.saving.load_model(NARROW)), "hidden_relu", unit=0, alpha=0.5)
+    hidden = graph.layers[0]
+    kernel, bias = np.array(hidden.kernel), np.array(hidden.bias)
+    signs = np.random.default_rng(0).choice([-1.0, 1.0], size=kernel.shape[0] + 1)
+    kernel[:, -1] *= 1 + 1e-5 * signs[:-1]
+    bias[-1] *= 1 + 1e-5 * signs[-1]
+    path = tmp_path_factory.mktemp("near") / "near_duplicate.keras"
+    keras_embed.build_model(graph.replace_layers({0: hidden.with_weights(kernel, bias)})).save(path)
+    return path
+
+
+# ---------------------------------------------------------------- help and version
+
+
+@pytest.mark.parametrize("command, mentions", [
+    ((), ("analyze", "prune", "embed", "Exit codes", *EXIT_CODES)),
+    (("analyze",), ("MODEL", "--json", "--rtol", "--unsafe", "effective width")),
+    (("prune",), ("MODEL", "--output", "--report", "--json", "--data", "--atol", "--rtol", "--force",
+                  "--format", "--unsafe", "Exit codes", *EXIT_CODES[:4])),
+    (("embed",), ("MODEL", "--output", "--widen", "LAYER:UNIT[:ALPHA]", "--null", "LAYER[:BIAS]", "--atol",
+                  "--data", "Exit codes")),
+], ids=["main", "analyze", "prune", "embed"])
+def test_help_exits_0_and_documents_options_and_exit_codes(command, mentions):
+    result = invoke(*command, "--help")
+    assert_ok(result)
+    text = " ".join(result.stdout.split())  # help text is wrapped
+    missing = [word for word in mentions if word not in text]
+    assert not missing, f"--help of {command or 'main'} does not mention {missing}:\n{result.stdout}"
+
+
+def test_version_prints_the_package_version():
+    result = invoke("--version")
+    assert_ok(result)
+    assert keras_embed.__version__ in result.stdout
+
+
+HELP_PROBE = """
+import contextlib, io, json, sys
+from keras_embed.tools.cli import main
+codes = []
+for command in ([], ["analyze"], ["prune"], ["embed"]):
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main([*command, "--help"], prog_name="keras-embed")
+        except SystemExit as exit:
+            codes.append(exit.code)
+print(json.dumps({"codes": codes, "loaded": [name for name in ("tensorflow", "keras") if name in sys.modules]}))
+"""
+
+
+def test_help_does_not_import_tensorflow():
+    done = subprocess.run([sys.executable, "-c", HELP_PROBE], capture_output=True, text=True, check=True)
+    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    assert probe["codes"] == [0, 0, 0, 0]
+    assert probe["loaded"] == [], f"--help imported {probe['loaded']}"
+
+
+# ---------------------------------------------------------------- analyze
+
+
+def test_analyze_table_shows_the_narrow_widths_as_effective_widths():
+    result = invoke("analyze", WIDENED)
+    assert_ok(result)
+    rows = table_rows(result.stdout)
+    assert {name: (row["width"], row["effective_width"]) for name, row in rows.items()} == {
+        "hidden_relu": ("48", "16"), "hidden_tanh": ("36", "12"), "logits": ("10", "10"),
+    }
+
+
+def test_analyze_json_path_writes_the_layers(tmp_path):
+    path = tmp_path / "analysis.json"
+    result = invoke("analyze", WIDENED, "--json", path)
+    assert_ok(result)
+    assert "effective_width" in result.stdout  # the table still goes to stdout
+    layers = json.loads(path.read_text())["layers"]
+    assert [row["layer"] for row in layers] == ["hidden_relu", "hidden_tanh", "logits"]
+    assert [row["effective_width"] for row in layers] == NARROW_WIDTHS
+    assert listing(tmp_path) == ["analysis.json"]
+
+
+def test_analyze_json_dash_puts_only_json_on_stdout():
+    result = invoke("analyze", WIDENED, "--json", "-")
+    assert_ok(result)
+    figures = json.loads(result.stdout)
+    assert [row["effective_width"] for row in figures["layers"]] == NARROW_WIDTHS
+    assert "effective_width" in result.stderr  # the table moved to stderr
+
+
+def test_analyze_rtol_decides_what_counts_as_a_duplicate(near_duplicate_model):
+    strict, loose = (invoke("analyze", near_duplicate_model, "--rtol", rtol) for rtol in ("1e-6", "1e-3"))
+    assert_ok(strict)
+    assert_ok(loose)
+    assert table_rows(strict.stdout)["hidden_relu"]["effective_width"] == "17"
+    assert table_rows(loose.stdout)["hidden_relu"]["effective_width"] == "16"
+
+
+# ---------------------------------------------------------------- prune
+
+
+def test_prune_report_has_widths_counts_and_verified_difference(pruned_digits):
+    _, _, report_path = pruned_digits
+    report = json.loads(report_path.read_text())
+    layers = report["layers"]
+    assert [(row["name"], row["width_before"], row["width_after"]) for row in layers] == [
+        ("hidden_relu", 48, 16), ("hidden_tanh", 36, 12), ("logits", 10, 10),
+    ]
+    assert (report["depth_before"], report["depth_after"]) == (3, 3)
+    # make_examples.py grew 3 null units, 7 constant units and 26 + 20 split copies
+    assert report["removed"] == {"zero_out": 3, "constant": 7, "duplicate": 46}
+    assert sum(report["removed"].values()) == sum(row["width_before"] - row["width_after"] for row in layers)
+    widths_in = [64] + [row["width_after"] for row in layers]
+    assert report["params_after"] == sum((a + 1) * b for a, b in zip(widths_in, widths_in[1:]))
+    assert report["params_before"] == keras.saving.load_model(WIDENED).count_params()
+    assert 0 <= report["max_abs_diff"] <= 1e-5
+    assert report["verified"] is True
+    assert report["calibration"] == "user data"
+
+
+def test_prune_prints_the_before_after_table(pruned_digits):
+    result, _, _ = pruned_digits
+    rows = table_rows(result.stdout)
+    assert [(row["width_before"], row["width_after"]) for row in rows.values()] == [("48", "16"), ("36", "12"), ("10", "10")]
+    assert "params: 5254 -> 1374" in result.stdout
+
+
+def test_pruned_model_loads_with_plain_keras_and_matches_the_narrow_model(pruned_digits, pruned_model):
+    _, output, _ = pruned_digits
+    assert listing(output.parent) == ["out.keras", "report.json"]  # no temporary files left
+    assert dense_widths(pruned_model) == NARROW_WIDTHS
+    x = heldout_x()
+    np.testing.assert_allclose(outputs(pruned_model, x), outputs(keras.saving.load_model(NARROW), x), rtol=0, atol=1e-5)
+
+
+def test_prune_json_flag_prints_the_report_on_stdout(tmp_path, pruned_digits):
+    result = invoke("prune", WIDENED, "-o", tmp_path / "out.keras", "--data", HELDOUT, "--json")
+    assert_ok(result)
+    assert json.loads(result.stdout) == json.loads(pruned_digits[2].read_text())
+    assert "width_after" in result.stderr  # the table moved to stderr
+
+
+def prune_to(folder, name):
+    """Prunes the widened digits model into folder/name; checks nothing else is left there."""
+    result = invoke("prune", WIDENED, "-o", f"{folder}/{name}", "--data", HELDOUT)
+    assert_ok(result)
+    assert listing(folder) == [name.rstrip("/")]
+    return folder / name.rstrip("/")
+
+
+def test_prune_exports_h5_that_plain_keras_loads(tmp_path, pruned_model):
+    loaded = keras.saving.load_model(prune_to(tmp_path, "out.h5"), compile=False)
+    assert dense_widths(loaded) == NARROW_WIDTHS
+    x = heldout_x()
+    np.testing.assert_allclose(outputs(loaded, x), outputs(pruned_model, x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.filterwarnings(r"ignore:\s*Warning. tf.lite.Interpreter is deprecated:UserWarning")
+def test_prune_exports_tflite_that_the_interpreter_runs(tmp_path, pruned_model):
+    import tensorflow as tf
+
+    interpreter = tf.lite.Interpreter(model_path=str(prune_to(tmp_path, "out.tflite")))
+    x = heldout_x()[:5]
+    (source,), (target,) = interpreter.get_input_details(), interpreter.get_output_details()
+    interpreter.resize_tensor_input(source["index"], x.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(source["index"], x)
+    interpreter.invoke()
+    np.testing.assert_allclose(interpreter.get_tensor(target["index"]), outputs(pruned_model, x), rtol=0, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def savedmodel_export(tmp_path_factory):
+    return prune_to(tmp_path_factory.mktemp("savedmodel"), "exported/")
+
+
+def test_prune_exports_a_savedmodel_folder_with_a_serve_endpoint(savedmodel_export, pruned_model):
+    import tensorflow as tf
+
+    assert (savedmodel_export / "saved_model.pb").is_file()
+    x = heldout_x()[:8]
+    loaded = tf.saved_model.load(str(savedmodel_export))  # keep it alive: it owns the variables
+    served = loaded.serve(tf.constant(x)).numpy()
+    np.testing.assert_allclose(served, outputs(pruned_model, x), rtol=0, atol=1e-5)
+
+
+def test_analyze_refuses_a_savedmodel_folder_as_unsupported(savedmodel_export):
+    message = assert_clean_error(invoke("analyze", savedmodel_export), 4)
+    assert "SavedModel" in message
+
+
+def test_prune_accepts_its_own_h5_output_as_input(tmp_path):
+    first = prune_to(tmp_path, "first.h5")
+    result = invoke("prune", first, "-o", tmp_path / "second.keras")
+    assert_ok(result)
+    assert [row["width_after"] for row in table_rows(result.stdout).values()] == ["16", "12", "10"]
+    assert "0 zero-out, 0 constant, 0 duplicate" in result.stdout  # nothing left to remove
+
+
+# ---------------------------------------------------------------- verification tolerance
+
+
+def test_prune_exits_3_and_writes_nothing_when_verification_fails(tmp_path, near_duplicate_model):
+    output = tmp_path / "out.keras"
+    result = invoke("prune", near_duplicate_model, "-o", output, "--rtol", "1e-3", "--atol", "1e-12")
+    message = assert_clean_error(result, 3)
+    assert "nothing was written" in message
+    assert listing(tmp_path) == []
+
+
+def test_prune_force_writes_the_model_despite_failed_verification(tmp_path, near_duplicate_model):
+    output = tmp_path / "out.keras"
+    result = invoke("prune", near_duplicate_model, "-o", output, "--rtol", "1e-3", "--atol", "1e-12", "--force", "--json")
+    assert_ok(result)
+    report = json.loads(result.stdout)
+    assert report["verified"] is False and report["atol"] == 1e-12
+    assert report["max_abs_diff"] > 1e-5  # a real change from the merge, not float32 rounding
+    assert listing(tmp_path) == ["out.keras"]
+    assert dense_widths(keras.saving.load_model(output)) == NARROW_WIDTHS
+
+
+def test_embed_exits_3_when_its_rounding_exceeds_atol(tmp_path):
+    result = invoke("embed", NARROW, "-o", tmp_path / "grown.keras", "--widen", "hidden_relu:0:0.3", "--atol", "1e-12")
+    assert_clean_error(result, 3)
+    assert listing(tmp_path) == []
+
+
+# ---------------------------------------------------------------- embed
+
+
+def test_embed_grows_the_widths_it_was_asked_for(embedded_digits):
+    result, output = embedded_digits
+    assert dense_widths(keras.saving.load_model(output)) == [18, 13, 10]
+    rows = table_rows(result.stdout)
+    assert [(row["width_before"], row["width_after"]) for row in rows.values()] == [("16", "18"), ("12", "13"), ("10", "10")]
+    assert listing(output.parent) == ["grown.keras"]
+
+
+def test_embedded_model_computes_the_narrow_outputs(embedded_digits):
+    x = heldout_x()
+    grown, narrow = keras.saving.load_model(embedded_digits[1]), keras.saving.load_model(NARROW)
+    np.testing.assert_allclose(outputs(grown, x), outputs(narrow, x), rtol=0, atol=1e-5)
+
+
+def test_prune_undoes_embed(tmp_path, embedded_digits):
+    result = invoke("prune", embedded_digits[1], "-o", tmp_path / "back.keras", "--json")
+    assert_ok(result)
+    assert [row["width_after"] for row in json.loads(result.stdout)["layers"]] == NARROW_WIDTHS
+
+
+@pytest.mark.parametrize("specs, mentions", [
+    (("--widen", "nosuchlayer:0"), "nosuchlayer"),
+    (("--widen", "hidden_relu"), "LAYER:UNIT"),
+    (("--widen", "hidden_relu:999"), "999"),
+    (("--widen", "hidden_relu:one"), "one"),
+    (("--null", "logits"), "logits"),
+    (("--null", "hidden_relu:1:2"), "LAYER[:BIAS]"),
+    ((), "--widen"),
+], ids=["unknown-layer", "no-unit", "unit-out-of-range", "unit-not-a-number", "output-layer", "too-many-fields",
+        "no-steps"])
+def test_embed_bad_spec_is_a_usage_error_and_writes_nothing(tmp_path, specs, mentions):
+    result = invoke("embed", NARROW, "-o", tmp_path / "grown.keras", *specs)
+    message = assert_clean_error(result, 2)
+    assert mentions in message
+    assert listing(tmp_path) == []
+
+
+# ---------------------------------------------------------------- the bad-input catalogue
+
+
+SAME_AS_INPUT = "<the input>"
+
+
+def copy_of(source):
+    return lambda path: shutil.copyfile(source, path)
+
+
+def raw(make_bytes):
+    return lambda path: path.write_bytes(make_bytes())
+
+
+def saved(make_layers, shape=(5,)):
+    """Writes a small Sequential model: an input of `shape`, `make_layers()`, then Dense(3)."""
+    return lambda path: keras.Sequential([keras.Input(shape), *make_layers(), keras.layers.Dense(3)]).save(path)
+
+
+LAMBDA_MODEL = saved(lambda: [keras.layers.Lambda(lambda t: 2 * t)])
+
+
+@dataclasses.dataclass(frozen=True)
+class BadInput:
+    """One bad invocation: how to make its input, what to pass, what must come back."""
+
+    id: str
+    code: int
+    mentions: str  # a word the error line must contain
+    write_model: Callable | None = copy_of(WIDENED)  # None: the model file does not exist
+    model_name: str = "model.keras"
+    output: str = "out/result.keras"  # relative to tmp_path
+    data: Callable | None = None  # makes the --data array
+    extra: tuple = ()
+
+
+BAD_INPUTS = [
+    BadInput("missing-model", 2, "not found", write_model=None),
+    BadInput("empty-file", 2, "empty", raw(lambda: b"")),
+    BadInput("truncated-keras", 2, "truncated or corrupt", raw(lambda: WIDENED.read_bytes()[: WIDENED.stat().st_size // 2])),
+    BadInput("random-bytes", 2, "truncated or corrupt", raw(lambda: np.random.default_rng(0).bytes(4096))),
+    BadInput("unknown-model-extension", 2, ".txt", model_name="model.txt"),
+    BadInput("output-is-input", 2, "is also the model input", output=SAME_AS_INPUT),
+    BadInput("output-folder-missing", 2, "does not exist", output="missing/result.keras"),
+    BadInput("unknown-output-extension", 2, "cannot tell the format", output="out/result.onnx"),
+    BadInput("conv1d-layer", 4, "Conv1D", saved(lambda: [keras.layers.Conv1D(2, 3), keras.layers.Flatten()], shape=(8, 1))),
+    BadInput("batchnorm-layer", 4, "BatchNormalization",
+             saved(lambda: [keras.layers.Dense(4), keras.layers.BatchNormalization()])),
+    BadInput("lambda-in-safe-mode", 2, "--unsafe", LAMBDA_MODEL),
+    BadInput("data-wrong-shape", 2, "shape", data=lambda: np.zeros((4, 7), "float32")),
+    BadInput("data-with-nan", 2, "NaN", data=lambda: np.where(np.eye(4, 64) > 0, np.nan, 0.0).astype("float32")),
+    BadInput("negative-atol", 2, "--atol", extra=("--atol", "-1")),
+    BadInput("non-numeric-atol", 2, "--atol", extra=("--atol", "abc")),
+]
+
+COMMANDS = {
+    "prune": ("prune",),
+    "embed": ("embed", "--widen", "0:0"),  # layer by index: fits every model here
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[case.id for case in BAD_INPUTS])
+def test_bad_input_exits_with_one_line_and_touches_nothing(tmp_path, command, case):
+    inputs, outputs_folder = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    outputs_folder.mkdir()
+    model = inputs / case.model_name
+    if case.write_model is not None:
+        case.write_model(model)
+    before = model.read_bytes() if model.exists() else None
+    output = model if case.output == SAME_AS_INPUT else tmp_path / case.output
+    data = ()
+    if case.data is not None:
+        np.save(tmp_path / "data.npy", case.data())
+        data = ("--data", tmp_path / "data.npy")
+    folders = {folder: listing(folder) for folder in (inputs, outputs_folder, output.parent)}
+
+    name, *options = COMMANDS[command]
+    result = invoke(name, model, "-o", output, *options, *data, *case.extra)
+
+    message = assert_clean_error(result, case.code)
+    assert case.mentions in message
+    assert result.stdout == ""
+    assert (model.read_bytes() if model.exists() else None) == before
+    assert {folder: listing(folder) for folder in folders} == folders  # no output, no temporary files
+
+
+def test_lambda_model_passes_loading_with_unsafe_and_is_then_unsupported(tmp_path):
+    model = tmp_path / "lambda.keras"
+    LAMBDA_MODEL(model)
+    message = assert_clean_error(invoke("prune", model, "-o", tmp_path / "out.keras", "--unsafe"), 4)
+    assert "Lambda" in message
+    assert listing(tmp_path) == ["lambda.keras"]
+
+
+@pytest.mark.parametrize("bad_model", [case for case in BAD_INPUTS if case.id in ("truncated-keras", "batchnorm-layer")],
+                         ids=lambda case: case.id)
+def test_analyze_reports_bad_models_in_one_line(tmp_path, bad_model):
+    model = tmp_path / bad_model.model_name
+    bad_model.write_model(model)
+    assert bad_model.mentions in assert_clean_error(invoke("analyze", model), bad_model.code)
+
+
+# ---------------------------------------------------------------- side files and folders
+
+
+@pytest.mark.parametrize("clash", ["input", "output"])
+def test_prune_refuses_a_report_path_that_is_a_model_path(tmp_path, clash):
+    model, output = tmp_path / "model.keras", tmp_path / "out" / "result.keras"
+    shutil.copyfile(WIDENED, model)
+    output.parent.mkdir()
+    result = invoke("prune", model, "-o", output, "--report", model if clash == "input" else output)
+    assert_clean_error(result, 2)
+    assert model.read_bytes() == WIDENED.read_bytes()
+    assert listing(output.parent) == []
+
+
+@pytest.mark.parametrize("command", ["prune", "analyze"])
+def test_side_file_in_a_missing_folder_is_bad_input_and_writes_nothing(tmp_path, command):
+    side_file = tmp_path / "missing" / "report.json"
+    if command == "prune":
+        result = invoke("prune", WIDENED, "-o", tmp_path / "out.keras", "--report", side_file)
+    else:
+        result = invoke("analyze", WIDENED, "--json", side_file)
+    assert_clean_error(result, 2)
+    assert listing(tmp_path) == []
+
+
+def test_prune_never_deletes_the_folder_holding_its_input(tmp_path):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    model = folder / "model.keras"
+    shutil.copyfile(WIDENED, model)
+    (folder / "notes.txt").write_text("keep me")
+    result = invoke("prune", model, "-o", f"{folder}/")
+    assert_clean_error(result, 2)
+    assert model.read_bytes() == WIDENED.read_bytes()
+    assert (folder / "notes.txt").read_text() == "keep me"
