@@ -84,11 +84,13 @@ def _layer_edit(layer, next_layer, rtol):
         zero_out[spared] = constant[spared] = False
     candidates = np.flatnonzero(~(zero_out | constant))
     merges = _merges(incoming, candidates, activations.is_positively_homogeneous(layer.activations), rtol)
+    constant = np.flatnonzero(constant)
     return LayerEdit(
         layer.name,
         layer.width,
         zero_out=tuple(int(unit) for unit in np.flatnonzero(zero_out)),
-        constant=tuple(int(unit) for unit in np.flatnonzero(constant)),
+        constant=tuple(int(unit) for unit in constant),
+        constant_values=tuple(float(value) for value in activations.evaluate(layer.activations, bias[constant])),
         merges=tuple(merges),
     )
 

@@ -1,7 +1,12 @@
-"""Calibration data from files, checked against the model input before use.
+"""Calibration data: files, arrays, tf.data datasets, iterables of batches, bundled datasets.
+
+Everything is checked against the model input before use and streamed in batches, so
+memory does not grow with the number of samples.
 
 Example:
-    >>> x = check_inputs(load_array("calib.npz"), model)
+    >>> x, y = load_data("calib.npz")                 # key x, optional y; else the first array
+    >>> x, y = bundled_dataset("digits")               # scikit-learn's bundled copy, no download
+    >>> for batch in batches(x, batch_size=256): ...
 """
 
 from pathlib import Path
@@ -11,12 +16,14 @@ import numpy as np
 
 from keras_embed.errors import InputError
 
+DATASETS = ("digits", "iris", "wine", "breast_cancer")
 
-def load_array(path):
-    """Reads `x` from a `.npy` file or an `.npz` file (key `x`, else its first array).
+
+def load_data(path):
+    """Reads (x, y) from `.npy` (y is None) or `.npz` (key `x`, optional `y`; else the first array).
 
     Raises:
-        InputError: missing or unreadable files, other extensions.
+        InputError: missing or unreadable files, other extensions, archives without arrays.
     """
     path = Path(path)
     if not path.is_file():
@@ -26,32 +33,93 @@ def load_array(path):
     try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.ndarray):
-            return loaded
+            return loaded, None
         with loaded:
             if not loaded.files:
                 raise InputError(f"data file '{path}' holds no arrays; save x with np.savez(path, x=x)")
-            return loaded["x" if "x" in loaded.files else loaded.files[0]]
+            key = "x" if "x" in loaded.files else loaded.files[0]
+            return loaded[key], (loaded["y"] if "y" in loaded.files and key == "x" else None)
     except (OSError, ValueError, EOFError) as error:
         raise InputError(f"could not read data file '{path}' ({error}); save it with np.save or np.savez") from None
 
 
+def load_array(path):
+    """The inputs `x` of a `.npy` or `.npz` file (see `load_data`)."""
+    return load_data(path)[0]
+
+
+def bundled_dataset(name):
+    """(x, y) of one of scikit-learn's bundled datasets, features scaled to [0, 1] (float32)."""
+    if name not in DATASETS:
+        raise InputError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
+    import sklearn.datasets
+
+    bunch = getattr(sklearn.datasets, f"load_{name}")()
+    x = bunch.data.astype(np.float64)
+    span = x.max(axis=0) - x.min(axis=0)
+    x = (x - x.min(axis=0)) / np.where(span > 0, span, 1.0)
+    return x.astype(np.float32), bunch.target.astype(np.int64)
+
+
 def check_inputs(x, model):
     """Returns `x` as the model input dtype after checking shape and values.
+
+    Args:
+        x: an array of inputs.
+        model: a Keras model, or its input `InputSpec` (`graph.input`).
 
     Raises:
         InputError: empty data, non-numeric or non-finite values, or a shape the model
             does not take.
     """
     x = np.asarray(x)
-    tensor = model.inputs[0]
-    expected = tuple(tensor.shape[1:])
+    shape, dtype = _input_shape_and_dtype(model)
     if x.ndim == 0 or len(x) == 0:
         raise InputError("data holds no samples; pass at least one input row")
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
         raise InputError(f"data has dtype {x.dtype}; pass numeric inputs")
-    if x.ndim != len(expected) + 1 or any(want not in (None, got) for want, got in zip(expected, x.shape[1:])):
-        shown = ", ".join("n" if size is None else str(size) for size in (None, *expected))
+    if x.ndim != len(shape) + 1 or any(want not in (None, got) for want, got in zip(shape, x.shape[1:])):
+        shown = ", ".join("n" if size is None else str(size) for size in (None, *shape))
         raise InputError(f"data has shape {x.shape} but the model takes ({shown}); pass inputs of that shape")
     if not np.all(np.isfinite(x)):
         raise InputError("data holds NaN or infinite values; clean it before calibrating")
-    return x.astype(keras.backend.standardize_dtype(tensor.dtype))
+    return x.astype(dtype)
+
+
+def _input_shape_and_dtype(model):
+    if isinstance(model, keras.Model):
+        tensor = model.inputs[0]
+        return tuple(tensor.shape[1:]), keras.backend.standardize_dtype(tensor.dtype)
+    return tuple(model.shape), model.dtype
+
+
+def _first(element):
+    """The inputs of a batch given as x, (x, y[, w]) or {'x': ...}."""
+    if isinstance(element, dict):
+        return element.get("x", next(iter(element.values())))
+    if isinstance(element, (tuple, list)):
+        return element[0]
+    return element
+
+
+def batches(data, batch_size=256):
+    """Yields numpy batches of inputs from an array, a tf.data.Dataset or an iterable of batches.
+
+    An array is sliced into `batch_size` rows; a dataset or iterable is used batch by batch
+    as it comes (elements may be x, (x, y) or {'x': x}).
+    """
+    if batch_size < 1:
+        raise InputError(f"batch size must be at least 1. Received: batch_size={batch_size}")
+    if isinstance(data, np.ndarray):
+        for start in range(0, len(data), batch_size):
+            yield data[start:start + batch_size]
+        return
+    if hasattr(data, "as_numpy_iterator"):  # tf.data.Dataset
+        data = data.as_numpy_iterator()
+    for element in data:
+        yield np.asarray(_first(element))
+
+
+def sample_count(data):
+    """Number of samples when known up front (arrays), else None."""
+    return len(data) if isinstance(data, np.ndarray) else None

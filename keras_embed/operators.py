@@ -2,9 +2,11 @@
 
 `widen` is the one-step splitting embedding T^alpha_{l,s} (unit s of layer l is copied,
 its outgoing weights split as (1 - alpha) and alpha); `add_null` is the null embedding
-(a new unit with zero outgoing weights); `permute` reorders units. Each returns a new
-`Graph` computing the same function for every input; they are also the oracle of the
-tests of `apply_plan`.
+(a new unit with zero outgoing weights); `add_constant`, `rescale` and `permute` are
+the other function-preserving moves. Each returns a new `Graph` computing the same
+function for every input. `deepen` is the depth paper's critical lifting: a new layer
+that computes the identity on the given data. They are the oracle of the tests of
+`apply_plan`.
 
 Example:
     >>> wide = widen(graph, "hidden", unit=3, alpha=0.25)
@@ -12,9 +14,13 @@ Example:
     True
 """
 
+import dataclasses
+
+import keras
 import numpy as np
 
 from keras_embed import activations
+from keras_embed.graph import DenseLayer
 
 
 def _hidden_pair(graph, layer):
@@ -131,3 +137,43 @@ def rescale(graph, layer, unit, factor):
         index: hidden.with_weights(kernel, bias),
         index + 1: next_layer.with_weights(next_kernel, next_layer.bias),
     })
+
+
+def deepen(graph, layer, lower, margin=1.0, name=None):
+    """Critical lifting: inserts Dense(width, relu) with identity kernel after hidden `layer`.
+
+    Its bias kappa = margin - lower puts every pre-activation at or above `margin` on the
+    data, where relu is the identity; the next layer's bias drops by kappa @ W_next, so the
+    outputs are unchanged on the data (and on every input whose `layer` outputs stay
+    above `lower - margin`).
+
+    Args:
+        graph: the `Graph` to deepen.
+        layer: hidden layer name or index.
+        lower: per unit, the least output of `layer` on the data
+            (`collect(graph, x).layers[name].a_min`).
+        margin: distance kept from the relu kink, > 0.
+        name: the new layer's name (default '<layer>_lift', made unique).
+
+    Returns:
+        A new `Graph` with one more layer.
+    """
+    index = graph.hidden_index(layer)
+    hidden, next_layer = graph.layers[index], graph.layers[index + 1]
+    lower = np.asarray(lower, dtype=np.float64)
+    if lower.shape != (hidden.width,) or not np.all(np.isfinite(lower)) or not margin > 0:
+        raise ValueError(
+            f"deepen needs {hidden.width} finite lower bounds and margin > 0. "
+            f"Received: lower shape {lower.shape}, margin={margin}"
+        )
+    names = {item.name for item in graph.layers}
+    name = name or next(f"{hidden.name}_lift{suffix}" for suffix in ["", *range(2, len(names) + 2)]
+                        if f"{hidden.name}_lift{suffix}" not in names)
+    kappa = margin - lower
+    config = keras.layers.Dense(hidden.width, activation="relu", name=name, dtype=hidden.config.get("dtype")).get_config()
+    lift = DenseLayer(name, np.eye(hidden.width), kappa, ("relu",), config)
+    next_bias = (np.zeros(next_layer.width) if next_layer.bias is None else next_layer.bias) - kappa @ next_layer.kernel
+    return dataclasses.replace(
+        graph,
+        layers=graph.layers[: index + 1] + (lift, next_layer.with_weights(next_layer.kernel, next_bias)) + graph.layers[index + 2:],
+    )

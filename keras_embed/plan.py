@@ -1,11 +1,14 @@
-"""A plan of edits to hidden units: pure data, printable and serializable to JSON.
+"""A plan of edits: pure data, printable and serializable to JSON.
+
+`LayerEdit` removes units of one hidden layer; `Collapse` composes a linearized hidden
+layer into the next one.
 
 Example:
     >>> edit = LayerEdit("h", width=4, zero_out=(3,), merges=(Merge(0, (2,), (1.0,)),))
     >>> edit.width_after
     2
     >>> Plan(((edit,),)).removed()
-    {'zero_out': 1, 'constant': 0, 'duplicate': 1}
+    {'zero_out': 1, 'dead': 0, 'constant': 0, 'duplicate': 1}
 """
 
 import dataclasses
@@ -34,21 +37,32 @@ class LayerEdit:
         layer: name of the hidden Dense layer.
         width: its width when the edit was planned (checked before applying).
         zero_out: units whose outgoing weights are zero: dropped.
-        constant: units whose incoming weights are zero: sigma(bias) folded into the next bias.
+        dead: units whose activation is zero on the data: dropped.
+        constant: units with a constant activation (zero incoming weights, or constant on
+            the data): `constant_values` times their outgoing weights join the next bias.
+        constant_values: the activation of each constant unit.
         merges: duplicate groups, each merged into one unit.
     """
 
     layer: str
     width: int
     zero_out: tuple = ()
+    dead: tuple = ()
     constant: tuple = ()
+    constant_values: tuple = ()
     merges: tuple = ()
 
     @property
     def removed_units(self):
         """Every unit the edit removes."""
         merged = [unit for merge in self.merges for unit in merge.units]
-        return tuple(sorted((*self.zero_out, *self.constant, *merged)))
+        return tuple(sorted((*self.zero_out, *self.dead, *self.constant, *merged)))
+
+    @property
+    def kept_units(self):
+        """The units that stay, in order."""
+        removed = set(self.removed_units)
+        return tuple(unit for unit in range(self.width) if unit not in removed)
 
     @property
     def width_after(self):
@@ -58,9 +72,27 @@ class LayerEdit:
         """Units removed, counted by kind."""
         return {
             "zero_out": len(self.zero_out),
+            "dead": len(self.dead),
             "constant": len(self.constant),
             "duplicate": sum(len(merge.units) for merge in self.merges),
         }
+
+
+@dataclasses.dataclass(frozen=True)
+class Collapse:
+    """Composes linearized hidden `layer` into the next layer.
+
+    On the data, unit j of `layer` computes slopes[j] * z_j + intercepts[j], so the two
+    affine maps make one: the next layer keeps its name and activation.
+    """
+
+    layer: str
+    width: int
+    slopes: tuple
+    intercepts: tuple
+
+    def removed(self):
+        return {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +108,7 @@ class Plan:
 
     def removed(self, layer=None):
         """Units removed by kind, for one layer (by name) or the whole plan."""
-        totals = {"zero_out": 0, "constant": 0, "duplicate": 0}
+        totals = {"zero_out": 0, "dead": 0, "constant": 0, "duplicate": 0}
         for edit in self.edits():
             if layer in (None, edit.layer):
                 for kind, count in edit.removed().items():
@@ -85,8 +117,17 @@ class Plan:
 
     def duplicate_groups(self, layer):
         """Number of duplicate groups merged in `layer`."""
-        return sum(len(edit.merges) for edit in self.edits() if edit.layer == layer)
+        return sum(len(edit.merges) for edit in self.edits() if edit.layer == layer and isinstance(edit, LayerEdit))
+
+    def collapsed_layers(self):
+        """Names of the hidden layers composed into their successors, in order."""
+        return [edit.layer for edit in self.edits() if isinstance(edit, Collapse)]
 
     def to_dict(self):
-        """A JSON-ready description."""
-        return {"rounds": [[dataclasses.asdict(edit) for edit in round_] for round_ in self.rounds]}
+        """A JSON-ready description; each edit names its kind."""
+        return {
+            "rounds": [
+                [{"kind": type(edit).__name__, **dataclasses.asdict(edit)} for edit in round_]
+                for round_ in self.rounds
+            ]
+        }

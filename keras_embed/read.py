@@ -1,12 +1,18 @@
 """Reads a Keras model into a `Graph`: a registry from layer class to what it becomes.
 
+BatchNormalization (inference statistics) is folded into the adjacent Dense layer, so the
+graph, and every model built from it, has none.
+
 Example:
     >>> graph = read_model(keras.saving.load_model("saved_models/digits_widened.keras"))
     >>> graph.widths
     [64, 48, 10]
 """
 
+import dataclasses
+
 import keras
+import numpy as np
 
 from keras_embed import activations
 from keras_embed.errors import InputError, UnsupportedLayerError
@@ -23,50 +29,86 @@ def _activation_name(layer, activation):
     return name
 
 
-def _read_dense(layer, chain, leading):
+class _Chain:
+    """The Dense layers read so far, the layers before the first one, and a pending
+    input-side affine map (from a BatchNormalization that follows an activation)."""
+
+    def __init__(self):
+        self.layers, self.leading, self.pending = [], [], None
+
+    def follow(self, layer, activation=None):
+        """Attaches an elementwise layer to the last Dense read (or to the input)."""
+        serialized = keras.layers.serialize(layer)
+        if not self.layers:
+            self.leading.append(serialized)
+            return
+        last = self.layers[-1]
+        extra = () if activation is None else (activation,)
+        self.layers[-1] = dataclasses.replace(
+            last, activations=last.activations + extra, followers=last.followers + (serialized,)
+        )
+
+
+def _read_dense(layer, chain):
     config = layer.get_config()
     if config.get("lora_rank") or layer.kernel.dtype not in ("float16", "bfloat16", "float32", "float64"):
         raise UnsupportedLayerError(
             f"layer '{layer.name}' (Dense) is quantized or uses LoRA; merge or dequantize it first"
         )
-    bias = keras.ops.convert_to_numpy(layer.bias) if layer.use_bias else None
-    chain.append(
-        DenseLayer(
-            name=layer.name,
-            kernel=keras.ops.convert_to_numpy(layer.kernel),
-            bias=bias,
-            activations=(_activation_name(layer, layer.activation),),
-            config=config,
+    kernel = keras.ops.convert_to_numpy(layer.kernel).astype(np.float64)
+    bias = keras.ops.convert_to_numpy(layer.bias).astype(np.float64) if layer.use_bias else None
+    if chain.pending is not None:  # x -> scale * x + shift feeds this layer
+        scale, shift = chain.pending
+        bias = (np.zeros(kernel.shape[1]) if bias is None else bias) + shift @ kernel
+        kernel = scale[:, None] * kernel
+        chain.pending = None
+    chain.layers.append(DenseLayer(
+        name=layer.name, kernel=kernel, bias=bias,
+        activations=(_activation_name(layer, layer.activation),), config=config,
+    ))
+
+
+def _read_activation(layer, chain):
+    if chain.pending is not None:
+        raise UnsupportedLayerError(
+            f"a BatchNormalization before activation layer '{layer.name}' follows another activation; "
+            "it can be folded only into a Dense layer next to it"
         )
-    )
+    chain.follow(layer, _activation_name(layer, layer.activation))
 
 
-def _follow(chain, leading, layer, activation=None):
-    """Attaches an elementwise layer to the last Dense read (or to the input)."""
-    serialized = keras.layers.serialize(layer)
-    if not chain:
-        leading.append(serialized)
-        return
-    last = chain[-1]
-    extra = () if activation is None else (activation,)
-    chain[-1] = DenseLayer(
-        last.name, last.kernel, last.bias, last.activations + extra, last.config,
-        last.followers + (serialized,),
-    )
+def _read_dropout(layer, chain):
+    chain.follow(layer)  # a no-op at inference
 
 
-def _read_activation(layer, chain, leading):
-    _follow(chain, leading, layer, _activation_name(layer, layer.activation))
-
-
-def _read_dropout(layer, chain, leading):
-    _follow(chain, leading, layer)  # a no-op at inference
+def _read_batchnorm(layer, chain):
+    """Folds inference-mode BatchNormalization into the Dense before it (when nothing
+    nonlinear sits between them) or into the Dense after it."""
+    config = layer.get_config()
+    axis = config["axis"][0] if isinstance(config["axis"], (list, tuple)) else config["axis"]
+    if axis not in (-1, len(layer.input.shape) - 1):
+        raise UnsupportedLayerError(f"layer '{layer.name}' (BatchNormalization) normalizes axis {axis}; only the last axis is supported")
+    mean = keras.ops.convert_to_numpy(layer.moving_mean).astype(np.float64)
+    variance = keras.ops.convert_to_numpy(layer.moving_variance).astype(np.float64)
+    gamma = keras.ops.convert_to_numpy(layer.gamma).astype(np.float64) if layer.scale else 1.0
+    beta = keras.ops.convert_to_numpy(layer.beta).astype(np.float64) if layer.center else 0.0
+    scale = gamma / np.sqrt(variance + layer.epsilon)
+    shift = beta - mean * scale
+    last = chain.layers[-1] if chain.layers else None
+    if chain.pending is None and last is not None and set(last.activations) == {"linear"}:
+        bias = shift if last.bias is None else last.bias * scale + shift
+        chain.layers[-1] = last.with_weights(last.kernel * scale, bias)
+    elif chain.pending is None:
+        chain.pending = (scale, shift)
+    else:  # two in a row: compose
+        chain.pending = (chain.pending[0] * scale, chain.pending[1] * scale + shift)
 
 
 _READERS = {
     keras.layers.Dense: _read_dense,
     keras.layers.Activation: _read_activation,
     keras.layers.Dropout: _read_dropout,
+    keras.layers.BatchNormalization: _read_batchnorm,
 }
 SUPPORTED_LAYERS = ("InputLayer",) + tuple(cls.__name__ for cls in _READERS)
 
@@ -142,16 +184,21 @@ def read_model(model):
         raise InputError(f"expected a keras.Model, got {type(model).__name__}")
     spec = _input_spec(model)
     sequential = type(model) is keras.Sequential
-    chain, leading = [], []
+    if not sequential:
+        _check_chain(model)
+    chain = _Chain()
     for layer in model.layers:
         if type(layer) is keras.layers.InputLayer:
             continue
         reader = _READERS.get(type(layer))
         if reader is None:
             raise _unsupported(layer)
-        reader(layer, chain, leading)
-    if not sequential:
-        _check_chain(model)
+        reader(layer, chain)
+    if chain.pending is not None:
+        raise UnsupportedLayerError(
+            "a BatchNormalization after the last Dense layer's activation cannot be folded; "
+            "only BatchNormalization next to a Dense layer is supported"
+        )
     return Graph(
-        name=model.name, input=spec, layers=tuple(chain), leading=tuple(leading), sequential=sequential
+        name=model.name, input=spec, layers=tuple(chain.layers), leading=tuple(chain.leading), sequential=sequential
     )

@@ -2,7 +2,8 @@
 
 Each `LayerEdit` of hidden layer l removes columns of layer l and recombines the rows of
 layer l+1: a merged unit's outgoing weights are added (scaled) to those of the unit it
-merges into, and a constant unit's contribution sigma(b) * w_out joins the next bias.
+merges into, and a constant unit's contribution sigma * w_out joins the next bias. A
+`Collapse` replaces layers l and l+1 by their composition.
 
 Example:
     >>> plan = plan_exact(graph)                 # keras_embed.compress
@@ -10,9 +11,11 @@ Example:
     [16, 10]
 """
 
+import dataclasses
+
 import numpy as np
 
-from keras_embed import activations
+from keras_embed.plan import Collapse
 
 
 def _check(edit, layer):
@@ -30,6 +33,8 @@ def _check(edit, layer):
         raise ValueError(f"plan for layer '{edit.layer}' names a unit outside 0..{layer.width - 1}")
     if edit.width_after < 1:
         raise ValueError(f"plan for layer '{edit.layer}' removes every unit")
+    if len(edit.constant_values) != len(edit.constant):
+        raise ValueError(f"plan for layer '{edit.layer}' gives {len(edit.constant_values)} values for {len(edit.constant)} constant units")
 
 
 def _mixing_matrix(edit, kept):
@@ -42,29 +47,46 @@ def _mixing_matrix(edit, kept):
     return mixing
 
 
-def _folded_bias(edit, layer, next_layer):
+def _folded_bias(edit, next_layer):
     """Next layer bias with the constant units' outputs folded in (None if none needed)."""
     if not edit.constant and next_layer.bias is None:
         return None
     bias = np.zeros(next_layer.width) if next_layer.bias is None else next_layer.bias.copy()
     if edit.constant:
-        constant = list(edit.constant)
-        own_bias = np.zeros(len(constant)) if layer.bias is None else layer.bias[constant]
-        bias += activations.evaluate(layer.activations, own_bias) @ next_layer.kernel[constant]
+        bias += np.asarray(edit.constant_values) @ next_layer.kernel[list(edit.constant)]
     return bias
 
 
-def apply_edit(graph, edit):
-    """Applies one `LayerEdit`; returns a new `Graph`."""
+def _remove_units(graph, edit):
     index = graph.hidden_index(edit.layer)
     layer, next_layer = graph.layers[index], graph.layers[index + 1]
     _check(edit, layer)
-    kept = [unit for unit in range(layer.width) if unit not in set(edit.removed_units)]
+    kept = list(edit.kept_units)
     new_layer = layer.with_weights(layer.kernel[:, kept], None if layer.bias is None else layer.bias[kept])
-    new_next = next_layer.with_weights(
-        _mixing_matrix(edit, kept) @ next_layer.kernel, _folded_bias(edit, layer, next_layer)
-    )
+    new_next = next_layer.with_weights(_mixing_matrix(edit, kept) @ next_layer.kernel, _folded_bias(edit, next_layer))
     return graph.replace_layers({index: new_layer, index + 1: new_next})
+
+
+def _collapse(graph, edit):
+    """W' = W_l diag(slopes) W_{l+1}, b' = (b_l * slopes + intercepts) W_{l+1} + b_{l+1}."""
+    index = graph.hidden_index(edit.layer)
+    layer, next_layer = graph.layers[index], graph.layers[index + 1]
+    if edit.layer != layer.name or edit.width != layer.width or len(edit.slopes) != layer.width:
+        raise ValueError(f"collapse was planned for layer '{edit.layer}' of width {edit.width}, found width {layer.width}")
+    slopes, intercepts = np.asarray(edit.slopes), np.asarray(edit.intercepts)
+    own_bias = np.zeros(layer.width) if layer.bias is None else layer.bias
+    bias = (own_bias * slopes + intercepts) @ next_layer.kernel
+    if next_layer.bias is not None:
+        bias = bias + next_layer.bias
+    elif not np.any(bias):
+        bias = None
+    merged = next_layer.with_weights((layer.kernel * slopes) @ next_layer.kernel, bias)
+    return dataclasses.replace(graph, layers=graph.layers[:index] + (merged,) + graph.layers[index + 2:])
+
+
+def apply_edit(graph, edit):
+    """Applies one `LayerEdit` or `Collapse`; returns a new `Graph`."""
+    return (_collapse if isinstance(edit, Collapse) else _remove_units)(graph, edit)
 
 
 def apply_plan(graph, plan):

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import keras
 import numpy as np
-from sklearn.datasets import load_digits
 
 from keras_embed import build_model, read_model
+from keras_embed.data import bundled_dataset
 from keras_embed.operators import add_constant, add_null, permute, rescale, widen
 
 HERE = Path(__file__).parent
@@ -60,9 +60,7 @@ def grow(graph, rng):
 
 
 def main():
-    digits = load_digits()
-    x = (digits.data / 16.0).astype("float32")
-    y = digits.target.astype("int64")
+    x, y = bundled_dataset("digits")  # what --dataset digits gives
     order = np.random.default_rng(0).permutation(len(x))
     train, heldout = order[:1500], order[1500:]
     narrow = train_narrow(x[train], y[train])

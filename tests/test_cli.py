@@ -235,7 +235,7 @@ def test_prune_report_has_widths_counts_and_verified_difference(pruned_digits):
     ]
     assert (report["depth_before"], report["depth_after"]) == (3, 3)
     # make_examples.py grew 3 null units, 7 constant units and 26 + 20 split copies
-    assert report["removed"] == {"zero_out": 3, "constant": 7, "duplicate": 46}
+    assert report["removed"] == {"zero_out": 3, "dead": 0, "constant": 7, "duplicate": 46}
     assert sum(report["removed"].values()) == sum(row["width_before"] - row["width_after"] for row in layers)
     widths_in = [64] + [row["width_after"] for row in layers]
     assert report["params_after"] == sum((a + 1) * b for a, b in zip(widths_in, widths_in[1:]))
@@ -321,7 +321,7 @@ def test_prune_accepts_its_own_h5_output_as_input(tmp_path):
     result = invoke("prune", first, "-o", tmp_path / "second.keras")
     assert_ok(result)
     assert [row["width_after"] for row in table_rows(result.stdout).values()] == ["16", "12", "10"]
-    assert "0 zero-out, 0 constant, 0 duplicate" in result.stdout  # nothing left to remove
+    assert "0 zero-out, 0 dead, 0 constant, 0 duplicate" in result.stdout  # nothing left to remove
 
 
 # ---------------------------------------------------------------- verification tolerance
@@ -438,8 +438,8 @@ BAD_INPUTS = [
     BadInput("output-folder-missing", 2, "does not exist", output="missing/result.keras"),
     BadInput("unknown-output-extension", 2, "cannot tell the format", output="out/result.onnx"),
     BadInput("conv1d-layer", 4, "Conv1D", saved(lambda: [keras.layers.Conv1D(2, 3), keras.layers.Flatten()], shape=(8, 1))),
-    BadInput("batchnorm-layer", 4, "BatchNormalization",
-             saved(lambda: [keras.layers.Dense(4), keras.layers.BatchNormalization()])),
+    BadInput("layernorm-layer", 4, "LayerNormalization",
+             saved(lambda: [keras.layers.Dense(4), keras.layers.LayerNormalization()])),
     BadInput("lambda-in-safe-mode", 2, "--unsafe", LAMBDA_MODEL),
     BadInput("data-wrong-shape", 2, "shape", data=lambda: np.zeros((4, 7), "float32")),
     BadInput("data-with-nan", 2, "NaN", data=lambda: np.where(np.eye(4, 64) > 0, np.nan, 0.0).astype("float32")),
@@ -488,7 +488,7 @@ def test_lambda_model_passes_loading_with_unsafe_and_is_then_unsupported(tmp_pat
     assert listing(tmp_path) == ["lambda.keras"]
 
 
-@pytest.mark.parametrize("bad_model", [case for case in BAD_INPUTS if case.id in ("truncated-keras", "batchnorm-layer")],
+@pytest.mark.parametrize("bad_model", [case for case in BAD_INPUTS if case.id in ("truncated-keras", "layernorm-layer")],
                          ids=lambda case: case.id)
 def test_analyze_reports_bad_models_in_one_line(tmp_path, bad_model):
     model = tmp_path / bad_model.model_name

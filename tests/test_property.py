@@ -59,7 +59,7 @@ def test_property_prune_undoes_random_embeddings(data):
     wide = build_model(_embed_randomly(data, read_model(narrow), activations, use_bias, np.random.default_rng(seed)))
     x = inputs_for(narrow)
 
-    pruned, report = prune(wide, x=x)
+    pruned, report = prune(wide, data=x)
 
     expected = keras.ops.convert_to_numpy(narrow(x))
     actual = keras.ops.convert_to_numpy(pruned(x))

@@ -63,16 +63,74 @@ def handles_errors(command):
 
 def table(rows, columns):
     """Formats dict rows as an aligned text table with the given columns."""
-    cells = [[str(column) for column in columns]] + [[str(row[column]) for column in columns] for row in rows]
+    cells = [[str(column) for column in columns]] + [
+        ["-" if row[column] is None else str(row[column]) for column in columns] for row in rows
+    ]
     widths = [max(len(line[index]) for line in cells) for index in range(len(columns))]
     lines = ["  ".join(cell.rjust(width) if index else cell.ljust(width) for index, (cell, width) in enumerate(zip(line, widths))) for line in cells]
     return "\n".join([lines[0], "  ".join("-" * width for width in widths), *lines[1:]])
 
 
-def load_inputs(data, model):
-    """Calibration inputs from a --data file, or None to use the default ones."""
-    if data is None:
-        return None
-    from keras_embed.data import check_inputs, load_array
+def _options(*options):
+    """A decorator applying click options in the order listed."""
 
-    return check_inputs(load_array(data), model)
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+unsafe_option = click.option("--unsafe", is_flag=True, help=UNSAFE_HELP)
+
+data_options = _options(
+    click.option("--data", type=click.Path(dir_okay=False, path_type=str),
+                 help="Calibration inputs: .npy, or .npz with key x (else its first array)."),
+    click.option("--dataset", type=click.Choice(["digits", "iris", "wine", "breast_cancer"]),
+                 help="Use a dataset bundled with scikit-learn as calibration data (no download)."),
+    click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+                 help="Samples per batch of the statistics and verification passes."),
+)
+
+output_options = _options(
+    click.option("-o", "--output", required=True, type=click.Path(path_type=str),
+                 help="Where to write the model: .keras, .h5, .tflite, or a folder ending in / for a SavedModel."),
+    click.option("--format", "format_", type=click.Choice(["keras", "h5", "savedmodel", "tflite"]),
+                 help="Output format, when the extension does not say."),
+    click.option("--atol", type=click.FloatRange(min=0),
+                 help="Largest allowed max abs output difference [default: 1e-4 times the output scale]."),
+    unsafe_option,
+)
+
+
+def calibration_data(data, dataset, model):
+    """Checked calibration inputs from --data or --dataset, or None when neither is given."""
+    if data is not None and dataset is not None:
+        raise click.UsageError("give --data or --dataset, not both")
+    if data is None and dataset is None:
+        return None
+    from keras_embed.data import bundled_dataset, check_inputs, load_array
+
+    return check_inputs(load_array(data) if data is not None else bundled_dataset(dataset)[0], model)
+
+
+class _NoProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return False
+
+    def update(self, count):
+        pass
+
+
+def progress(samples, label):
+    """A stderr progress bar over `samples` (none when stderr is not a terminal).
+
+    Use as a context manager and call `.update(n)`.
+    """
+    if not sys.stderr.isatty():
+        return _NoProgress()
+    return click.progressbar(length=samples, label=label, file=sys.stderr)

@@ -2,8 +2,7 @@
 
 import click
 
-from keras_embed.tools.common import handles_errors, load_inputs, table
-from keras_embed.tools.prune import output_options
+from keras_embed.tools.common import calibration_data, data_options, handles_errors, output_options, table
 
 
 def _layer(graph, text):
@@ -22,44 +21,60 @@ def _parse(spec, option, fields):
 @click.command()
 @click.argument("model", type=click.Path(path_type=str))
 @output_options
+@data_options
 @click.option("--widen", "widen_specs", multiple=True, metavar="LAYER:UNIT[:ALPHA]",
               help="Split UNIT of hidden LAYER (name or index) into two; the copy takes ALPHA of its outgoing weights [default alpha 0.5]. Repeatable.")
 @click.option("--null", "null_specs", multiple=True, metavar="LAYER[:BIAS]",
               help="Add a unit with zero incoming and outgoing weights and bias BIAS [default 0] to hidden LAYER. Repeatable.")
+@click.option("--deepen", "deepen_layers", multiple=True, metavar="LAYER",
+              help="Insert after hidden LAYER a relu layer that is the identity on the calibration data (critical lifting); needs --data or --dataset. Repeatable.")
+@click.option("--margin", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Smallest pre-activation of a --deepen layer on the data.")
 @handles_errors
-def embed(model, output, format_, atol, data, unsafe, widen_specs, null_specs):
-    """Widen MODEL by the Embedding Principle's embeddings; the outputs stay the same.
+def embed(model, output, format_, atol, unsafe, data, dataset, batch_size, widen_specs, null_specs, deepen_layers, margin):
+    """Grow MODEL by the Embedding Principle's embeddings; the outputs stay the same.
 
-    All --widen steps run first, in order, then all --null steps. The result is checked
-    against MODEL like `prune` output.
+    All --widen steps run first, in order, then all --null steps, then all --deepen steps.
+    Widening keeps the outputs for every input; deepening keeps them on the calibration
+    data. The result is checked against MODEL on the calibration data (default 1024
+    seeded standard-normal inputs) like `prune` output.
 
     \b
     Exit codes: 0 ok, 2 bad usage or input, 3 verification failed, 4 unsupported model.
     """
     from keras_embed.build import build_model
     from keras_embed.io import check_output, load_model, save_model
-    from keras_embed.operators import add_null, widen
+    from keras_embed.operators import add_null, deepen, widen
     from keras_embed.read import read_model
+    from keras_embed.stats import collect
     from keras_embed.verify import assert_outputs_preserved, calibration_inputs
 
     widen_steps = [_parse(spec, "--widen", (1, 2, "LAYER:UNIT[:ALPHA]")) for spec in widen_specs]
     null_steps = [_parse(spec, "--null", (0, 2, "LAYER[:BIAS]")) for spec in null_specs]
-    if not widen_steps and not null_steps:
-        raise click.UsageError("nothing to do: give at least one --widen or --null")
+    if not widen_steps and not null_steps and not deepen_layers:
+        raise click.UsageError("nothing to do: give at least one --widen, --null or --deepen")
+    if deepen_layers and data is None and dataset is None:
+        raise click.UsageError("--deepen needs calibration data: give --data or --dataset")
     format_ = check_output(output, model, format_)
     original = load_model(model, unsafe)
+    x = calibration_data(data, dataset, original)
     graph = before = read_model(original)
     try:
         for layer, unit, *alpha in widen_steps:
             graph = widen(graph, _layer(graph, layer), int(unit), float(alpha[0]) if alpha else 0.5)
         for layer, *bias in null_steps:
             graph = add_null(graph, _layer(graph, layer), float(bias[0]) if bias else 0.0)
+        for layer in deepen_layers:
+            name = graph.layers[graph.hidden_index(_layer(graph, layer))].name
+            lower = collect(graph, x, batch_size, gram=False).layers[name].a_min
+            graph = deepen(graph, name, lower, margin)
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
     grown = build_model(graph)
-    x = load_inputs(data, original)
     diff, tolerance = assert_outputs_preserved(original, grown, calibration_inputs(original) if x is None else x, atol)
     save_model(grown, output, format_)
-    rows = [{"name": a.name, "width_before": a.width, "width_after": b.width} for a, b in zip(before.layers, graph.layers)]
+    widths = {layer.name: layer.width for layer in before.layers}
+    rows = [{"name": layer.name, "width_before": widths.get(layer.name, "(new)"), "width_after": layer.width}
+            for layer in graph.layers]
     click.echo(table(rows, ("name", "width_before", "width_after")))
     click.echo(f"params: {original.count_params()} -> {grown.count_params()}   max abs output difference: {diff:.3g} (atol {tolerance:.3g})")

@@ -1,0 +1,147 @@
+"""One streaming pass of statistics over calibration data, shared by every data-driven rule.
+
+Per hidden unit: pre-activation z and activation a = sigma(z) extremes, the count of
+positive z, and the moments of a least-squares affine fit a ~ slope * z + intercept.
+Per hidden layer, optionally: the Gram matrix of [a, 1]. Accumulation is float64 and
+batch-wise (moments merged with Chan's update, stable where raw sums cancel), so memory
+does not depend on the number of samples.
+
+Example:
+    >>> stats = collect(graph, x, batch_size=512)
+    >>> stats.layers["hidden"].slope_intercept_residual()[2].max()   # worst affine-fit residual
+    0.013
+"""
+
+import dataclasses
+
+import keras
+import numpy as np
+
+from keras_embed.data import batches, check_inputs
+from keras_embed.errors import InputError
+
+
+@dataclasses.dataclass
+class LayerStats:
+    """Accumulated statistics of the units of one hidden layer (see module docstring)."""
+
+    width: int
+    gram: np.ndarray | None
+    count: int = 0
+
+    def __post_init__(self):
+        shape = (self.width,)
+        self.z_min, self.z_max = np.full(shape, np.inf), np.full(shape, -np.inf)
+        self.a_min, self.a_max = np.full(shape, np.inf), np.full(shape, -np.inf)
+        self.positive = np.zeros(shape, dtype=np.int64)
+        self.z_mean, self.a_mean = np.zeros(shape), np.zeros(shape)
+        self.z_m2, self.a_m2, self.za_m2 = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+
+    def update(self, z, a):
+        """Adds a batch: z and a are (samples, units) arrays (any float dtype)."""
+        z, a = np.asarray(z, dtype=np.float64), np.asarray(a, dtype=np.float64)
+        n = len(z)
+        if n == 0:
+            return
+        np.minimum(self.z_min, z.min(axis=0), out=self.z_min)
+        np.maximum(self.z_max, z.max(axis=0), out=self.z_max)
+        np.minimum(self.a_min, a.min(axis=0), out=self.a_min)
+        np.maximum(self.a_max, a.max(axis=0), out=self.a_max)
+        self.positive += (z > 0).sum(axis=0)
+        z_mean, a_mean = z.mean(axis=0), a.mean(axis=0)
+        z_centered, a_centered = z - z_mean, a - a_mean
+        total = self.count + n
+        z_delta, a_delta = z_mean - self.z_mean, a_mean - self.a_mean
+        weight = self.count * n / total
+        self.z_m2 += np.einsum("ij,ij->j", z_centered, z_centered) + z_delta**2 * weight
+        self.a_m2 += np.einsum("ij,ij->j", a_centered, a_centered) + a_delta**2 * weight
+        self.za_m2 += np.einsum("ij,ij->j", z_centered, a_centered) + z_delta * a_delta * weight
+        self.z_mean += z_delta * n / total
+        self.a_mean += a_delta * n / total
+        self.count = total
+        if self.gram is not None:
+            augmented = np.column_stack([a, np.ones(n)])
+            self.gram += augmented.T @ augmented
+
+    @property
+    def a_std(self):
+        """Standard deviation of each unit's activation on the data."""
+        return np.sqrt(np.maximum(self.a_m2, 0.0) / max(self.count, 1))
+
+    def slope_intercept_residual(self):
+        """Least-squares fit a ~ slope * z + intercept per unit.
+
+        Returns:
+            (slope, intercept, residual), residual = sqrt(1 - R^2): 0 for an exactly affine
+            unit, 1 for no affine relation. Units with constant z get slope 0, residual 0.
+        """
+        varying = self.z_m2 > 0
+        slope = np.where(varying, self.za_m2 / np.where(varying, self.z_m2, 1.0), 0.0)
+        explained = np.where(varying & (self.a_m2 > 0), slope * self.za_m2 / np.where(self.a_m2 > 0, self.a_m2, 1.0), 1.0)
+        residual = np.sqrt(np.clip(1.0 - explained, 0.0, 1.0))
+        return slope, self.a_mean - slope * self.z_mean, residual
+
+    @property
+    def active_fraction(self):
+        """Fraction of samples on which each unit's pre-activation is positive."""
+        return self.positive / max(self.count, 1)
+
+
+@dataclasses.dataclass
+class Stats:
+    """Statistics of every hidden layer, by layer name, and the number of samples seen."""
+
+    layers: dict
+    samples: int = 0
+
+
+def _probe(graph):
+    """A Keras model that outputs [z, a] of every hidden layer of `graph`."""
+    inputs = keras.Input(shape=graph.input.shape, dtype=graph.input.dtype)
+    hidden = inputs
+    for config in graph.leading:
+        hidden = keras.layers.deserialize(config)(hidden)
+    outputs = []
+    for layer in graph.layers[:-1]:
+        dense = keras.layers.Dense(layer.width, use_bias=layer.bias is not None)
+        z = dense(hidden)
+        dense.set_weights([layer.kernel] + ([] if layer.bias is None else [layer.bias]))
+        hidden = z
+        for name in layer.activations:
+            hidden = keras.layers.Activation(name)(hidden)
+        outputs += [z, hidden]
+    return keras.Model(inputs, outputs)
+
+
+def collect(graph, data, batch_size=256, gram=True, on_batch=None):
+    """Runs the one pass of statistics.
+
+    Args:
+        graph: the `Graph` (from `read_model`).
+        data: an array, a tf.data.Dataset or an iterable of batches (see `data.batches`).
+        batch_size: rows per batch when `data` is an array.
+        gram: also accumulate each layer's Gram matrix ((width + 1)^2 float64 values).
+        on_batch: called with the number of samples of each batch (for progress bars).
+
+    Returns:
+        `Stats` for the hidden layers of `graph`.
+    """
+    hidden = graph.layers[:-1]
+    stats = Stats({
+        layer.name: LayerStats(layer.width, np.zeros((layer.width + 1,) * 2) if gram else None)
+        for layer in hidden
+    })
+    probe = _probe(graph) if hidden else None
+    for batch in batches(data, batch_size):
+        batch = check_inputs(batch, graph.input)
+        if probe is not None:
+            outputs = probe.predict_on_batch(batch)
+            for index, layer in enumerate(hidden):
+                z, a = outputs[2 * index], outputs[2 * index + 1]
+                stats.layers[layer.name].update(z.reshape(-1, layer.width), a.reshape(-1, layer.width))
+        stats.samples += len(batch)
+        if on_batch is not None:
+            on_batch(len(batch))
+    if stats.samples == 0:
+        raise InputError("data holds no samples; pass at least one input row")
+    return stats
