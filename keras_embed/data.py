@@ -76,14 +76,15 @@ def check_inputs(x, model):
     shape, dtype = _input_shape_and_dtype(model)
     if x.ndim == 0 or len(x) == 0:
         raise InputError("data holds no samples; pass at least one input row")
-    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
-        raise InputError(f"data has dtype {x.dtype}; pass numeric inputs")
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating) or x.dtype == bool):
+        raise InputError(f"data has dtype {x.dtype}; pass real numeric inputs")
     if x.ndim != len(shape) + 1 or any(want not in (None, got) for want, got in zip(shape, x.shape[1:])):
         shown = ", ".join("n" if size is None else str(size) for size in (None, *shape))
         raise InputError(f"data has shape {x.shape} but the model takes ({shown}); pass inputs of that shape")
-    if not np.all(np.isfinite(x)):
-        raise InputError("data holds NaN or infinite values; clean it before calibrating")
-    return x.astype(dtype)
+    cast = x.astype(dtype)
+    if not np.all(np.isfinite(cast)):
+        raise InputError(f"data holds NaN or infinite values (as {dtype}); clean it before calibrating")
+    return cast
 
 
 def _input_shape_and_dtype(model):

@@ -90,6 +90,9 @@ def output_format(path, format=None):
     if format is not None:
         if format not in FORMATS:
             raise InputError(f"unknown format '{format}'; choose one of {', '.join(FORMATS)}")
+        implied = _SUFFIX_FORMATS.get(Path(path).suffix.lower())
+        if implied not in (None, format):
+            raise InputError(f"output '{path}' ends in {Path(path).suffix} but the format is {format}; make them agree")
         return format
     if str(path).endswith(("/", os.sep)):
         return "savedmodel"
@@ -142,13 +145,17 @@ def check_output(path, input_path=None, format=None):
     """
     format = output_format(path, format)
     target = _check_target(path, (input_path,))
-    if target.is_dir():
-        source = None if input_path is None else _target(input_path).resolve()
-        if format != "savedmodel" or not (target / "saved_model.pb").is_file() or (
-            source is not None and target in source.parents
-        ):
-            raise InputError(f"output '{path}' is an existing folder that is not a SavedModel; choose a new path")
+    source = None if input_path is None else _target(input_path).resolve()
+    _check_replaceable(target, path, format)
+    if source is not None and target in source.parents:
+        raise InputError(f"output '{path}' is a folder holding the input model; choose a new path")
     return format
+
+
+def _check_replaceable(target, path, format):
+    """Only a file, or a SavedModel folder when writing one, may be replaced."""
+    if target.is_dir() and (format != "savedmodel" or not (target / "saved_model.pb").is_file()):
+        raise InputError(f"output '{path}' is an existing folder that is not a SavedModel; choose a new path")
 
 
 def _write_tflite(model, path):
@@ -200,6 +207,7 @@ def save_model(model, path, format=None):
     """
     format = output_format(path, format)
     target = _target(path)
+    _check_replaceable(target, path, format)
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp{_TEMP_SUFFIXES[format]}")
     try:
         _WRITERS[format](model, temporary)

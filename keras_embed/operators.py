@@ -31,6 +31,11 @@ def _hidden_pair(graph, layer):
     return index, hidden, graph.layers[index + 1]
 
 
+def _check_unit(layer, unit):
+    if not (isinstance(unit, (int, np.integer)) and 0 <= unit < layer.width):
+        raise ValueError(f"layer '{layer.name}' has units 0..{layer.width - 1}. Received: unit={unit}")
+
+
 def _grow(graph, index, incoming, bias, next_kernel):
     """Appends one unit to hidden layer `index`; `next_kernel` already has its row."""
     layer, next_layer = graph.layers[index], graph.layers[index + 1]
@@ -55,8 +60,7 @@ def widen(graph, layer, unit, alpha=0.5):
         A new `Graph` whose layer is one unit wider (the copy is the last unit).
     """
     index, hidden, next_layer = _hidden_pair(graph, layer)
-    if not 0 <= unit < hidden.width:
-        raise ValueError(f"layer '{hidden.name}' has units 0..{hidden.width - 1}. Received: unit={unit}")
+    _check_unit(hidden, unit)
     next_kernel = np.vstack([next_layer.kernel, alpha * next_layer.kernel[unit]])
     next_kernel[unit] *= 1.0 - alpha
     bias = None if hidden.bias is None else hidden.bias[unit]
@@ -85,7 +89,7 @@ def permute(graph, layer, order):
     """Reorders the units of hidden `layer`: new unit k is old unit order[k]."""
     index, hidden, next_layer = _hidden_pair(graph, layer)
     order = np.asarray(order)
-    if sorted(order.tolist()) != list(range(hidden.width)):
+    if not np.issubdtype(order.dtype, np.integer) or sorted(order.tolist()) != list(range(hidden.width)):
         raise ValueError(f"order must be a permutation of 0..{hidden.width - 1}. Received: order={order.tolist()}")
     return graph.replace_layers({
         index: hidden.with_weights(hidden.kernel[:, order], None if hidden.bias is None else hidden.bias[order]),
@@ -122,6 +126,7 @@ def rescale(graph, layer, unit, factor):
     weights by 1 / `factor`: the identity for positively homogeneous activations
     (relu, leaky_relu, linear), as in the width paper's Appendix A.1."""
     index, hidden, next_layer = _hidden_pair(graph, layer)
+    _check_unit(hidden, unit)
     if factor <= 0 or not activations.is_positively_homogeneous(hidden.activations):
         raise ValueError(
             f"rescaling needs factor > 0 and a relu, leaky_relu or linear layer. "

@@ -34,7 +34,8 @@ class _Chain:
     input-side affine map (from a BatchNormalization that follows an activation)."""
 
     def __init__(self):
-        self.layers, self.leading, self.pending = [], [], None
+        self.layers, self.leading = [], []
+        self.pending = self.pending_name = None
 
     def follow(self, layer, activation=None):
         """Attaches an elementwise layer to the last Dense read (or to the input)."""
@@ -71,8 +72,8 @@ def _read_dense(layer, chain):
 def _read_activation(layer, chain):
     if chain.pending is not None:
         raise UnsupportedLayerError(
-            f"a BatchNormalization before activation layer '{layer.name}' follows another activation; "
-            "it can be folded only into a Dense layer next to it"
+            f"layer '{chain.pending_name}' (BatchNormalization) sits between two activations (before "
+            f"'{layer.name}'); it can be folded only into a Dense layer next to it"
         )
     chain.follow(layer, _activation_name(layer, layer.activation))
 
@@ -99,7 +100,7 @@ def _read_batchnorm(layer, chain):
         bias = shift if last.bias is None else last.bias * scale + shift
         chain.layers[-1] = last.with_weights(last.kernel * scale, bias)
     elif chain.pending is None:
-        chain.pending = (scale, shift)
+        chain.pending, chain.pending_name = (scale, shift), layer.name
     else:  # two in a row: compose
         chain.pending = (chain.pending[0] * scale, chain.pending[1] * scale + shift)
 
@@ -186,6 +187,10 @@ def read_model(model):
     sequential = type(model) is keras.Sequential
     if not sequential:
         _check_chain(model)
+    if len({id(layer) for layer in model.layers}) != len(model.layers):
+        raise UnsupportedLayerError(
+            f"model '{model.name}' uses a layer more than once (a shared layer); only chains of distinct layers are supported"
+        )
     chain = _Chain()
     for layer in model.layers:
         if type(layer) is keras.layers.InputLayer:
@@ -196,8 +201,8 @@ def read_model(model):
         reader(layer, chain)
     if chain.pending is not None:
         raise UnsupportedLayerError(
-            "a BatchNormalization after the last Dense layer's activation cannot be folded; "
-            "only BatchNormalization next to a Dense layer is supported"
+            f"layer '{chain.pending_name}' (BatchNormalization) follows the last Dense layer's activation and "
+            "cannot be folded; only BatchNormalization next to a Dense layer is supported"
         )
     return Graph(
         name=model.name, input=spec, layers=tuple(chain.layers), leading=tuple(chain.leading), sequential=sequential
