@@ -8,16 +8,23 @@ Example:
 """
 
 import dataclasses
+import time
+
+import numpy as np
 
 from keras_embed.analysis import find_redundancy
 from keras_embed.build import build_model
+from keras_embed.compensate import search
+from keras_embed.condense import plan_condense
+from keras_embed.errors import InputError, RuleError
 from keras_embed.data_rules import find_data_redundancy, layer_regimes, plan_collapses
 from keras_embed.linearity import DEFAULT_LIN_TOL
 from keras_embed.plan import LayerEdit, Plan
 from keras_embed.read import read_model
+from keras_embed.rules import measure
 from keras_embed.stats import collect
 from keras_embed.surgery import apply_plan
-from keras_embed.verify import assert_outputs_preserved, calibration_inputs
+from keras_embed.verify import assert_outputs_preserved, calibration_inputs, predict
 
 
 def plan_exact(graph, rtol=1e-6):
@@ -122,26 +129,43 @@ def analyze(graph, stats=None, rtol=1e-6, lin_tol=DEFAULT_LIN_TOL, allow_growth=
 
 @dataclasses.dataclass(frozen=True)
 class PruneReport:
-    """What `prune` did, with the figures that prove it."""
+    """What `prune` did, with the figures that prove it.
 
+    `checks` holds the figures of the verification: max_abs_diff and atol, and for
+    approximate modes the rule and the `rules.measure` figures on the held-out data.
+    """
+
+    mode: str
     graph_before: object
     graph_after: object
     analysis: Analysis
     params_before: int
     params_after: int
-    max_abs_diff: float
-    atol: float
     calibration: str
-    max_abs_diff_validation: float | None = None
+    checks: dict
+    seconds: float
+
+    @property
+    def max_abs_diff(self):
+        """Exact mode: max abs output difference on the calibration data."""
+        return self.checks.get("max_abs_diff")
+
+    @property
+    def atol(self):
+        """Exact mode: the tolerance it was checked against."""
+        return self.checks.get("atol")
 
     def to_dict(self):
         plan = self.analysis.plan
         widths = {layer.name: layer.width for layer in self.graph_after.layers}
         return {
+            "mode": self.mode,
             "params_before": self.params_before,
             "params_after": self.params_after,
             "depth_before": len(self.graph_before.layers),
             "depth_after": len(self.graph_after.layers),
+            "flops_before": self.graph_before.flops,
+            "flops_after": self.graph_after.flops,
             "layers": [
                 {
                     "name": layer.name,
@@ -154,54 +178,109 @@ class PruneReport:
             "removed": plan.removed(),
             "collapsed_layers": plan.collapsed_layers(),
             "not_collapsed_would_grow": self.analysis.skipped,
-            "max_abs_diff": self.max_abs_diff,
-            "max_abs_diff_validation": self.max_abs_diff_validation,
-            "atol": self.atol,
-            "verified": self.max_abs_diff <= self.atol
-            and (self.max_abs_diff_validation is None or self.max_abs_diff_validation <= self.atol),
+            **self.checks,
             "calibration": self.calibration,
+            "seconds": round(self.seconds, 3),
             "plan": plan.to_dict(),
         }
 
 
-def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, validation=None,
-          lin_tol=DEFAULT_LIN_TOL, allow_growth=False, batch_size=256, on_batch=None):
-    """Removes redundant hidden units and linearized layers, then checks the outputs.
+def _approximate_plan(graph, mode, x, rule, reference_outputs, labels, cos, batch_size):
+    """Exact rounds, then the condense merge or the data-driven refit."""
+    exact = plan_exact(graph)
+    reduced = apply_plan(graph, exact)
+    if mode == "condense":
+        extra = plan_condense(reduced, cos)
+    else:
+        def measure_graph(candidate):
+            return measure(reference_outputs, predict(build_model(candidate), x, batch_size), labels), candidate.params
+
+        extra = search(reduced, x, rule, measure_graph, batch_size)[1]
+    rounds = exact.rounds + ((extra,) if extra else ())
+    return Analysis(Plan(rounds), {}, [], False)
+
+
+def _check_rule(rule, reference, pruned, x, labels, batch_size, force):
+    """The rule's figures on `x`; raises `RuleError` when the rule fails, unless `force`."""
+    figures = measure(predict(reference, x, batch_size), predict(pruned, x, batch_size), labels)
+    params = pruned.count_params()
+    if rule is not None and not rule.holds(figures, params) and not force:
+        raise RuleError(f"on the held-out data the compressed model has {rule.describe(figures, params)}; "
+                        "nothing was written (relax the rule or pass --force)")
+    return figures
+
+
+def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, mode="exact", rule=None, labels=None,
+          validation=None, validation_labels=None, cos=0.99, lin_tol=DEFAULT_LIN_TOL, allow_growth=False,
+          batch_size=256, on_batch=None):
+    """Compresses `model` and checks the result.
+
+    Modes:
+        exact (default): weight rules, plus the data rules (dead, constant, linearized on
+            the data) when `data` is given; outputs must match within `atol` on the
+            calibration data (1024 seeded standard-normal inputs without `data`) and on
+            `validation`.
+        condense: exact rules, then the width paper's cosine merge (`cos`); approximate.
+        data: exact rules, then greedy selection and least-squares refit on `data`
+            (an array), bounded by `rule`; approximate.
+        For the approximate modes the `rule` (when given) must hold on `validation` (else
+        on `data`), or `RuleError` is raised.
 
     Args:
         model: a Keras model (a chain of Dense, Activation, Dropout, BatchNormalization).
         rtol: relative tolerance of the weight comparisons (see `find_redundancy`).
-        data: calibration inputs (array, dataset or iterable of batches). When given, the
-            data rules apply too (dead, constant and linearized on this data) and outputs
-            are verified on it; default: weight rules only, verified on 1024 seeded
-            standard-normal inputs.
-        atol: allowed max abs output difference; default 1e-4 times the output scale.
+        data: calibration inputs (array, dataset or iterable of batches; an array in data mode).
+        atol: exact mode: allowed max abs output difference; default 1e-4 times the output scale.
         force: return the model even when verification fails.
-        validation: held-out inputs the outputs must also match on.
+        mode: "exact", "condense" or "data".
+        rule: a `rules.Rule` (required in data mode).
+        labels, validation_labels: class labels of `data` and `validation` (for accuracy).
+        validation: held-out inputs.
+        cos: cosine threshold of condense mode.
         lin_tol: affine-fit residual below which a smooth unit counts as linear.
         allow_growth: collapse linearized layers even when the merged layer is larger.
-        batch_size: rows per batch for arrays.
-        on_batch: progress callback, called with each batch's sample count.
+        batch_size: rows per batch.
+        on_batch: progress callback of the statistics pass, called with each batch's size.
 
     Returns:
-        (pruned model of stock Keras layers, `PruneReport`). `model` is untouched.
+        (compressed model of stock Keras layers, `PruneReport`). `model` is untouched.
 
     Raises:
-        VerificationError: when outputs differ by more than `atol` and not `force`.
-        UnsupportedLayerError: when the model holds an unsupported layer.
+        VerificationError, RuleError: the result does not pass its check (and not `force`).
+        UnsupportedLayerError: the model holds an unsupported layer.
     """
+    start = time.perf_counter()
     graph = read_model(model)
-    stats = None if data is None else collect(graph, data, batch_size, gram=False, on_batch=on_batch)
-    analysis = plan_prune(graph, stats, rtol, lin_tol, allow_growth)
+    if mode == "exact":
+        stats = None if data is None else collect(graph, data, batch_size, gram=False, on_batch=on_batch)
+        analysis = plan_prune(graph, stats, rtol, lin_tol, allow_growth)
+    elif mode in ("condense", "data"):
+        if mode == "data" and (data is None or rule is None):
+            raise InputError("--mode data needs calibration data (--data or --dataset) and a stopping rule")
+        if rule is not None and rule.needs_labels and (labels is None or (validation is not None and validation_labels is None)):
+            raise InputError("--max-accuracy-drop needs labels: y in the calibration and validation .npz files")
+        reference_outputs = None if data is None else predict(model, data, batch_size)
+        analysis = _approximate_plan(graph, mode, data, rule, reference_outputs, labels, cos, batch_size)
+    else:
+        raise InputError(f"unknown mode '{mode}'; choose exact, condense or data")
     pruned_graph = apply_plan(graph, analysis.plan)
     pruned = build_model(pruned_graph)
     calibration = "user data"
     if data is None:
         data, calibration = calibration_inputs(model), "1024 seeded standard-normal inputs"
-    diff, atol = assert_outputs_preserved(model, pruned, data, atol, raise_error=not force, batch_size=batch_size)
-    diff_validation = None
-    if validation is not None:
-        diff_validation, _ = assert_outputs_preserved(model, pruned, validation, atol, not force, batch_size)
-    report = PruneReport(graph, pruned_graph, analysis, model.count_params(), pruned.count_params(),
-                         diff, atol, calibration, diff_validation)
+    checks = {}
+    if mode == "exact":
+        diff, atol = assert_outputs_preserved(model, pruned, data, atol, raise_error=not force, batch_size=batch_size)
+        checks.update(max_abs_diff=diff, atol=atol, max_abs_diff_validation=None)
+        if validation is not None:
+            checks["max_abs_diff_validation"] = assert_outputs_preserved(model, pruned, validation, atol, not force, batch_size)[0]
+        checks["verified"] = all(value is None or value <= atol for value in (diff, checks["max_abs_diff_validation"]))
+    held_out, held_out_labels = (data, labels) if validation is None else (validation, validation_labels)
+    if isinstance(held_out, np.ndarray):
+        checks.update(_check_rule(rule if mode != "exact" else None, model, pruned, held_out, held_out_labels, batch_size, force))
+        checks["checked_on"] = "calibration data" if validation is None else "validation data"
+    if rule is not None:
+        checks["rule"] = {"kind": rule.kind, "value": rule.value}
+    report = PruneReport(mode, graph, pruned_graph, analysis, model.count_params(), pruned.count_params(),
+                         calibration, checks, time.perf_counter() - start)
     return pruned, report

@@ -87,6 +87,18 @@ def check_inputs(x, model):
     return cast
 
 
+def check_labels(y, x):
+    """Returns labels `y` (or None) after checking there is one per input row."""
+    if y is None:
+        return None
+    y = np.asarray(y)
+    if y.ndim == 0 or len(y) != len(x):
+        raise InputError(f"data has {len(x)} inputs but {0 if y.ndim == 0 else len(y)} labels y; give one label per row")
+    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)) or not np.all(np.isfinite(y)):
+        raise InputError(f"labels y have dtype {y.dtype} or non-finite values; give numeric labels")
+    return y
+
+
 def _input_shape_and_dtype(model):
     if isinstance(model, keras.Model):
         tensor = model.inputs[0]

@@ -43,3 +43,9 @@ class UnsupportedLayerError(KerasEmbedError):
     """The model holds a layer or structure keras-embed cannot rewrite (exit code 4)."""
 
     exit_code = 4
+
+
+class RuleError(KerasEmbedError):
+    """An approximate compression breaks its stopping rule on held-out data (exit code 3)."""
+
+    exit_code = 3

@@ -98,6 +98,12 @@ class Graph:
         return sum(layer.params for layer in self.layers)
 
     @property
+    def flops(self):
+        """Floating-point operations of the Dense layers per input row (2 per multiply-add,
+        1 per bias add; activations not counted)."""
+        return sum(2 * layer.kernel.size + (0 if layer.bias is None else layer.width) for layer in self.layers)
+
+    @property
     def widths(self):
         """Units per Dense layer."""
         return [layer.width for layer in self.layers]

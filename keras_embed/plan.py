@@ -13,6 +13,8 @@ Example:
 
 import dataclasses
 
+import numpy as np
+
 
 @dataclasses.dataclass(frozen=True)
 class Merge:
@@ -38,6 +40,7 @@ class LayerEdit:
         width: its width when the edit was planned (checked before applying).
         zero_out: units whose outgoing weights are zero: dropped.
         dead: units whose activation is zero on the data: dropped.
+        negligible: units of negligible amplitude (condense mode, approximate): dropped.
         constant: units with a constant activation (zero incoming weights, or constant on
             the data): `constant_values` times their outgoing weights join the next bias.
         constant_values: the activation of each constant unit.
@@ -48,6 +51,7 @@ class LayerEdit:
     width: int
     zero_out: tuple = ()
     dead: tuple = ()
+    negligible: tuple = ()
     constant: tuple = ()
     constant_values: tuple = ()
     merges: tuple = ()
@@ -56,7 +60,7 @@ class LayerEdit:
     def removed_units(self):
         """Every unit the edit removes."""
         merged = [unit for merge in self.merges for unit in merge.units]
-        return tuple(sorted((*self.zero_out, *self.dead, *self.constant, *merged)))
+        return tuple(sorted((*self.zero_out, *self.dead, *self.negligible, *self.constant, *merged)))
 
     @property
     def kept_units(self):
@@ -70,12 +74,15 @@ class LayerEdit:
 
     def removed(self):
         """Units removed, counted by kind."""
-        return {
+        counts = {
             "zero_out": len(self.zero_out),
             "dead": len(self.dead),
             "constant": len(self.constant),
             "duplicate": sum(len(merge.units) for merge in self.merges),
         }
+        if self.negligible:
+            counts["negligible"] = len(self.negligible)
+        return counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +103,21 @@ class Collapse:
 
 
 @dataclasses.dataclass(frozen=True)
+class Refit:
+    """Keeps `kept` units of hidden `layer` and gives the next layer new weights, fitted
+    on data to reproduce its former pre-activations (an approximation, not exact)."""
+
+    layer: str
+    width: int
+    kept: tuple
+    next_kernel: list
+    next_bias: list
+
+    def removed(self):
+        return {"refit": self.width - len(self.kept)}
+
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
     """Rounds of edits; each round holds at most one `LayerEdit` per hidden layer and is
     planned on the graph the previous rounds produced."""
@@ -112,7 +134,7 @@ class Plan:
         for edit in self.edits():
             if layer in (None, edit.layer):
                 for kind, count in edit.removed().items():
-                    totals[kind] += count
+                    totals[kind] = totals.get(kind, 0) + count
         return totals
 
     def duplicate_groups(self, layer):
@@ -125,9 +147,13 @@ class Plan:
 
     def to_dict(self):
         """A JSON-ready description; each edit names its kind."""
-        return {
-            "rounds": [
-                [{"kind": type(edit).__name__, **dataclasses.asdict(edit)} for edit in round_]
-                for round_ in self.rounds
-            ]
-        }
+        return {"rounds": [[_describe(edit) for edit in round_] for round_ in self.rounds]}
+
+
+def _describe(edit):
+    """An edit as JSON-ready data; refitted weights are summarized by their shape."""
+    fields = dataclasses.asdict(edit)
+    if isinstance(edit, Refit):
+        fields["next_kernel"] = list(np.shape(edit.next_kernel))
+        fields["next_bias"] = list(np.shape(edit.next_bias))
+    return {"kind": type(edit).__name__, **fields}

@@ -95,14 +95,16 @@ class Stats:
     samples: int = 0
 
 
-def _probe(graph):
-    """A Keras model that outputs [z, a] of every hidden layer of `graph`."""
+def probe_model(graph, count=None):
+    """A Keras model that outputs [z_0, a_0, z_1, a_1, ...] (pre-activations and
+    activations) of the first `count` Dense layers of `graph` (default: the hidden ones)."""
+    count = len(graph.layers) - 1 if count is None else count
     inputs = keras.Input(shape=graph.input.shape, dtype=graph.input.dtype)
     hidden = inputs
     for config in graph.leading:
         hidden = keras.layers.deserialize(config)(hidden)
     outputs = []
-    for layer in graph.layers[:-1]:
+    for layer in graph.layers[:count]:
         dense = keras.layers.Dense(layer.width, use_bias=layer.bias is not None)
         z = dense(hidden)
         dense.set_weights([layer.kernel] + ([] if layer.bias is None else [layer.bias]))
@@ -131,7 +133,7 @@ def collect(graph, data, batch_size=256, gram=True, on_batch=None):
         layer.name: LayerStats(layer.width, np.zeros((layer.width + 1,) * 2) if gram else None)
         for layer in hidden
     })
-    probe = _probe(graph) if hidden else None
+    probe = probe_model(graph) if hidden else None
     for batch in batches(data, batch_size):
         batch = check_inputs(batch, graph.input)
         if probe is not None:

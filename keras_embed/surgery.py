@@ -15,7 +15,6 @@ import dataclasses
 
 import numpy as np
 
-from keras_embed.plan import Collapse
 
 
 def _check(edit, layer):
@@ -84,9 +83,22 @@ def _collapse(graph, edit):
     return dataclasses.replace(graph, layers=graph.layers[:index] + (merged,) + graph.layers[index + 2:])
 
 
+def _refit(graph, edit):
+    index = graph.hidden_index(edit.layer)
+    layer, next_layer = graph.layers[index], graph.layers[index + 1]
+    kept = list(edit.kept)
+    if edit.width != layer.width or np.shape(edit.next_kernel) != (len(kept), next_layer.width):
+        raise ValueError(f"refit was planned for layer '{edit.layer}' of width {edit.width}, found width {layer.width}")
+    new_layer = layer.with_weights(layer.kernel[:, kept], None if layer.bias is None else layer.bias[kept])
+    return graph.replace_layers({index: new_layer, index + 1: next_layer.with_weights(edit.next_kernel, edit.next_bias)})
+
+
+_APPLY = {"LayerEdit": _remove_units, "Collapse": _collapse, "Refit": _refit}
+
+
 def apply_edit(graph, edit):
-    """Applies one `LayerEdit` or `Collapse`; returns a new `Graph`."""
-    return (_collapse if isinstance(edit, Collapse) else _remove_units)(graph, edit)
+    """Applies one `LayerEdit`, `Collapse` or `Refit`; returns a new `Graph`."""
+    return _APPLY[type(edit).__name__](graph, edit)
 
 
 def apply_plan(graph, plan):

@@ -263,7 +263,9 @@ def test_pruned_model_loads_with_plain_keras_and_matches_the_narrow_model(pruned
 def test_prune_json_flag_prints_the_report_on_stdout(tmp_path, pruned_digits):
     result = invoke("prune", WIDENED, "-o", tmp_path / "out.keras", "--data", HELDOUT, "--json")
     assert_ok(result)
-    assert json.loads(result.stdout) == json.loads(pruned_digits[2].read_text())
+    printed, written = json.loads(result.stdout), json.loads(pruned_digits[2].read_text())
+    assert printed.pop("seconds") > 0 and written.pop("seconds") > 0  # timings differ between runs
+    assert printed == written
     assert "width_after" in result.stderr  # the table moved to stderr
 
 

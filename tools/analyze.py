@@ -41,7 +41,7 @@ def analyze(model, json_path, rtol, lin_tol, data, dataset, batch_size, unsafe):
         check_side_output(json_path, model)
     original = load_model(model, unsafe)
     graph = read_model(original)
-    x = calibration_data(data, dataset, original)
+    x, _ = calibration_data(data, dataset, original)
     stats = None
     if x is not None:
         with progress(len(x), "statistics") as bar:

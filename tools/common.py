@@ -26,9 +26,11 @@ def quiet_tensorflow():
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 2)
             import keras  # noqa: F401
+            import tensorflow as tf
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+    tf.get_logger().setLevel("ERROR")  # retracing notices from the per-layer statistics passes
 
 
 def fail(message, code):
@@ -105,14 +107,16 @@ output_options = _options(
 
 
 def calibration_data(data, dataset, model):
-    """Checked calibration inputs from --data or --dataset, or None when neither is given."""
+    """Checked calibration (inputs, labels or None) from --data or --dataset, or (None, None)."""
     if data is not None and dataset is not None:
         raise click.UsageError("give --data or --dataset, not both")
     if data is None and dataset is None:
-        return None
-    from keras_embed.data import bundled_dataset, check_inputs, load_array
+        return None, None
+    from keras_embed.data import bundled_dataset, check_inputs, check_labels, load_data
 
-    return check_inputs(load_array(data) if data is not None else bundled_dataset(dataset)[0], model)
+    x, y = load_data(data) if data is not None else bundled_dataset(dataset)
+    x = check_inputs(x, model)
+    return x, check_labels(y, x)
 
 
 class _NoProgress:

@@ -57,7 +57,7 @@ def embed(model, output, format_, atol, unsafe, data, dataset, batch_size, widen
         raise click.UsageError("--deepen needs calibration data: give --data or --dataset")
     format_ = check_output(output, model, format_)
     original = load_model(model, unsafe)
-    x = calibration_data(data, dataset, original)
+    x, _ = calibration_data(data, dataset, original)
     graph = before = read_model(original)
     try:
         for layer, unit, *alpha in widen_steps:

@@ -1,4 +1,4 @@
-"""`keras-embed prune`: remove exactly redundant units, verify, export."""
+"""`keras-embed prune`: remove redundant units and layers, verify, export."""
 
 import json
 
@@ -12,7 +12,16 @@ from keras_embed.tools.common import calibration_data, data_options, handles_err
 @output_options
 @data_options
 @click.option("--validation", type=click.Path(dir_okay=False, path_type=str),
-              help="Held-out inputs (.npy or .npz) the outputs must match on as well.")
+              help="Held-out data (.npy, or .npz with x and optional y) the result is checked on as well.")
+@click.option("--mode", type=click.Choice(["exact", "condense", "data"]), default="exact", show_default=True,
+              help="exact: outputs kept (within --atol); condense: merge units whose incoming weights have cosine >= --cos; "
+                   "data: keep the units that best reproduce each next layer on the data and refit it (needs one stopping rule).")
+@click.option("--max-accuracy-drop", type=float, metavar="PP", help="Data mode: largest accuracy drop, in percentage points (needs labels y).")
+@click.option("--max-output-error", type=float, metavar="E", help="Data mode: largest relative output error ||dY||/||Y||.")
+@click.option("--keep-ratio", type=float, metavar="R", help="Data mode: keep this fraction (0, 1] of every hidden layer's units.")
+@click.option("--target-params", type=int, metavar="N", help="Data mode: at most N parameters.")
+@click.option("--cos", type=click.FloatRange(-1, 1), default=0.99, show_default=True, help="Condense mode: cosine similarity that groups units.")
+@click.option("--finetune", type=click.IntRange(min=1), metavar="EPOCHS", help="Train the result this many epochs on the calibration data (needs labels y); reported separately.")
 @click.option("--lin-tol", type=click.FloatRange(min=0), default=1e-4, show_default=True,
               help="Affine-fit residual sqrt(1-R^2) below which a smooth unit counts as linear on the data.")
 @click.option("--allow-growth", is_flag=True, help="Collapse linearized layers even when the merged layer has more weights.")
@@ -21,39 +30,55 @@ from keras_embed.tools.common import calibration_data, data_options, handles_err
 @click.option("--rtol", type=click.FloatRange(min=0), default=1e-6, show_default=True, help="Relative tolerance for zero and equal weights.")
 @click.option("--force", is_flag=True, help="Write the model even if verification fails.")
 @handles_errors
-def prune(model, output, format_, atol, unsafe, data, dataset, batch_size, validation, lin_tol, allow_growth,
-          report, as_json, rtol, force):
+def prune(model, output, format_, atol, unsafe, data, dataset, batch_size, validation, mode, max_accuracy_drop,
+          max_output_error, keep_ratio, target_params, cos, finetune, lin_tol, allow_growth, report, as_json, rtol, force):
     """Remove redundant units and layers from MODEL and write the smaller model to OUTPUT.
 
-    From the weights: zero-out units are dropped, constant units folded into the next
-    bias, duplicate units merged, and layers with a linear activation composed into the
-    next. With --data or --dataset, also from the data: units dead or constant on it are
-    removed and layers that compute linearly on it are collapsed; the result then
-    matches MODEL on that data (and on --validation), not necessarily elsewhere.
+    Exact mode, from the weights: zero-out units are dropped, constant units folded into
+    the next bias, duplicate units merged, and layers with a linear activation composed
+    into the next. With --data or --dataset, also from the data: units dead or constant
+    on it are removed and layers that compute linearly on it are collapsed; the result
+    then matches MODEL on that data (and on --validation), not necessarily elsewhere.
+    Outputs are compared on the calibration data (default 1024 seeded standard-normal
+    inputs) and --validation; above --atol nothing is written and the exit code is 3.
 
-    The outputs of both models are compared on the calibration data (default 1024 seeded
-    standard-normal inputs); above --atol nothing is written and the exit code is 3.
+    The condense and data modes approximate: the stopping rule must hold on --validation
+    (else on the calibration data), or nothing is written and the exit code is 3.
 
     \b
     Exit codes: 0 ok, 2 bad usage or input, 3 verification failed, 4 unsupported model.
     """
     from keras_embed.compress import prune as prune_model
+    from keras_embed.data import check_inputs, check_labels, load_data
     from keras_embed.io import check_output, check_side_output, load_model, save_model, write_text
+    from keras_embed.rules import rule_from_options
 
-    from keras_embed.data import check_inputs, load_array
-
+    rules = dict(max_accuracy_drop=max_accuracy_drop, max_output_error=max_output_error,
+                 keep_ratio=keep_ratio, target_params=target_params)
+    if mode != "data" and any(value is not None for value in rules.values()):
+        raise click.UsageError("stopping rules (--max-accuracy-drop, ...) apply to --mode data only")
+    rule = rule_from_options(**rules) if mode == "data" else None
     format_ = check_output(output, model, format_)
     if report:
         check_side_output(report, model, output)
     original = load_model(model, unsafe)
-    x = calibration_data(data, dataset, original)
-    held_out = None if validation is None else check_inputs(load_array(validation), original)
+    x, y = calibration_data(data, dataset, original)
+    held_out = held_out_y = None
+    if validation is not None:
+        held_out, held_out_y = load_data(validation)
+        held_out = check_inputs(held_out, original)
+        held_out_y = check_labels(held_out_y, held_out)
+    if finetune and y is None:
+        raise click.UsageError("--finetune needs labels: y in the --data .npz, or --dataset")
     with progress(0 if x is None else len(x), "statistics") as bar:
         pruned, result = prune_model(
-            original, rtol, x, atol, force, validation=held_out, lin_tol=lin_tol,
-            allow_growth=allow_growth, batch_size=batch_size, on_batch=bar.update,
+            original, rtol, x, atol, force, mode=mode, rule=rule, labels=y, validation=held_out,
+            validation_labels=held_out_y, cos=cos, lin_tol=lin_tol, allow_growth=allow_growth,
+            batch_size=batch_size, on_batch=bar.update,
         )
     figures = result.to_dict()
+    if finetune:
+        pruned, figures["finetune"] = _finetune(original, pruned, x, y, finetune, held_out, held_out_y, batch_size)
     text = json.dumps(figures, indent=2)
     save_model(pruned, output, format_)
     if report:
@@ -63,19 +88,46 @@ def prune(model, output, format_, atol, unsafe, data, dataset, batch_size, valid
         click.echo(text)
 
 
+def _finetune(original, pruned, x, y, epochs, held_out, held_out_y, batch_size):
+    """Fine-tunes `pruned` on (x, y); returns it and its figures on the held-out data."""
+    from keras_embed.finetune import finetune
+    from keras_embed.rules import measure
+    from keras_embed.verify import predict
+
+    tuned = finetune(pruned, x, y, epochs)
+    check_x, check_y = (x, y) if held_out is None else (held_out, held_out_y)
+    figures = measure(predict(original, check_x, batch_size), predict(tuned, check_x, batch_size), check_y)
+    return tuned, {"epochs": epochs, **figures}
+
+
+def _percent(value):
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
 def summary(figures):
-    """Before/after table and the figures that prove the outputs held."""
+    """Before/after table and the figures that prove the result."""
     removed = ", ".join(f"{count} {kind.replace('_', '-')}" for kind, count in figures["removed"].items())
     lines = [
         table(figures["layers"], ("name", "width_before", "width_after", "linearized")),
-        f"params: {figures['params_before']} -> {figures['params_after']}   "
+        f"mode: {figures['mode']}   params: {figures['params_before']} -> {figures['params_after']}   "
+        f"flops: {figures['flops_before']} -> {figures['flops_after']}   "
         f"depth: {figures['depth_before']} -> {figures['depth_after']}   removed units: {removed}",
     ]
     if figures["collapsed_layers"]:
         lines.append(f"collapsed linearized layers: {', '.join(figures['collapsed_layers'])}")
     if figures["not_collapsed_would_grow"]:
         lines.append(f"linearized but kept (merging would grow; --allow-growth): {', '.join(figures['not_collapsed_would_grow'])}")
-    lines.append(f"max abs output difference: {figures['max_abs_diff']:.3g} (atol {figures['atol']:.3g}, on {figures['calibration']})")
-    if figures["max_abs_diff_validation"] is not None:
-        lines.append(f"max abs output difference on validation data: {figures['max_abs_diff_validation']:.3g}")
+    if "max_abs_diff" in figures:
+        lines.append(f"max abs output difference: {figures['max_abs_diff']:.3g} (atol {figures['atol']:.3g}, on {figures['calibration']})")
+        if figures["max_abs_diff_validation"] is not None:
+            lines.append(f"max abs output difference on validation data: {figures['max_abs_diff_validation']:.3g}")
+    if "agreement" in figures:
+        lines.append(f"on {figures['checked_on']}: agreement {_percent(figures['agreement'])}, "
+                     f"relative output error {figures['output_error']:.3g}, accuracy "
+                     f"{_percent(figures.get('accuracy_before'))} -> {_percent(figures.get('accuracy_after'))}")
+    if "finetune" in figures:
+        tuned = figures["finetune"]
+        lines.append(f"after {tuned['epochs']} epochs of fine-tuning: agreement {_percent(tuned['agreement'])}, "
+                     f"accuracy {_percent(tuned.get('accuracy_after'))}")
+    lines.append(f"seconds: {figures['seconds']}")
     return "\n".join(lines)
