@@ -122,9 +122,10 @@ def summary(figures):
         if figures["max_abs_diff_validation"] is not None:
             lines.append(f"max abs output difference on validation data: {figures['max_abs_diff_validation']:.3g}")
     if "agreement" in figures:
+        accuracy = (f", accuracy {_percent(figures['accuracy_before'])} -> {_percent(figures['accuracy_after'])}"
+                    if "accuracy_before" in figures else "")
         lines.append(f"on {figures['checked_on']}: agreement {_percent(figures['agreement'])}, "
-                     f"relative output error {figures['output_error']:.3g}, accuracy "
-                     f"{_percent(figures.get('accuracy_before'))} -> {_percent(figures.get('accuracy_after'))}")
+                     f"relative output error {figures['output_error']:.3g}{accuracy}")
     if "finetune" in figures:
         tuned = figures["finetune"]
         lines.append(f"after {tuned['epochs']} epochs of fine-tuning: agreement {_percent(tuned['agreement'])}, "
