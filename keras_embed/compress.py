@@ -17,6 +17,7 @@ from keras_embed.build import build_model
 from keras_embed.compensate import search
 from keras_embed.condense import plan_condense
 from keras_embed.errors import InputError, RuleError
+from keras_embed.data import require_reusable
 from keras_embed.data_rules import find_data_redundancy, layer_regimes, plan_collapses
 from keras_embed.linearity import DEFAULT_LIN_TOL
 from keras_embed.plan import LayerEdit, Plan
@@ -250,6 +251,8 @@ def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, mode="exact", 
         UnsupportedLayerError: the model holds an unsupported layer.
     """
     start = time.perf_counter()
+    require_reusable(data)
+    require_reusable(validation)
     graph = read_model(model)
     if mode == "exact":
         stats = None if data is None else collect(graph, data, batch_size, gram=False, on_batch=on_batch)

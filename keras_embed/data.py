@@ -123,6 +123,8 @@ def batches(data, batch_size=256):
     """
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1. Received: batch_size={batch_size}")
+    if isinstance(data, (dict, str, bytes)):
+        raise InputError(f"data of type {type(data).__name__}; pass an array, a tf.data.Dataset or an iterable of batches")
     if isinstance(data, np.ndarray):
         for start in range(0, len(data), batch_size):
             yield data[start:start + batch_size]
@@ -131,6 +133,15 @@ def batches(data, batch_size=256):
         data = data.as_numpy_iterator()
     for element in data:
         yield np.asarray(_first(element))
+
+
+def require_reusable(data):
+    """Raises unless `data` can be read more than once (a generator cannot)."""
+    if data is not None and not isinstance(data, np.ndarray) and iter(data) is data:
+        raise InputError(
+            "calibration data is a one-shot iterator but is read twice (statistics, then verification); "
+            "pass an array, a list of batches or a tf.data.Dataset"
+        )
 
 
 def sample_count(data):

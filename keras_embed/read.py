@@ -70,7 +70,7 @@ def _read_dense(layer, chain):
 
 
 def _read_activation(layer, chain):
-    if chain.pending is not None:
+    if chain.pending is not None and _activation_name(layer, layer.activation) != "linear":
         raise UnsupportedLayerError(
             f"layer '{chain.pending_name}' (BatchNormalization) sits between two activations (before "
             f"'{layer.name}'); it can be folded only into a Dense layer next to it"

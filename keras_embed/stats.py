@@ -105,12 +105,13 @@ def probe_model(graph, count=None):
         hidden = keras.layers.deserialize(config)(hidden)
     outputs = []
     for layer in graph.layers[:count]:
-        dense = keras.layers.Dense(layer.width, use_bias=layer.bias is not None)
+        dtype = layer.config.get("dtype")  # a float64 model stays float64
+        dense = keras.layers.Dense(layer.width, use_bias=layer.bias is not None, dtype=dtype)
         z = dense(hidden)
         dense.set_weights([layer.kernel] + ([] if layer.bias is None else [layer.bias]))
         hidden = z
         for name in layer.activations:
-            hidden = keras.layers.Activation(name)(hidden)
+            hidden = keras.layers.Activation(name, dtype=dtype)(hidden)
         outputs += [z, hidden]
     return keras.Model(inputs, outputs)
 

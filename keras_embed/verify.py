@@ -12,7 +12,7 @@ import keras
 import numpy as np
 
 from keras_embed.data import batches, check_inputs
-from keras_embed.errors import VerificationError
+from keras_embed.errors import InputError, VerificationError
 
 DEFAULT_SAMPLES = 1024
 RELATIVE_ATOL = 1e-4
@@ -40,6 +40,7 @@ def output_difference(reference, candidate, data, batch_size=256):
         difference is inf when the output shapes differ or an output is not finite.
     """
     diff = scale = 0.0
+    samples = 0
     for batch in batches(data, batch_size):
         batch = check_inputs(batch, reference)
         expected = keras.ops.convert_to_numpy(reference(batch, training=False)).astype(np.float64)
@@ -49,6 +50,9 @@ def output_difference(reference, candidate, data, batch_size=256):
         gap = np.abs(expected - actual)
         diff = max(diff, float(gap.max(initial=0.0)) if np.all(np.isfinite(gap)) else np.inf)
         scale = max(scale, float(np.abs(expected).max(initial=0.0)))
+        samples += len(batch)
+    if samples == 0:
+        raise InputError("no samples to verify the outputs on; pass at least one input row")
     return diff, scale
 
 
