@@ -1,5 +1,7 @@
 """Small random Keras models for the tests."""
 
+import os
+
 import keras
 import numpy as np
 
@@ -32,3 +34,8 @@ def make_mlp(widths, activation="relu", use_bias=True, functional=False, inputs=
 def inputs_for(model, samples=256, seed=1):
     """Seeded standard-normal inputs for `model`."""
     return np.random.default_rng(seed).standard_normal((samples, *model.inputs[0].shape[1:])).astype("float32")
+
+
+def examples(default):
+    """Hypothesis examples per property: `default` in `make test`, KERAS_EMBED_FUZZ_EXAMPLES in `make fuzz`."""
+    return int(os.environ.get("KERAS_EMBED_FUZZ_EXAMPLES", default))

@@ -15,7 +15,7 @@ import tensorflow as tf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from builders import inputs_for, make_mlp
+from builders import examples, inputs_for, make_mlp
 from keras_embed import build_model, prune, read_model
 from keras_embed.errors import InputError, VerificationError
 from keras_embed.graph import DenseLayer
@@ -43,7 +43,7 @@ def set_weights(model, weights):
 # ---------------------------------------------------------------- property: prune undoes critical lifting
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_property_prune_collapses_every_critical_lift_and_gives_back_the_narrow_network(data):
     keras.backend.clear_session()

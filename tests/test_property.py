@@ -3,18 +3,15 @@
 `make test` runs 100 examples; `make fuzz` sets KERAS_EMBED_FUZZ_EXAMPLES=2000.
 """
 
-import os
-
 import keras
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from builders import inputs_for, make_mlp
+from builders import examples, inputs_for, make_mlp
 from keras_embed import build_model, prune, read_model
 from keras_embed.operators import add_constant, add_null, permute, rescale, widen
 
-EXAMPLES = int(os.environ.get("KERAS_EMBED_FUZZ_EXAMPLES", "100"))
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "linear", "gelu", "leaky_relu", "elu")
 HOMOGENEOUS = ("relu", "linear", "leaky_relu")
 
@@ -42,7 +39,7 @@ def _embed_randomly(data, graph, activations, use_bias, rng):
     return graph
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_property_prune_undoes_random_embeddings(data):
     keras.backend.clear_session()

@@ -15,7 +15,7 @@ import tensorflow as tf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from builders import make_mlp
+from builders import examples, make_mlp
 from keras_embed import read_model
 from keras_embed.errors import InputError
 from keras_embed.linearity import unit_regimes
@@ -124,7 +124,7 @@ def random_chain(data, inputs, dtype="float32"):
     return model, tuple(leading), chains
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_property_collect_matches_a_one_shot_float64_computation_for_any_batch_size(data):
     keras.backend.clear_session()
