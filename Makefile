@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 DEMO := build/demo
 
-.PHONY: demo test fuzz install clean
+.PHONY: demo test bench fuzz install clean
 
 install: $(INSTALLED)
 
@@ -30,6 +30,9 @@ demo: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+bench: $(INSTALLED)
+	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/bench_stats.py
 
 fuzz: $(INSTALLED)
 	KERAS_EMBED_FUZZ_EXAMPLES=2000 $(BIN)/python -m pytest -q -p no:cacheprovider tests -k property

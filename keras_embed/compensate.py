@@ -19,7 +19,7 @@ import numpy as np
 
 from keras_embed.data import batches, check_inputs
 from keras_embed.plan import Refit
-from keras_embed.stats import probe_model
+from keras_embed.stats import one_blas_thread, probe_model
 from keras_embed.surgery import apply_edit
 
 RIDGE = 1e-8
@@ -42,15 +42,16 @@ def regression_stats(graph, index, reference, data, batch_size=256):
     width, next_width = graph.layers[index].width, reference.layers[index + 1].width
     gram, cross = np.zeros((width + 1, width + 1)), np.zeros((width + 1, next_width))
     energy, samples = 0.0, 0
-    for batch in batches(data, batch_size):
-        batch = check_inputs(batch, graph.input)
-        a = np.asarray(current.predict_on_batch(batch)[-1], dtype=np.float64).reshape(-1, width)
-        z = np.asarray(target.predict_on_batch(batch)[-2], dtype=np.float64).reshape(-1, next_width)
-        augmented = np.column_stack([a, np.ones(len(a))])
-        gram += augmented.T @ augmented
-        cross += augmented.T @ z
-        energy += float((z**2).sum())
-        samples += len(a)
+    with one_blas_thread():
+        for batch in batches(data, batch_size):
+            batch = check_inputs(batch, graph.input)
+            a = np.asarray(current.predict_on_batch(batch)[-1], dtype=np.float64).reshape(-1, width)
+            z = np.asarray(target.predict_on_batch(batch)[-2], dtype=np.float64).reshape(-1, next_width)
+            augmented = np.column_stack([a, np.ones(len(a))])
+            gram += augmented.T @ augmented
+            cross += augmented.T @ z
+            energy += float((z**2).sum())
+            samples += len(a)
     return RegressionStats(gram, cross, energy, samples)
 
 

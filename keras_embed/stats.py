@@ -16,6 +16,7 @@ import dataclasses
 
 import keras
 import numpy as np
+import threadpoolctl
 
 from keras_embed.data import batches, check_inputs
 from keras_embed.errors import InputError
@@ -59,9 +60,12 @@ class LayerStats:
         self.z_mean += z_delta * n / total
         self.a_mean += a_delta * n / total
         self.count = total
-        if self.gram is not None:
-            augmented = np.column_stack([a, np.ones(n)])
-            self.gram += augmented.T @ augmented
+        if self.gram is not None:  # [a, 1]^T [a, 1] without building [a, 1]
+            self.gram[:-1, :-1] += a.T @ a
+            sums = a.sum(axis=0)
+            self.gram[:-1, -1] += sums
+            self.gram[-1, :-1] += sums
+            self.gram[-1, -1] += n
 
     @property
     def a_std(self):
@@ -135,6 +139,21 @@ def collect(graph, data, batch_size=256, gram=True, on_batch=None):
         for layer in hidden
     })
     probe = probe_model(graph) if hidden else None
+    with one_blas_thread():
+        _accumulate(stats, probe, hidden, graph, data, batch_size, on_batch)
+    if stats.samples == 0:
+        raise InputError("data holds no samples; pass at least one input row")
+    return stats
+
+
+def one_blas_thread():
+    """Limits NumPy's BLAS to one thread: the per-batch products are small, and with more
+    threads each one waits for every core, which stalls when another process holds one
+    (measured in benchmarks/RESULTS.md)."""
+    return threadpoolctl.threadpool_limits(1, user_api="blas")
+
+
+def _accumulate(stats, probe, hidden, graph, data, batch_size, on_batch):
     for batch in batches(data, batch_size):
         batch = check_inputs(batch, graph.input)
         if probe is not None:
@@ -145,6 +164,3 @@ def collect(graph, data, batch_size=256, gram=True, on_batch=None):
         stats.samples += len(batch)
         if on_batch is not None:
             on_batch(len(batch))
-    if stats.samples == 0:
-        raise InputError("data holds no samples; pass at least one input row")
-    return stats
