@@ -11,23 +11,32 @@ def make_mlp(widths, activation="relu", use_bias=True, functional=False, inputs=
 
     Hidden layers use `activation` (a name, or one per hidden layer); the output is linear.
     """
-    rng = np.random.default_rng(seed)
     hidden = list(widths[:-1])
     activations = [activation] * len(hidden) if isinstance(activation, str) else list(activation)
     layers = [
         keras.layers.Dense(width, activation=act, use_bias=use_bias, name=f"hidden_{index}")
         for index, (width, act) in enumerate(zip(hidden, activations))
     ] + [keras.layers.Dense(widths[-1], use_bias=use_bias, name="output")]
-    x = keras.Input((inputs,), name="features")
-    if functional:
-        y = x
-        for layer in layers:
-            y = layer(y)
-        model = keras.Model(x, y, name="functional_mlp")
-    else:
-        model = keras.Sequential([x, *layers], name="sequential_mlp")
+    return randomize(chain(layers, inputs, functional, "mlp"), seed=seed)
+
+
+def chain(layers, inputs, functional, name, input_name="features"):
+    """A Sequential or functional model of `layers` on `inputs` features."""
+    x = keras.Input((inputs,), name=input_name)
+    if not functional:
+        return keras.Sequential([x, *layers], name=f"sequential_{name}")
+    y = x
     for layer in layers:
-        layer.set_weights([rng.normal(0.0, 1.0, weight.shape).astype("float32") for weight in layer.get_weights()])
+        y = layer(y)
+    return keras.Model(x, y, name=f"functional_{name}")
+
+
+def randomize(model, scale=1.0, seed=0, only=None):
+    """Sets every weight (of layers of class `only`, if given) to seeded N(0, scale^2) values."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if only is None or isinstance(layer, only):
+            layer.set_weights([rng.normal(0.0, scale, weight.shape).astype("float32") for weight in layer.get_weights()])
     return model
 
 

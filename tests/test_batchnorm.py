@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import pytest
 
+from builders import chain, randomize
 from keras_embed import build_model, prune, read_model
 from keras_embed.errors import UnsupportedLayerError
 
@@ -26,19 +27,10 @@ def bn(**kwargs):
 
 
 def build(layers, functional):
-    x = keras.Input((INPUTS,), name="features")
-    if functional:
-        y = x
-        for layer in layers:
-            y = layer(y)
-        model = keras.Model(x, y, name="functional_bn")
-    else:
-        model = keras.Sequential([x, *layers], name="sequential_bn")
+    model = randomize(chain(layers, INPUTS, functional, "bn"), scale=0.7, only=keras.layers.Dense)
     rng = np.random.default_rng(0)
     for layer in model.layers:
-        if isinstance(layer, keras.layers.Dense):
-            layer.set_weights([rng.normal(0.0, 0.7, weight.shape).astype("float32") for weight in layer.get_weights()])
-        elif isinstance(layer, keras.layers.BatchNormalization):
+        if isinstance(layer, keras.layers.BatchNormalization):
             layer.set_weights([bn_statistic(weight.path.rsplit("/", 1)[-1], weight.shape, rng) for weight in layer.weights])
     return model
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import keras_embed
-from builders import inputs_for
+from builders import chain, inputs_for, randomize
 from keras_embed import build_model, read_model
 from keras_embed.errors import InputError, UnsupportedLayerError
 from keras_embed.operators import add_null, widen
@@ -40,19 +40,7 @@ def rich_layers():
 
 
 def rich_model(functional):
-    layers = rich_layers()
-    inputs = keras.Input((4,), name="pixels")
-    if functional:
-        outputs = inputs
-        for layer in layers:
-            outputs = layer(outputs)
-        model = keras.Model(inputs, outputs, name="rich_functional")
-    else:
-        model = keras.Sequential([inputs, *layers], name="rich_sequential")
-    rng = np.random.default_rng(8)
-    for layer in model.layers:
-        layer.set_weights([rng.normal(size=weight.shape).astype("float32") for weight in layer.get_weights()])
-    return model
+    return randomize(chain(rich_layers(), 4, functional, "rich", input_name="pixels"), seed=8)
 
 
 @pytest.fixture(scope="module", params=["sequential", "functional"])
