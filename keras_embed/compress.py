@@ -202,7 +202,7 @@ def _approximate_plan(graph, mode, x, rule, reference_outputs, labels, cos, batc
 
 
 def _check_rule(rule, reference, pruned, x, labels, batch_size, force):
-    """The rule's figures on `x`; raises `RuleError` when the rule fails, unless `force`."""
+    """`rules.measure` figures on `x`; raises `RuleError` when `rule` (if any) fails, unless `force`."""
     figures = measure(predict(reference, x, batch_size), predict(pruned, x, batch_size), labels)
     params = pruned.count_params()
     if rule is not None and not rule.holds(figures, params) and not force:
@@ -258,10 +258,7 @@ def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, mode="exact", 
         stats = None if data is None else collect(graph, data, batch_size, gram=False, on_batch=on_batch)
         analysis = plan_prune(graph, stats, rtol, lin_tol, allow_growth)
     elif mode in ("condense", "data"):
-        if mode == "data" and (data is None or rule is None):
-            raise InputError("--mode data needs calibration data (--data or --dataset) and a stopping rule")
-        if rule is not None and rule.needs_labels and (labels is None or (validation is not None and validation_labels is None)):
-            raise InputError("--max-accuracy-drop needs labels: y in the calibration and validation .npz files")
+        _check_approximate_inputs(mode, data, rule, labels, validation, validation_labels)
         reference_outputs = None if data is None else predict(model, data, batch_size)
         analysis = _approximate_plan(graph, mode, data, rule, reference_outputs, labels, cos, batch_size)
     else:
@@ -271,19 +268,30 @@ def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, mode="exact", 
     calibration = "user data"
     if data is None:
         data, calibration = calibration_inputs(model), "1024 seeded standard-normal inputs"
-    checks = {}
-    if mode == "exact":
-        diff, atol = assert_outputs_preserved(model, pruned, data, atol, raise_error=not force, batch_size=batch_size)
-        checks.update(max_abs_diff=diff, atol=atol, max_abs_diff_validation=None)
-        if validation is not None:
-            checks["max_abs_diff_validation"] = assert_outputs_preserved(model, pruned, validation, atol, not force, batch_size)[0]
-        checks["verified"] = all(value is None or value <= atol for value in (diff, checks["max_abs_diff_validation"]))
+    checks = _exact_checks(model, pruned, data, validation, atol, force, batch_size) if mode == "exact" else {}
     held_out, held_out_labels = (data, labels) if validation is None else (validation, validation_labels)
     if isinstance(held_out, np.ndarray):
-        checks.update(_check_rule(rule if mode != "exact" else None, model, pruned, held_out, held_out_labels, batch_size, force))
+        checks.update(_check_rule(rule, model, pruned, held_out, held_out_labels, batch_size, force))
         checks["checked_on"] = "calibration data" if validation is None else "validation data"
     if rule is not None:
         checks["rule"] = {"kind": rule.kind, "value": rule.value}
     report = PruneReport(mode, graph, pruned_graph, analysis, model.count_params(), pruned.count_params(),
                          calibration, checks, time.perf_counter() - start)
     return pruned, report
+
+
+def _check_approximate_inputs(mode, data, rule, labels, validation, validation_labels):
+    if mode == "data" and (data is None or rule is None):
+        raise InputError("--mode data needs calibration data (--data or --dataset) and a stopping rule")
+    if rule is not None and rule.needs_labels and (labels is None or (validation is not None and validation_labels is None)):
+        raise InputError("--max-accuracy-drop needs labels: y in the calibration and validation .npz files")
+
+
+def _exact_checks(model, pruned, data, validation, atol, force, batch_size):
+    """Max abs output differences on the calibration and validation data, within `atol`."""
+    diff, atol = assert_outputs_preserved(model, pruned, data, atol, raise_error=not force, batch_size=batch_size)
+    diff_validation = None
+    if validation is not None:
+        diff_validation = assert_outputs_preserved(model, pruned, validation, atol, not force, batch_size)[0]
+    verified = diff <= atol and (diff_validation is None or diff_validation <= atol)
+    return {"max_abs_diff": diff, "atol": atol, "max_abs_diff_validation": diff_validation, "verified": verified}
