@@ -101,7 +101,8 @@ output_options = _options(
     click.option("--format", "format_", type=click.Choice(["keras", "h5", "savedmodel", "tflite"]),
                  help="Output format, when the extension does not say."),
     click.option("--atol", type=click.FloatRange(min=0),
-                 help="Largest allowed max abs output difference [default: 1e-4 times the output scale]."),
+                 help="Largest allowed max abs output difference, for embed and exact prune "
+                      "[default: 1e-4 times the output scale]."),
     unsafe_option,
 )
 
