@@ -3,6 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+BENCH_INSTALLED := $(VENV)/.installed-bench
 DEMO := build/demo
 
 .PHONY: demo test bench fuzz install clean
@@ -27,12 +28,24 @@ demo: $(INSTALLED)
 	@echo "== compare with the narrow network it was grown from"
 	$(BIN)/python saved_models/compare.py saved_models/digits_narrow.keras $(DEMO)/digits_pruned.keras \
 		--data saved_models/digits_heldout.npz
+	@echo "== critical lifting: insert relu layers that are the identity on the digits data, then prune them away"
+	$(BIN)/keras-embed embed saved_models/digits_narrow.keras -o $(DEMO)/digits_lifted.keras \
+		--deepen hidden_relu --deepen hidden_tanh --dataset digits
+	$(BIN)/keras-embed prune $(DEMO)/digits_lifted.keras -o $(DEMO)/digits_unlifted.keras \
+		--dataset digits --validation saved_models/digits_heldout.npz
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
-bench: $(INSTALLED)
+# tensorflow-model-optimization and tf_keras (the `bench` extra) serve only benchmarks/tfmot_baseline.py,
+# which bench_compression.py runs in its own process.
+$(BENCH_INSTALLED): $(INSTALLED)
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	touch $@
+
+bench: $(BENCH_INSTALLED)
 	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/bench_stats.py
+	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/bench_compression.py
 
 fuzz: $(INSTALLED)
 	KERAS_EMBED_FUZZ_EXAMPLES=2000 $(BIN)/python -m pytest -q -p no:cacheprovider tests -k property

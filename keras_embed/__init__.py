@@ -5,7 +5,7 @@ Importing the package is cheap; TensorFlow loads on first use of a function.
 Example:
     >>> import keras_embed
     >>> pruned, report = keras_embed.prune(model)
-    >>> report.widths_after
+    >>> [layer["width_after"] for layer in report.to_dict()["layers"]]
     [16, 10]
 """
 

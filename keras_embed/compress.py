@@ -186,15 +186,22 @@ class PruneReport:
         }
 
 
-def _approximate_plan(graph, mode, x, rule, reference_outputs, labels, cos, batch_size):
-    """Exact rounds, then the condense merge or the data-driven refit."""
+def _approximate_plan(graph, mode, x, rule, judge, cos, batch_size):
+    """Exact rounds, then the condense merge or the data-driven refit.
+
+    `judge` = (inputs, their reference outputs, labels) on which the data mode's search
+    measures its rule: the validation data when given, else the calibration data.
+    """
     exact = plan_exact(graph)
     reduced = apply_plan(graph, exact)
     if mode == "condense":
         extra = plan_condense(reduced, cos)
     else:
+        inputs, reference_outputs, labels = judge
+
         def measure_graph(candidate):
-            return measure(reference_outputs, predict(build_model(candidate), x, batch_size), labels), candidate.params
+            outputs = predict(build_model(candidate), inputs, batch_size)
+            return measure(reference_outputs, outputs, labels), candidate.params
 
         extra = search(reduced, x, rule, measure_graph, batch_size)[1]
     rounds = exact.rounds + ((extra,) if extra else ())
@@ -223,9 +230,10 @@ def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, mode="exact", 
             `validation`.
         condense: exact rules, then the width paper's cosine merge (`cos`); approximate.
         data: exact rules, then greedy selection and least-squares refit on `data`
-            (an array), bounded by `rule`; approximate.
+            (an array), as far as `rule` allows, measured on `validation` when given
+            (else on `data`); approximate.
         For the approximate modes the `rule` (when given) must hold on `validation` (else
-        on `data`), or `RuleError` is raised.
+        on `data`), or `RuleError` is raised. Keep a test set apart from both.
 
     Args:
         model: a Keras model (a chain of Dense, Activation, Dropout, BatchNormalization).
@@ -259,8 +267,9 @@ def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, mode="exact", 
         analysis = plan_prune(graph, stats, rtol, lin_tol, allow_growth)
     elif mode in ("condense", "data"):
         _check_approximate_inputs(mode, data, rule, labels, validation, validation_labels)
-        reference_outputs = None if data is None else predict(model, data, batch_size)
-        analysis = _approximate_plan(graph, mode, data, rule, reference_outputs, labels, cos, batch_size)
+        judge = (data, labels) if validation is None else (validation, validation_labels)
+        judge = (judge[0], None if judge[0] is None else predict(model, judge[0], batch_size), judge[1])
+        analysis = _approximate_plan(graph, mode, data, rule, judge, cos, batch_size)
     else:
         raise InputError(f"unknown mode '{mode}'; choose exact, condense or data")
     pruned_graph = apply_plan(graph, analysis.plan)
