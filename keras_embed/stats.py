@@ -120,7 +120,16 @@ def probe_model(graph, count=None):
     return keras.Model(inputs, outputs)
 
 
-def collect(graph, data, batch_size=256, gram=True, on_batch=None):
+def refresh_probe(probe, graph):
+    """Loads the current weights of `graph` into a probe built by `probe_model` for the
+    same shapes (cheaper than building a new one, e.g. once per epoch)."""
+    dense = [layer for layer in probe.layers if isinstance(layer, keras.layers.Dense)]
+    for keras_layer, layer in zip(dense, graph.layers):
+        keras_layer.set_weights([layer.kernel] + ([] if layer.bias is None else [layer.bias]))
+    return probe
+
+
+def collect(graph, data, batch_size=256, gram=True, on_batch=None, probe=None):
     """Runs the one pass of statistics.
 
     Args:
@@ -129,6 +138,7 @@ def collect(graph, data, batch_size=256, gram=True, on_batch=None):
         batch_size: rows per batch when `data` is an array.
         gram: also accumulate each layer's Gram matrix ((width + 1)^2 float64 values).
         on_batch: called with the number of samples of each batch (for progress bars).
+        probe: a `probe_model(graph)` to reuse (see `refresh_probe`); default: a new one.
 
     Returns:
         `Stats` for the hidden layers of `graph`.
@@ -138,7 +148,8 @@ def collect(graph, data, batch_size=256, gram=True, on_batch=None):
         layer.name: LayerStats(layer.width, np.zeros((layer.width + 1,) * 2) if gram else None)
         for layer in hidden
     })
-    probe = probe_model(graph) if hidden else None
+    if probe is None and hidden:
+        probe = probe_model(graph)
     with one_blas_thread():
         _accumulate(stats, probe, hidden, graph, data, batch_size, on_batch)
     if stats.samples == 0:
