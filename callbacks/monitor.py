@@ -2,6 +2,7 @@
 or shallower network, logs the redundancy every few epochs, and can act on it."""
 
 import logging
+import os
 
 import keras
 import numpy as np
@@ -48,6 +49,8 @@ class EmbeddingMonitor(keras.callbacks.Callback):
     def __init__(self, x, every=1, patience=5, min_delta=1e-3, cos=0.999, action="warn", monitor="loss", seed=0,
                  max_samples=2048, escape_tolerance=1e-2):
         super().__init__()
+        if not isinstance(x, (str, os.PathLike, np.ndarray)) and not hasattr(x, "__iter__"):
+            raise ValueError(f"x must be an array, a .npy/.npz path or a dataset of probe inputs. Received: x={x!r}")
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer. Received: every={every}")
         if not isinstance(patience, int) or patience < 1:
@@ -70,10 +73,11 @@ class EmbeddingMonitor(keras.callbacks.Callback):
         self._history = []
         self._stalled = False
         self._rng = np.random.default_rng(self.seed)
+        self._layers = [layer.name for layer in read_model(self.model).layers[:-1]]
         self.summary = None
 
     def _probe_inputs(self):
-        data = load_array(self.x) if isinstance(self.x, str) else self.x
+        data = load_array(self.x) if isinstance(self.x, (str, os.PathLike)) else self.x
         rows = data if isinstance(data, np.ndarray) else np.concatenate(list(batches(data)))
         try:
             rows = check_inputs(rows, self.model)
@@ -87,20 +91,25 @@ class EmbeddingMonitor(keras.callbacks.Callback):
         logs = logs if logs is not None else {}
         if self.monitor in logs:
             self._history.append(float(logs[self.monitor]))
-        if (epoch + 1) % self.every:
-            return
-        graph = read_model(self.model)
-        if self._probe is None:
-            self._probe = probe_model(graph)
-        self.summary = layer_redundancy(graph, self._probe_x, self.cos, probe=self._probe)
-        for name, layer in self.summary.items():
-            logs[f"embed/{name}/effective_width"] = float(layer.effective_width)
-            logs[f"embed/{name}/linear_fraction"] = layer.linear_fraction
-        stalled = self._plateau() and any(layer.redundant for layer in self.summary.values())
-        logs["embed/stalled"] = float(stalled)
+        stalled = False
+        if (epoch + 1) % self.every == 0:
+            graph = read_model(self.model)
+            if self._probe is None:
+                self._probe = probe_model(graph)
+            self.summary = layer_redundancy(graph, self._probe_x, self.cos, probe=self._probe)
+            stalled = self._plateau() and any(layer.redundant for layer in self.summary.values())
+        self._log(logs, stalled)  # every epoch, so CSVLogger's columns and History's lists line up
         if stalled and not self._stalled:
             self._stalled = True
             self._act(epoch)
+
+    def _log(self, logs, stalled):
+        """The latest figures (NaN before the first analysis) and this epoch's stall flag."""
+        for name in self._layers:
+            layer = None if self.summary is None else self.summary[name]
+            logs[f"embed/{name}/effective_width"] = float("nan") if layer is None else float(layer.effective_width)
+            logs[f"embed/{name}/linear_fraction"] = float("nan") if layer is None else layer.linear_fraction
+        logs["embed/stalled"] = float(stalled)
 
     def _plateau(self):
         if len(self._history) <= self.patience:

@@ -1,0 +1,383 @@
+"""Tests of `keras_embed.callbacks.EmbeddingMonitor` on a critical point embedded from a narrower network.
+
+The narrow network is a 2-3-1 tanh regression of a seeded 2-8-1 tanh teacher on 256 points,
+trained to convergence by full-batch L-BFGS in float64 (scipy; largest gradient entry about
+1e-8, loss 3.3e-3) and loaded into Keras in float32. `widen` splits each of its 3 hidden units
+with alpha = 0.5, so the 2-6-1 wide network computes the same function and sits at the embedded
+critical point (a saddle: the wide Hessian has a negative eigenvalue of about -0.08 there).
+Every fit uses SGD(0.1, momentum=0.9) on full batches: one epoch is `STEPS` passes over the
+same 256 rows, so the loss is flat from the first epoch, and SGD keeps the exact duplicates
+exact (both copies get the same gradient), so only an action can break the symmetry.
+
+Measured on the setup of these tests (2 cores, TensorFlow 2.21, Keras 3.15): with patience 3
+the stall is flagged at epoch index 3 (the earliest possible) and the logged effective width is
+3 throughout with action="warn"; after 20 epochs the final loss is 3.3168e-3 with "warn" and
+1.78e-3 with "escape" (seed 0); seeds 1-5 give 1.29e-3 to 1.60e-3, so escape beat warn by at
+least 46% on every seed tried, and the assertion below asks for 10%.
+"""
+
+import csv
+import logging
+import re
+
+import keras
+import numpy as np
+import pytest
+import scipy.optimize
+import tensorflow as tf
+
+from keras_embed import build_model, read_model
+from keras_embed.callbacks import EmbeddingMonitor
+from keras_embed.operators import deepen, widen
+
+NARROW, INPUTS, SAMPLES = 3, 2, 256
+STEPS = 100  # full-batch steps per epoch
+EPOCHS = 20  # of the warn / escape / plain runs
+PATIENCE = 3
+LAYER = "hidden"
+
+
+# ----------------------------------------------------------------------------- setup
+
+def teacher_data():
+    """256 seeded points of [-2, 2]^2 and the outputs of a random 2-8-1 tanh teacher."""
+    x = np.random.default_rng(0).uniform(-2, 2, (SAMPLES, INPUTS)).astype("float32")
+    rng = np.random.default_rng(5)
+    kernel, bias, out = rng.normal(0, 1.5, (INPUTS, 8)), rng.normal(0, 1, 8), rng.normal(0, 1, (8, 1))
+    return x, (np.tanh(x @ kernel + bias) @ out).astype("float32")
+
+
+def unpack(params, width):
+    sizes = np.cumsum([INPUTS * width, width, width])
+    kernel, bias, out, out_bias = np.split(params, sizes)
+    return kernel.reshape(INPUTS, width), bias, out.reshape(width, 1), out_bias
+
+
+def mse_and_gradient(params, x, y, width):
+    """Keras' "mse" of a 1-hidden-layer tanh network and its gradient, in float64."""
+    kernel, bias, out, out_bias = unpack(params, width)
+    hidden = np.tanh(x @ kernel + bias)
+    residual = hidden @ out + out_bias - y
+    delta = 2 * residual / len(x)
+    back = (delta @ out.T) * (1 - hidden**2)
+    gradient = [x.T @ back, back.sum(0), hidden.T @ delta, delta.sum(0)]
+    return float(np.mean(residual**2)), np.concatenate([g.ravel() for g in gradient])
+
+
+def trained_narrow_weights(x, y, init_only=False):
+    """Seeded init, then full-batch L-BFGS to convergence (float64)."""
+    start = np.random.default_rng(2).normal(0, 0.7, (INPUTS + 2) * NARROW + 1)
+    if init_only:
+        return unpack(start, NARROW)
+    result = scipy.optimize.minimize(
+        mse_and_gradient, start, args=(x.astype(np.float64), y.astype(np.float64), NARROW), jac=True,
+        method="L-BFGS-B", options={"maxiter": 5000, "gtol": 1e-12, "ftol": 0},
+    )
+    assert np.abs(result.jac).max() < 1e-6, result.message  # a critical point of the narrow network
+    return unpack(result.x, NARROW)
+
+
+def narrow_model(weights, functional=False):
+    layers = [keras.layers.Dense(NARROW, activation="tanh", name=LAYER), keras.layers.Dense(1, name="output")]
+    inputs = keras.Input((INPUTS,), name="features")
+    if functional:
+        outputs = inputs
+        for layer in layers:
+            outputs = layer(outputs)
+        model = keras.Model(inputs, outputs, name="functional_narrow")
+    else:
+        model = keras.Sequential([inputs, *layers], name="sequential_narrow")
+    model.set_weights([np.asarray(w, dtype="float32") for w in weights])
+    return model
+
+
+def widened(model):
+    """Every hidden unit split in two with alpha = 0.5: exact duplicates, the same function."""
+    graph = read_model(model)
+    for unit in range(NARROW):
+        graph = widen(graph, LAYER, unit, alpha=0.5)
+    return build_model(graph)
+
+
+def fit(model, x, y, callbacks=(), epochs=EPOCHS, learning_rate=0.1, steps=STEPS, **kwargs):
+    """Full-batch SGD with momentum; `steps` steps per epoch (the 256 rows repeated)."""
+    keras.utils.set_random_seed(0)
+    model.compile(keras.optimizers.SGD(learning_rate, momentum=0.9), "mse", steps_per_execution=steps)
+    return model.fit(np.tile(x, (steps, 1)), np.tile(y, (steps, 1)), batch_size=SAMPLES, epochs=epochs,
+                     shuffle=False, verbose=0, callbacks=list(callbacks), **kwargs)
+
+
+def forward(weights, x):
+    kernel, bias, out, out_bias = weights
+    return np.tanh(x @ kernel + bias) @ out + out_bias
+
+
+def first_stall(history):
+    return history.history["embed/stalled"].index(1.0)
+
+
+class Messages(logging.Handler):
+    """Collects what the monitor logs (the "keras_embed.callbacks" logger) inside a `with` block."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+    def __enter__(self):
+        logging.getLogger("keras_embed.callbacks").addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("keras_embed.callbacks").removeHandler(self)
+
+
+class Snapshots(keras.callbacks.Callback):
+    """Records the model weights at the end of every epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.weights.append(self.model.get_weights())
+
+
+@pytest.fixture(scope="module")
+def data():
+    return teacher_data()
+
+
+@pytest.fixture(scope="module")
+def narrow_weights(data):
+    return trained_narrow_weights(*data)
+
+
+@pytest.fixture(scope="module")
+def runs(data, narrow_weights):
+    """The wide network fitted `EPOCHS` epochs from the embedded point: without a monitor, with
+    action="warn" and with action="escape" (weights recorded just before and after the monitor)."""
+    x, y = data
+    results = {}
+    plain = widened(narrow_model(narrow_weights))
+    results["plain"] = (fit(plain, x, y), plain.get_weights(), None)
+    for action in ("warn", "escape"):
+        model = widened(narrow_model(narrow_weights))
+        before, after = Snapshots(), Snapshots()
+        monitor = EmbeddingMonitor(x, patience=PATIENCE, action=action)
+        with Messages() as messages:
+            history = fit(model, x, y, [before, monitor, after])
+        results[action] = (history, model.get_weights(), (before, after, messages.lines))
+    return results
+
+
+# ----------------------------------------------------------------------------- stall detection
+
+def test_warn_flags_the_stall_within_patience_and_logs_the_narrow_width(runs):
+    history, _, (_, _, lines) = runs["warn"]
+    logged = history.history
+    assert {key for key in logged if key.startswith("embed/")} == {
+        f"embed/{LAYER}/effective_width", f"embed/{LAYER}/linear_fraction", "embed/stalled"}
+    assert all(len(values) == EPOCHS for values in logged.values())
+    assert 1.0 in logged["embed/stalled"][: PATIENCE + 1]
+    assert set(logged["embed/stalled"]) <= {0.0, 1.0}
+    assert logged[f"embed/{LAYER}/effective_width"] == [float(NARROW)] * EPOCHS
+    assert all(0.0 <= value <= 1.0 for value in logged[f"embed/{LAYER}/linear_fraction"])
+    assert len(lines) == 1 and "\n" not in lines[0], lines  # one line, on the epoch the stall is first seen
+    assert LAYER in lines[0] and re.search(rf"\b{NARROW}\b.*\b{2 * NARROW}\b", lines[0]), lines[0]
+
+
+def test_warn_never_changes_the_model(runs):
+    plain_history, plain_weights, _ = runs["plain"]
+    warn_history, warn_weights, _ = runs["warn"]
+    assert warn_history.history["loss"] == plain_history.history["loss"]
+    for warned, plain in zip(warn_weights, plain_weights):
+        np.testing.assert_array_equal(warned, plain)
+
+
+def test_escape_ends_with_a_lower_loss_than_warn(runs):
+    warn_history, _, _ = runs["warn"]
+    escape_history, _, _ = runs["escape"]
+    assert first_stall(escape_history) == first_stall(warn_history)
+    warn_loss, escape_loss = warn_history.history["loss"][-1], escape_history.history["loss"][-1]
+    assert escape_loss < 0.9 * warn_loss, (escape_loss, warn_loss)
+    widths = escape_history.history[f"embed/{LAYER}/effective_width"]
+    assert widths[first_stall(escape_history)] == NARROW and widths[-1] > NARROW  # the copies came apart
+
+
+def test_escape_perturbs_the_duplicates_and_keeps_the_outputs(runs, data):
+    history, _, (before, after, lines) = runs["escape"]
+    epoch = first_stall(history)
+    old, new = before.weights[epoch], after.weights[epoch]
+    assert all(np.array_equal(a, b) for a, b in zip(before.weights[epoch - 1], after.weights[epoch - 1]))
+    kernel_old, _, out_old, _ = old
+    kernel_new, _, out_new, _ = new
+    pairs = [(unit, unit + NARROW) for unit in range(NARROW)]
+    for first, copy in pairs:
+        np.testing.assert_array_equal(kernel_old[:, first], kernel_old[:, copy])  # exact duplicates before
+        assert not np.array_equal(kernel_new[:, first], kernel_new[:, copy])      # not after
+        # small noise on the incoming weights, outgoing weights re-split with the same sum
+        assert np.abs(kernel_new[:, [first, copy]] - kernel_old[:, [first, copy]]).max() < 1e-2 * np.abs(kernel_old).max()
+        np.testing.assert_allclose(out_new[first] + out_new[copy], out_old[first] + out_old[copy], rtol=1e-5, atol=1e-6)
+    x, _ = data
+    expected = forward(old, x.astype(np.float64))
+    change = np.abs(forward(new, x.astype(np.float64)) - expected).max() / np.abs(expected).max()
+    assert 0 < change <= 1e-2  # the default escape tolerance
+    assert len(lines) == 1, lines
+
+
+def test_stop_ends_training_at_the_first_stall(data, narrow_weights):
+    history = fit(widened(narrow_model(narrow_weights)), *data,
+                  [EmbeddingMonitor(data[0], patience=PATIENCE, action="stop")])
+    assert len(history.history["loss"]) == first_stall(history) + 1 <= PATIENCE + 1
+
+
+def test_callable_action_runs_once_at_the_first_stall(data, narrow_weights):
+    calls = []
+    monitor = EmbeddingMonitor(data[0], patience=PATIENCE, action=lambda *args: calls.append(args))
+    history = fit(widened(narrow_model(narrow_weights)), *data, [monitor], epochs=PATIENCE + 4)
+    assert history.history["embed/stalled"][-4:] == [1.0] * 4
+    assert len(calls) == 1
+    callback, summary, *rest = calls[0]
+    assert callback is monitor
+    assert summary[LAYER].width == 2 * NARROW and summary[LAYER].effective_width == NARROW
+    assert rest in ([], [first_stall(history)])  # the implementation also passes the epoch
+
+
+def test_one_monitor_serves_two_fits(data, narrow_weights):
+    model = widened(narrow_model(narrow_weights))
+    calls = []
+    monitor = EmbeddingMonitor(data[0], patience=PATIENCE, action=lambda *args: calls.append(args))
+    for round_ in (1, 2):
+        history = fit(model, *data, [monitor], epochs=PATIENCE + 2)
+        # the plateau is measured afresh: no stall before PATIENCE epochs of this fit
+        assert history.history["embed/stalled"] == [0.0] * PATIENCE + [1.0, 1.0]
+        assert len(calls) == round_
+
+
+def test_no_stall_without_redundancy(data, narrow_weights):
+    """The narrow network sits on the same plateau but carries no redundancy."""
+    history = fit(narrow_model(narrow_weights), *data, [EmbeddingMonitor(data[0], patience=PATIENCE)],
+                  epochs=PATIENCE + 3)
+    assert history.history["embed/stalled"] == [0.0] * (PATIENCE + 3)
+    assert history.history[f"embed/{LAYER}/effective_width"] == [float(NARROW)] * (PATIENCE + 3)
+
+
+def test_no_stall_while_the_loss_improves(data):
+    """Exact duplicates, but far from any critical point: the loss keeps falling."""
+    x, y = data
+    history = fit(widened(narrow_model(trained_narrow_weights(x, y, init_only=True))), x, y,
+                  [EmbeddingMonitor(x, patience=PATIENCE)], epochs=PATIENCE + 2)
+    assert history.history["loss"][-1] < 0.5 * history.history["loss"][0]
+    assert history.history[f"embed/{LAYER}/effective_width"][0] == NARROW
+    assert history.history["embed/stalled"] == [0.0] * (PATIENCE + 2)
+
+
+def test_linearized_layer_counts_as_redundancy(data, narrow_weights):
+    """Critical lifting: a relu layer that is the identity on the data, no duplicate units."""
+    x, y = data
+    graph = read_model(narrow_model(narrow_weights))
+    lower = np.tanh(x.astype(np.float64) @ narrow_weights[0] + narrow_weights[1]).min(axis=0)
+    model = build_model(deepen(graph, LAYER, lower, margin=1.0, name="lift"))
+    # a smaller step: the lifted network's curvature is larger, and SGD(0.1) diverges from this point
+    history = fit(model, x, y, [EmbeddingMonitor(x, patience=PATIENCE)], epochs=PATIENCE + 2, learning_rate=0.01).history
+    assert history["embed/lift/linear_fraction"] == [1.0] * (PATIENCE + 2)
+    assert history["embed/lift/effective_width"] == [float(NARROW)] * (PATIENCE + 2)
+    assert history[f"embed/{LAYER}/effective_width"] == [float(NARROW)] * (PATIENCE + 2)
+    assert history["embed/stalled"][PATIENCE] == 1.0
+
+
+# ----------------------------------------------------------------------------- integration
+
+@pytest.mark.parametrize("validation", ["split", "data", "none"])
+def test_monitors_val_loss(data, narrow_weights, validation):
+    x, y = data
+    kwargs = {"split": {"validation_split": 0.25}, "data": {"validation_data": (x, y)}, "none": {}}[validation]
+    history = fit(widened(narrow_model(narrow_weights)), x, y,
+                  [EmbeddingMonitor(x, patience=PATIENCE, monitor="val_loss")], epochs=PATIENCE + 2, **kwargs).history
+    if validation == "none":  # nothing to watch: the (flat) training loss is not used instead
+        assert "val_loss" not in history and history["embed/stalled"] == [0.0] * (PATIENCE + 2)
+    else:
+        assert len(history["val_loss"]) == PATIENCE + 2
+        assert history["embed/stalled"][PATIENCE] == 1.0
+
+
+def test_functional_model_with_csv_logger(data, narrow_weights, tmp_path):
+    x, y = data
+    model = widened(narrow_model(narrow_weights, functional=True))
+    assert type(model) is not keras.Sequential
+    epochs = PATIENCE + 2
+    fit(model, x, y, [EmbeddingMonitor(x, patience=PATIENCE), keras.callbacks.CSVLogger(tmp_path / "log.csv")],
+        epochs=epochs)
+    with open(tmp_path / "log.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == epochs
+    assert [float(row[f"embed/{LAYER}/effective_width"]) for row in rows] == [float(NARROW)] * epochs
+    assert f"embed/{LAYER}/linear_fraction" in rows[0]
+    assert float(rows[PATIENCE]["embed/stalled"]) == 1.0
+
+
+@pytest.mark.parametrize("form", ["npz", "dataset", "large"])
+def test_probe_set_forms(data, narrow_weights, tmp_path, form):
+    x, y = data
+    if form == "npz":
+        np.savez(tmp_path / "probe.npz", x=x, y=y)
+        probe = str(tmp_path / "probe.npz")
+    elif form == "dataset":
+        probe = tf.data.Dataset.from_tensor_slices((x, y)).batch(64)
+    else:  # more rows than the monitor uses
+        probe = np.tile(x, (20, 1)) + np.float32(1e-3) * np.random.default_rng(3).standard_normal((20 * SAMPLES, INPUTS), dtype=np.float32)
+    history = fit(widened(narrow_model(narrow_weights)), x, y, [EmbeddingMonitor(probe)], epochs=1)
+    assert history.history[f"embed/{LAYER}/effective_width"] == [float(NARROW)]
+
+
+def test_probe_set_as_path_object(data, narrow_weights, tmp_path):
+    x, y = data
+    np.savez(tmp_path / "probe.npz", x=x)
+    history = fit(widened(narrow_model(narrow_weights)), x, y, [EmbeddingMonitor(tmp_path / "probe.npz")], epochs=1)
+    assert history.history[f"embed/{LAYER}/effective_width"] == [float(NARROW)]
+
+
+def test_csv_logger_records_embed_columns_with_every_2(data, narrow_weights, tmp_path):
+    x, y = data
+    fit(widened(narrow_model(narrow_weights)), x, y,
+        [EmbeddingMonitor(x, every=2), keras.callbacks.CSVLogger(tmp_path / "log.csv")], epochs=4)
+    with open(tmp_path / "log.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert "embed/stalled" in rows[0]
+    assert float(rows[1][f"embed/{LAYER}/effective_width"]) == NARROW
+
+
+# ----------------------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("name, value", [
+    ("every", 0), ("every", 1.5), ("patience", 0), ("patience", -2), ("min_delta", -1e-3),
+    ("min_delta", float("nan")), ("cos", 0.0), ("cos", 1.5), ("action", "explode"), ("action", None),
+])
+def test_invalid_arguments_raise_value_error(data, name, value):
+    with pytest.raises(ValueError, match=f"Received: {name}="):
+        EmbeddingMonitor(data[0], **{name: value})
+
+
+@pytest.mark.parametrize("x", [None, 3])
+def test_invalid_probe_set_raises_in_init(x):
+    with pytest.raises(ValueError, match="Received: x="):
+        EmbeddingMonitor(x)
+
+
+def test_probe_shape_mismatch_raises_at_fit_start(data, narrow_weights):
+    x, y = data
+    probe = np.zeros((SAMPLES, INPUTS + 1), dtype="float32")
+    monitor = EmbeddingMonitor(probe)  # nothing is checked before the model is known
+    epochs_begun = []
+    model = widened(narrow_model(narrow_weights))
+    weights = model.get_weights()
+    with pytest.raises(ValueError) as error:
+        fit(model, x, y, [monitor, keras.callbacks.LambdaCallback(on_epoch_begin=lambda *_: epochs_begun.append(1))])
+    message = str(error.value)
+    assert f"({SAMPLES}, {INPUTS + 1})" in message, message
+    assert re.search(rf"\((?:None|n|\?)?,?\s*{INPUTS},?\)", message), message
+    assert epochs_begun == []
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), weights))
