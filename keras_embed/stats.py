@@ -13,6 +13,7 @@ Example:
 """
 
 import dataclasses
+import functools
 
 import keras
 import numpy as np
@@ -157,11 +158,16 @@ def collect(graph, data, batch_size=256, gram=True, on_batch=None, probe=None):
     return stats
 
 
+@functools.cache
+def _threadpools():
+    return threadpoolctl.ThreadpoolController()  # finding the libraries takes ~4 ms: once
+
+
 def one_blas_thread():
     """Limits NumPy's BLAS to one thread: the per-batch products are small, and with more
     threads each one waits for every core, which stalls when another process holds one
     (measured in benchmarks/RESULTS.md)."""
-    return threadpoolctl.threadpool_limits(1, user_api="blas")
+    return _threadpools().limit(limits=1, user_api="blas")
 
 
 def _accumulate(stats, probe, hidden, graph, data, batch_size, on_batch):
