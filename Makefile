@@ -46,6 +46,7 @@ $(BENCH_INSTALLED): $(INSTALLED)
 bench: $(BENCH_INSTALLED)
 	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/bench_stats.py
 	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/bench_compression.py
+	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/bench_callbacks.py
 
 fuzz: $(INSTALLED)
 	KERAS_EMBED_FUZZ_EXAMPLES=2000 $(BIN)/python -m pytest -q -p no:cacheprovider tests -k property
