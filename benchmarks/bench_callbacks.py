@@ -180,7 +180,9 @@ def summarize(runs):
 
 
 def verdict(row):
-    return "pass" if row["by_fits"] <= LIMIT else "FAIL"
+    """Pass only when both the fit medians and the direct measurement are within the limit:
+    fit times on a shared machine are noisy enough to pass or fail by chance alone."""
+    return "pass" if row["by_fits"] <= LIMIT and row["direct"] <= LIMIT else "FAIL"
 
 
 COLUMNS = ("configuration", "fit s, median (min)", "inside monitor s, median", "per epoch ms",
@@ -220,26 +222,30 @@ def what_it_saw(histories):
     return lines
 
 
-def interpretation(rows, histories, profiled):
+def interpretation(rows, histories, profiled, runs):
     main, large = rows[f"probe {PROBES[0]}"], rows[f"probe {PROBES[1]}"]
     plain = rows["plain"]["median"]
     per_row = (large["inside"] - main["inside"]) / EPOCHS / (PROBES[1] - PROBES[0])
     fixed = main["inside"] / EPOCHS - per_row * PROBES[0]
     total, parts = profiled
-    named = "; ".join(f"{PARTS[name]} {1000 * seconds:.1f} ms" for name, seconds in
-                      sorted(parts.items(), key=lambda item: -item[1]))
+    ordered = sorted(parts.items(), key=lambda item: -item[1])
+    named = "; ".join(f"{PARTS[name]} {1000 * seconds:.1f} ms" for name, seconds in ordered)
+    plain_fits = [fit for fit, _ in runs["plain"]]
+    spread = (max(plain_fits) - min(plain_fits)) / plain
     failing = [name for name in CONFIGS[1:] if verdict(rows[name]) == "FAIL"]
     ratio = main["median"] / plain
     lines = [
-        f"- Verdict (requirement: probe set of {PROBES[0]} rows, overhead from fit medians <= {LIMIT:.0%}): "
-        f"ratio monitored / plain = {ratio:.3f}, overhead {main['by_fits']:+.1%}, "
-        f"**{verdict(main)}**. With {PROBES[1]} rows: {large['by_fits']:+.1%}, {verdict(large)}.",
+        f"- Verdict (requirement: probe set of {PROBES[0]} rows, overhead <= {LIMIT:.0%}, from the fit medians and "
+        f"measured directly): ratio of fit medians monitored / plain = {ratio:.3f} ({main['by_fits']:+.1%}), "
+        f"directly {main['direct']:.1%}: **{verdict(main)}**. With {PROBES[1]} rows: {large['by_fits']:+.1%} and "
+        f"{large['direct']:.1%}, {verdict(large)}.",
         f"- Measured directly, the monitor spends {main['inside']:.2f} s of a {plain:.2f} s fit "
         f"({main['direct']:.1%}, {1000 * main['inside'] / EPOCHS:.1f} ms per epoch) with {PROBES[0]} rows and "
         f"{large['inside']:.2f} s ({large['direct']:.1%}, {1000 * large['inside'] / EPOCHS:.1f} ms per epoch) "
         f"with {PROBES[1]}. The plain fit itself costs {1000 * plain / EPOCHS:.0f} ms per epoch "
-        f"({-(-1797 // BATCH_SIZE)} steps). So the monitor's cost is mostly fixed per analysed epoch: about "
-        f"{1000 * fixed:.1f} ms plus {1e6 * per_row:.1f} us per probe row (from the two probe sizes); a smaller probe "
+        f"({-(-1797 // BATCH_SIZE)} steps). So the monitor's cost is mostly fixed per analysed epoch: " + (
+            f"about {1000 * fixed:.1f} ms plus {1e6 * per_row:.1f} us per probe row (from the two probe sizes)"
+            if per_row > 0 else "the two probe sizes cost the same within the noise") + "; a smaller probe "
         f"set saves little, `every=k` divides the cost by k. To stay within {LIMIT:.0%} with `every=1` here, an "
         f"analysis would have to take at most {1000 * LIMIT * plain / EPOCHS:.1f} ms.",
         f"- Where the time goes ({PROFILED} calls of `on_epoch_end` with {PROBES[0]} rows under cProfile, "
@@ -247,10 +253,14 @@ def interpretation(rows, histories, profiled):
         f"another): {named}.",
         f"- The overhead figures should agree up to noise: here {main['by_fits']:+.1%} from fit medians, "
         f"{main['by_mins']:+.1%} from fit mins and {main['direct']:.1%} measured directly (probe {PROBES[0]}). "
-        "Differences of whole fits also carry the scheduler's noise on a shared 2-core machine (see the load "
-        "average above; with 3 rounds one disturbed fit moves a median), while the direct figure counts only "
-        "time spent inside the monitor's hooks and is the one to trust for the cost; when they disagree by more "
-        "than a few points, rerun for the verdict.",
+        f"Whole fits carry the scheduler's noise on a shared 2-core machine: the {REPEATS} plain fits alone span "
+        f"{min(plain_fits):.2f} to {max(plain_fits):.2f} s ({spread:.0%} of their median; see also the load average "
+        "above), " + (f"not less than the {LIMIT:.0%} limit itself, so {REPEATS} rounds cannot settle it from fit "
+                      "times alone" if spread >= LIMIT else f"less than the {LIMIT:.0%} limit") +
+        ". The direct figure counts only time spent inside the monitor's hooks (wall clock, so it too "
+        "grows under load) and is the one to trust for the cost.",
+        f"- The two largest parts, {PARTS[ordered[0][0]]} and {PARTS[ordered[1][0]]}, are "
+        f"{(ordered[0][1] + ordered[1][1]) / total:.0%} of a call; this is where the cost could be cut.",
         *(f"- What the monitor logged, {line}." for line in what_it_saw(histories)),
     ]
     if failing:
@@ -258,7 +268,7 @@ def interpretation(rows, histories, profiled):
     return "\n".join(lines)
 
 
-def write_results(rows, histories, profiled, loads):
+def write_results(rows, histories, profiled, runs, loads):
     text = f"""## EmbeddingMonitor overhead (benchmarks/bench_callbacks.py)
 
 Generated by `make bench` (`.venv/bin/python benchmarks/bench_callbacks.py`) on {datetime.datetime.now().isoformat(timespec="seconds")}.
@@ -284,8 +294,9 @@ A fit is timed from the `fit` call to its return (wall clock, `time.perf_counter
 are outside. The monitor is a subclass that only adds timers around `on_train_begin` and `on_epoch_end`, so the time
 spent inside it is also known. One {WARMUP_EPOCHS}-epoch warm-up fit per configuration, then {REPEATS} rounds fit every
 configuration once each, the order rotated every round (interleaved). Overhead from fit medians = median monitored fit
-/ median plain fit - 1 (the verdict); from fit mins = the same with the fastest fits; monitor time / plain fit = median
-time inside the monitor / median plain fit (the overhead measured directly).
+/ median plain fit - 1; from fit mins = the same with the fastest fits; monitor time / plain fit = median time inside
+the monitor / median plain fit (the overhead measured directly). A configuration passes when the overhead from fit
+medians and the direct one are both at most {LIMIT:.0%} (fit times alone can pass or fail by noise on this machine).
 Last, {PROFILED} calls of the monitor's `on_epoch_end` on the model after one epoch run under cProfile, to say where
 its time goes.
 
@@ -293,7 +304,7 @@ its time goes.
 {table(rows)}
 
 ### Interpretation
-{interpretation(rows, histories, profiled)}
+{interpretation(rows, histories, profiled, runs)}
 """
     write_section("callbacks", text)
 
@@ -312,7 +323,7 @@ def main():
     profiled = profile(config, x, y, probes[PROBES[0]])
     print(f"profile: {1000 * profiled[0]:.1f} ms per on_epoch_end;",
           ", ".join(f"{name} {1000 * seconds:.1f} ms" for name, seconds in profiled[1].items()))
-    write_results(rows, histories, profiled, (before, after))
+    write_results(rows, histories, profiled, runs, (before, after))
     print("wrote benchmarks/RESULTS.md (section callbacks)")
     return 0
 
