@@ -51,9 +51,9 @@ class EmbeddingMonitor(keras.callbacks.Callback):
         super().__init__()
         if not isinstance(x, (str, os.PathLike, np.ndarray)) and not hasattr(x, "__iter__"):
             raise ValueError(f"x must be an array, a .npy/.npz path or a dataset of probe inputs. Received: x={x!r}")
-        if not isinstance(every, int) or every < 1:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer. Received: every={every}")
-        if not isinstance(patience, int) or patience < 1:
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ValueError(f"patience must be a positive integer. Received: patience={patience}")
         if not min_delta >= 0:
             raise ValueError(f"min_delta must be non-negative. Received: min_delta={min_delta}")
@@ -61,6 +61,8 @@ class EmbeddingMonitor(keras.callbacks.Callback):
             raise ValueError(f"cos must be in (0, 1]. Received: cos={cos}")
         if not callable(action) and action not in ACTIONS:
             raise ValueError(f"action must be one of {ACTIONS} or a callable. Received: action={action!r}")
+        if not escape_tolerance >= 0:
+            raise ValueError(f"escape_tolerance must be non-negative. Received: escape_tolerance={escape_tolerance}")
         if not isinstance(max_samples, int) or max_samples < 1:
             raise ValueError(f"max_samples must be a positive integer. Received: max_samples={max_samples}")
         self.x, self.every, self.patience, self.min_delta, self.cos = x, every, patience, min_delta, cos
@@ -72,6 +74,7 @@ class EmbeddingMonitor(keras.callbacks.Callback):
         self._probe = None
         self._history = []
         self._stalled = False
+        self._missing_warned = False
         self._rng = np.random.default_rng(self.seed)
         self._layers = [layer.name for layer in read_model(self.model).layers[:-1]]
         self.summary = None
@@ -91,6 +94,10 @@ class EmbeddingMonitor(keras.callbacks.Callback):
         logs = logs if logs is not None else {}
         if self.monitor in logs:
             self._history.append(float(logs[self.monitor]))
+        elif not self._missing_warned:
+            self._missing_warned = True
+            LOGGER.warning(f"EmbeddingMonitor: '{self.monitor}' is not in the logs ({', '.join(sorted(logs))}); "
+                           "stalls cannot be detected (for val_loss, pass validation data to fit)")
         stalled = False
         if (epoch + 1) % self.every == 0:
             graph = read_model(self.model)

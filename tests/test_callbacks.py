@@ -366,6 +366,7 @@ def test_every_2_keeps_history_and_csv_logger_aligned(data, narrow_weights, tmp_
 @pytest.mark.parametrize("name, value", [
     ("every", 0), ("every", 1.5), ("patience", 0), ("patience", -2), ("min_delta", -1e-3),
     ("min_delta", float("nan")), ("cos", 0.0), ("cos", 1.5), ("action", "explode"), ("action", None),
+    ("every", True), ("escape_tolerance", -1.0),
 ])
 def test_invalid_arguments_raise_value_error(data, name, value):
     with pytest.raises(ValueError, match=f"Received: {name}="):
