@@ -8,6 +8,7 @@ import click
 
 from keras_embed.tools.analyze import analyze
 from keras_embed.tools.embed import embed
+from keras_embed.tools.experiment import experiment
 from keras_embed.tools.prune import prune
 
 
@@ -24,3 +25,4 @@ def main():
 main.add_command(analyze)
 main.add_command(prune)
 main.add_command(embed)
+main.add_command(experiment)
