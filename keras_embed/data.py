@@ -16,7 +16,7 @@ import numpy as np
 
 from keras_embed.errors import InputError
 
-DATASETS = ("digits", "iris", "wine", "breast_cancer")
+DATASETS = ("digits", "iris", "wine", "breast_cancer", "regression1d")
 
 
 def load_data(path):
@@ -49,9 +49,12 @@ def load_array(path):
 
 
 def bundled_dataset(name):
-    """(x, y) of one of scikit-learn's bundled datasets, features scaled to [0, 1] (float32)."""
+    """(x, y) of one of scikit-learn's bundled datasets, features scaled to [0, 1] (float32),
+    or of `regression1d`, the width paper's kind of synthetic task (see `regression_1d`)."""
     if name not in DATASETS:
         raise InputError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
+    if name == "regression1d":
+        return regression_1d()
     import sklearn.datasets
 
     bunch = getattr(sklearn.datasets, f"load_{name}")()
@@ -59,6 +62,20 @@ def bundled_dataset(name):
     span = x.max(axis=0) - x.min(axis=0)
     x = (x - x.min(axis=0)) / np.where(span > 0, span, 1.0)
     return x.astype(np.float32), bunch.target.astype(np.int64)
+
+
+def regression_1d(samples=50):
+    """A 1-D regression task like the width paper's: `samples` points on [-1, 1] of a smooth
+    target with two bumps; y has shape (samples, 1). Deterministic (float32).
+
+    Example:
+        >>> x, y = regression_1d()
+        >>> x.shape, y.shape
+        ((50, 1), (50, 1))
+    """
+    x = np.linspace(-1.0, 1.0, samples)[:, None]
+    y = 0.6 * np.tanh(4.0 * x) + 0.3 * np.sin(3.0 * np.pi * x) * np.exp(-2.0 * x**2)
+    return x.astype(np.float32), y.astype(np.float32)
 
 
 def check_inputs(x, model):
