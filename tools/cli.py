@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 internal error, 2 bad usage or input, 3 verification failed,
 import click
 
 from keras_embed.tools.analyze import analyze
+from keras_embed.tools.bn_ablation import bn_ablation, data_size
 from keras_embed.tools.embed import embed
 from keras_embed.tools.experiment import experiment
 from keras_embed.tools.prune import prune
@@ -26,3 +27,6 @@ main.add_command(analyze)
 main.add_command(prune)
 main.add_command(embed)
 main.add_command(experiment)
+for command in (bn_ablation, data_size):
+    main.add_command(command)
+    experiment.add_command(command)

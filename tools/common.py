@@ -84,12 +84,14 @@ def _options(*options):
     return decorate
 
 
+DATASETS = ["digits", "iris", "wine", "breast_cancer", "regression1d"]  # keras_embed.data.DATASETS, without importing keras
+
 unsafe_option = click.option("--unsafe", is_flag=True, help=UNSAFE_HELP)
 
 data_options = _options(
     click.option("--data", type=click.Path(dir_okay=False, path_type=str),
                  help="Calibration inputs: .npy, or .npz with key x (else its first array)."),
-    click.option("--dataset", type=click.Choice(["digits", "iris", "wine", "breast_cancer", "regression1d"]),
+    click.option("--dataset", type=click.Choice(DATASETS),
                  help="Use a dataset bundled with scikit-learn (or the synthetic 1-D regression task) as calibration data (no download)."),
     click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
                  help="Samples per batch of the statistics and verification passes."),
