@@ -16,12 +16,14 @@ from keras_embed.analysis import find_redundancy
 from keras_embed.build import build_model
 from keras_embed.compensate import search
 from keras_embed.condense import plan_condense
-from keras_embed.errors import InputError, RuleError
+from keras_embed.errors import InputError, RuleError, UnsupportedLayerError
 from keras_embed.data import require_reusable
 from keras_embed.data_rules import find_data_redundancy, layer_regimes, plan_collapses
 from keras_embed.linearity import DEFAULT_LIN_TOL
 from keras_embed.plan import LayerEdit, Plan
-from keras_embed.read import read_model
+from keras_embed.network import read_network
+from keras_embed.prune_network import prune_network
+from keras_embed.read import is_chain, read_model
 from keras_embed.rules import measure
 from keras_embed.stats import collect
 from keras_embed.surgery import apply_plan
@@ -235,8 +237,12 @@ def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, mode="exact", 
         For the approximate modes the `rule` (when given) must hold on `validation` (else
         on `data`), or `RuleError` is raised. Keep a test set apart from both.
 
+    Convolutional and branching models (see `network.SUPPORTED`) go to
+    `prune_network.prune_network`: exact mode only, the report is a `NetworkReport`.
+
     Args:
-        model: a Keras model (a chain of Dense, Activation, Dropout, BatchNormalization).
+        model: a Keras model (a chain of Dense, Activation, Dropout, BatchNormalization, or
+            a network of the layers in `network.SUPPORTED`).
         rtol: relative tolerance of the weight comparisons (see `find_redundancy`).
         data: calibration inputs (array, dataset or iterable of batches; an array in data mode).
         atol: exact mode: allowed max abs output difference; default 1e-4 times the output scale.
@@ -261,6 +267,13 @@ def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, mode="exact", 
     start = time.perf_counter()
     require_reusable(data)
     require_reusable(validation)
+    if not is_chain(model):
+        read_network(model)  # raises what is unsupported, if anything
+        if mode != "exact":
+            raise UnsupportedLayerError(f"--mode {mode} supports chains of Dense layers only; "
+                                        "prune convolutional or branching models with --mode exact")
+        return prune_network(model, rtol, data, atol, force, validation=validation, lin_tol=lin_tol,
+                             allow_growth=allow_growth, batch_size=batch_size, on_batch=on_batch)
     graph = read_model(model)
     if mode == "exact":
         stats = None if data is None else collect(graph, data, batch_size, gram=False, on_batch=on_batch)

@@ -207,3 +207,12 @@ def read_model(model):
     return Graph(
         name=model.name, input=spec, layers=tuple(chain.layers), leading=tuple(chain.leading), sequential=sequential
     )
+
+
+def is_chain(model):
+    """True when `read_model` reads `model` (else see `network.read_network`)."""
+    try:
+        read_model(model)
+    except UnsupportedLayerError:
+        return False
+    return True

@@ -1,0 +1,162 @@
+"""Exact pruning of convolutional and branching models: collapse, channel rules, verify.
+
+The `Network` counterpart of `compress.prune` (which handles Dense chains). Steps:
+1. with data, one streaming pass (`stats.LayerStats` per channel, over every sample and
+   position) gives each producer's regime and the constant channels on the data;
+2. layers linear on the data (without data: with linear activations) fold into their
+   reader (`channel_collapse`);
+3. rounds of the channel rules (`channel_rules`) until none applies;
+4. the rebuilt model is checked against the original (`verify`).
+
+Example:
+    >>> pruned, report = prune_network(model, data=x)
+    >>> report.to_dict()["layers"][0]["channels_removed"]
+    12
+"""
+
+import dataclasses
+import time
+import types
+
+import numpy as np
+
+from keras_embed.channel_collapse import candidates, collapse_linear
+from keras_embed.channel_rules import find_channel_edits, weight_constants
+from keras_embed.channel_surgery import apply_maps, layout_gather
+from keras_embed.data import batches, check_inputs
+from keras_embed.linearity import DEFAULT_LIN_TOL, unit_regimes
+from keras_embed.network import PRODUCERS, build_network, read_network
+from keras_embed.stats import LayerStats, one_blas_thread
+from keras_embed.verify import assert_outputs_preserved, calibration_inputs
+
+
+def _chain_end(chain, producer):
+    return chain[-1].name if chain else producer.name
+
+
+def channel_statistics(network, data, batch_size=256, on_batch=None):
+    """One pass over `data`: ({producer: LayerStats of (pre-activation, chain end)} for
+    collapse candidates, {node read by a Dense/Conv2D: LayerStats of its output})."""
+    pairs = {producer.name: (f"{producer.name}/z", _chain_end(chain, producer)) for producer, chain, _ in candidates(network)}
+    read = sorted({source for node in network.nodes if node.kind in PRODUCERS for source in node.inputs} - {network.input_name})
+    names = sorted({name for pair in pairs.values() for name in pair} | set(read))
+    probe = build_network(network, outputs=names, split_activations=True)
+    widths = {name: network.by_name[name.split("/")[0]].width for name in names}
+    regimes = {name: LayerStats(network.by_name[name].width, None) for name in pairs}
+    values = {name: LayerStats(widths[name], None) for name in read}
+    with one_blas_thread():
+        for batch in batches(data, batch_size):
+            outputs = probe.predict_on_batch(check_inputs(batch, probe))
+            outputs = dict(zip(names, [np.asarray(output).reshape(-1, widths[name]) for name, output in zip(names, outputs)]))
+            for name, (z, a) in pairs.items():
+                regimes[name].update(outputs[z], outputs[a])
+            for name in read:
+                values[name].update(outputs[name], outputs[name])
+            if on_batch is not None:
+                on_batch(len(batch))
+    return regimes, values
+
+
+def producer_regimes(network, stats=None, lin_tol=DEFAULT_LIN_TOL, rtol=1e-6):
+    """`Regimes` of every collapse candidate: from `stats` (see `channel_statistics`), or
+    without data only the linear ones."""
+    regimes = {}
+    for producer, chain, _ in candidates(network):
+        layer = types.SimpleNamespace(width=producer.width, activations=(producer.activation, *(node.activation for node in chain)))
+        layer_stats = None if stats is None else stats.get(producer.name)
+        regimes[producer.name] = unit_regimes(layer, layer_stats, lin_tol, rtol)
+    return regimes
+
+
+def data_constants(values, rtol=1e-6):
+    """Node name -> per position the value it holds on every sample (NaN where it varies)."""
+    constants = {}
+    for name, layer_stats in values.items():
+        scale = max(float(np.abs([layer_stats.a_min, layer_stats.a_max]).max(initial=0.0)), 1e-30)
+        constant = layer_stats.a_max - layer_stats.a_min <= rtol * scale
+        value = np.where(layer_stats.a_max == 0, 0.0, layer_stats.a_mean)
+        constants[name] = np.where(constant, value, np.nan)
+    return constants
+
+
+def _merge_constants(from_weights, from_data):
+    return {name: np.where(np.isnan(values), from_data[name], values) if name in from_data else values
+            for name, values in from_weights.items()}
+
+
+def channel_rounds(network, known=None, rtol=1e-6):
+    """Applies the channel rules until none applies. `known`: constants measured on data
+    (node -> value per position), carried along as channels go. Returns (network, rounds)."""
+    known, rounds = dict(known or {}), 0
+    while True:
+        constants = _merge_constants(weight_constants(network), known)
+        maps = find_channel_edits(network, constants, rtol)
+        if not maps:
+            return network, rounds
+        known = {name: values[layout_gather(network, name, maps)] for name, values in known.items() if name in network.by_name}
+        network, rounds = apply_maps(network, maps, constants), rounds + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkReport:
+    """What `prune_network` did: before/after networks, collapsed layers, checks."""
+
+    before: object
+    after: object
+    collapsed: list
+    skipped: list
+    regimes: dict
+    calibration: str
+    checks: dict
+    seconds: float
+
+    def to_dict(self):
+        after = {node.name: node for node in self.after.nodes}
+        producers = [node for node in self.before.nodes if node.kind in PRODUCERS]
+        layers = []
+        for node in producers:
+            width_after = after[node.name].width if node.name in after else 0
+            regime = self.regimes.get(node.name)
+            layers.append({
+                "name": node.name, "kind": node.kind, "width_before": node.width, "width_after": width_after,
+                "channels_removed": node.width - width_after,
+                "linearized": None if regime is None else round(float(regime.linear.mean()), 4),
+            })
+        return {
+            "mode": "exact",
+            "params_before": self.before.params, "params_after": self.after.params,
+            "depth_before": len(producers), "depth_after": sum(node.kind in PRODUCERS for node in self.after.nodes),
+            "flops_before": self.before.flops, "flops_after": self.after.flops,
+            "layers": layers,
+            "removed": {"channels": sum(layer["channels_removed"] for layer in layers if layer["width_after"])},
+            "collapsed_layers": self.collapsed, "not_collapsed_would_grow": self.skipped,
+            **self.checks, "calibration": self.calibration, "seconds": round(self.seconds, 3),
+        }
+
+
+def prune_network(model, rtol=1e-6, data=None, atol=None, force=False, *, validation=None, lin_tol=DEFAULT_LIN_TOL,
+                  allow_growth=False, batch_size=256, on_batch=None):
+    """Exact pruning of a model `read_network` reads (see the module docstring).
+
+    Returns:
+        (pruned stock Keras model, `NetworkReport`); `model` is untouched.
+
+    Raises:
+        VerificationError: outputs differ by more than `atol` (and not `force`).
+    """
+    start = time.perf_counter()
+    network = before = read_network(model)
+    stats, values = channel_statistics(network, data, batch_size, on_batch) if data is not None else (None, {})
+    regimes = producer_regimes(network, stats, lin_tol, rtol)
+    network, collapsed, skipped = collapse_linear(network, regimes, allow_growth)
+    network, _ = channel_rounds(network, data_constants(values, rtol), rtol)
+    pruned = build_network(network)
+    calibration = "user data"
+    if data is None:
+        data, calibration = calibration_inputs(model), "1024 seeded standard-normal inputs"
+    diff, atol = assert_outputs_preserved(model, pruned, data, atol, raise_error=not force, batch_size=batch_size)
+    checks = {"max_abs_diff": diff, "atol": atol, "max_abs_diff_validation": None, "verified": diff <= atol}
+    if validation is not None:
+        checks["max_abs_diff_validation"] = assert_outputs_preserved(model, pruned, validation, atol, not force, batch_size)[0]
+        checks["verified"] = checks["verified"] and checks["max_abs_diff_validation"] <= atol
+    return pruned, NetworkReport(before, network, collapsed, skipped, regimes, calibration, checks, time.perf_counter() - start)
