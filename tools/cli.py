@@ -10,7 +10,9 @@ from keras_embed.tools.analyze import analyze
 from keras_embed.tools.bn_ablation import bn_ablation, data_size
 from keras_embed.tools.embed import embed
 from keras_embed.tools.experiment import experiment
+from keras_embed.tools.hessian import hessian
 from keras_embed.tools.prune import prune
+from keras_embed.tools.strict_saddle import strict_saddle
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -27,6 +29,7 @@ main.add_command(analyze)
 main.add_command(prune)
 main.add_command(embed)
 main.add_command(experiment)
-for command in (bn_ablation, data_size):
+main.add_command(hessian)
+for command in (bn_ablation, data_size, strict_saddle):
     main.add_command(command)
     experiment.add_command(command)

@@ -1,0 +1,95 @@
+"""`keras-embed hessian`: gradient norm, Hessian eigenvalues and trace of a model's loss on data.
+
+Example:
+    keras-embed hessian model.keras --dataset iris --loss sparse_categorical_crossentropy --full
+    keras-embed hessian model.keras --data train.npz --loss mse --top-k 10 --json hessian.json
+"""
+
+import json
+
+import click
+
+from keras_embed.tools.common import calibration_data, data_options, handles_errors, unsafe_option
+
+
+@click.command()
+@click.argument("model", type=click.Path(path_type=str))
+@data_options
+@click.option("--loss", required=True,
+              help="Keras loss name, e.g. mse, binary_crossentropy, categorical_crossentropy, "
+                   "sparse_categorical_crossentropy. The mean over the data is analyzed (no regularization terms).")
+@click.option("--from-logits", is_flag=True, help="The model outputs logits (cross-entropy losses).")
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Lanczos: eigenvalues computed at each end of the spectrum.")
+@click.option("--full", is_flag=True,
+              help="Form the full Hessian (up to 5000 weights) for the whole spectrum, exact counts and trace.")
+@click.option("--zero-rtol", type=click.FloatRange(min=0), default=1e-10, show_default=True,
+              help="An eigenvalue counts as zero when |lambda| <= this times the largest |lambda|.")
+@click.option("--trace-samples", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Rademacher vectors of the Hutchinson trace estimate (without --full).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the Lanczos start and the Hutchinson vectors.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=str),
+              help="Write the figures as JSON to this path ('-': stdout, the summary then goes to stderr).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --json file.")
+@unsafe_option
+@handles_errors
+def hessian(model, data, dataset, batch_size, loss, from_logits, top_k, full, zero_rtol, trace_samples, seed,
+            json_path, overwrite, unsafe):
+    """Gradient norm and Hessian spectrum of the loss of MODEL on the data, in float64.
+
+    The loss is the mean of --loss over the data (--data with labels y, or --dataset),
+    computed on a float64 copy of MODEL. Hessian-vector products come from double
+    backpropagation; Lanczos gives the --top-k largest and smallest eigenvalues (the
+    counts are then of those only), --full the whole spectrum. A critical point has a
+    gradient norm near 0; a negative eigenvalue there makes it a strict saddle.
+
+    \b
+    JSON keys: grad_norm, loss, eigenvalues (those computed, ascending), negative, zero,
+    positive, zero_threshold, counts_complete, trace, trace_method, trace_error, params,
+    samples, method, dtype.
+    Exit codes: 0 ok, 2 bad usage or input, 4 unsupported model.
+    """
+    from keras_embed.hessian import EmpiricalRisk, analyze_hessian, cast_model, get_loss
+    from keras_embed.io import check_side_output, load_model, write_text
+
+    if data is None and dataset is None:
+        raise click.UsageError("the loss needs data with labels: give --data (an .npz with x and y) or --dataset")
+    if json_path not in (None, "-"):
+        check_side_output(json_path, model, overwrite=overwrite)
+    loss_function = get_loss(loss, from_logits)
+    original = load_model(model, unsafe)
+    wide = cast_model(original)
+    x, y = calibration_data(data, dataset, wide)
+    risk = EmpiricalRisk(wide, x, y, loss_function, batch_size=batch_size)
+    figures = analyze_hessian(risk, top_k=top_k, full=full, rtol=zero_rtol, trace_samples=trace_samples, seed=seed)
+    click.echo(summary(figures), err=json_path == "-")
+    text = json.dumps(figures, indent=2)
+    if json_path == "-":
+        click.echo(text)
+    elif json_path is not None:
+        write_text(json_path, text + "\n")
+
+
+def _values(values):
+    return ", ".join(f"{value:.4g}" for value in values)
+
+
+def summary(figures):
+    """The figures as a few lines of text."""
+    eigenvalues = figures["eigenvalues"]
+    counts = f"{figures['negative']} negative, {figures['zero']} zero, {figures['positive']} positive"
+    if figures["counts_complete"]:
+        spectrum = f"full spectrum of {figures['params']}: {counts}"
+    else:
+        spectrum = f"Lanczos, {len(eigenvalues)} of {figures['params']} computed (counts of those only): {counts}"
+    shown = min(5, max(1, len(eigenvalues) // 2))
+    trace = (f"{figures['trace']:.6g} (exact)" if figures["trace_method"] == "exact"
+             else f"{figures['trace']:.6g} +- {figures['trace_error']:.2g} (Hutchinson)")
+    return "\n".join([
+        f"loss {figures['loss']:.6g}   gradient norm {figures['grad_norm']:.3g}   "
+        f"({figures['dtype']}, {figures['params']} weights, {figures['samples']} samples)",
+        f"eigenvalues, {spectrum}; zero means |lambda| <= {figures['zero_threshold']:.3g}",
+        f"smallest: {_values(eigenvalues[:shown])}",
+        f"largest:  {_values(eigenvalues[-shown:])}",
+        f"trace: {trace}",
+    ])
