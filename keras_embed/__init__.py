@@ -26,6 +26,8 @@ _EXPORTS = {
     "assert_outputs_preserved": "keras_embed.verify",
     "load_model": "keras_embed.io",
     "save_model": "keras_embed.io",
+    "EmpiricalRisk": "keras_embed.hessian",
+    "analyze_hessian": "keras_embed.hessian",
 }
 
 __all__ = sorted(_EXPORTS)
