@@ -39,7 +39,9 @@ def load_data(path):
                 raise InputError(f"data file '{path}' holds no arrays; save x with np.savez(path, x=x)")
             key = "x" if "x" in loaded.files else loaded.files[0]
             return loaded[key], (loaded["y"] if "y" in loaded.files and key == "x" else None)
-    except (OSError, ValueError, EOFError) as error:
+    except InputError:
+        raise
+    except Exception as error:  # numpy, zipfile and tokenize raise many types for damaged files
         raise InputError(f"could not read data file '{path}' ({error}); save it with np.save or np.savez") from None
 
 

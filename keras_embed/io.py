@@ -1,8 +1,11 @@
 """Model files: safe loading, and atomic writing in every export format.
 
-Loading always uses Keras safe mode unless the caller opts out. Writing goes to a
-temporary path beside the target and is renamed into place, so a failed or killed write
-never leaves a partial model at the target.
+Loading always uses Keras safe mode unless the caller opts out, and refuses files whose
+archive members point outside the archive or whose config declares far more weights than
+the file stores (Keras would allocate them before failing). Writing goes to a temporary
+path beside the target (`.NAME.PID.tmp...`), is flushed to disk and renamed into place, so
+a failed or killed write never leaves a partial model at the target: the target is the
+old file or the new one, and a killed writer leaves at most its hidden temporary behind.
 
 Example:
     >>> model = load_model("saved_models/digits_widened.keras")
@@ -10,10 +13,15 @@ Example:
     'out/model.tflite'
 """
 
+import errno
+import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 import zipfile
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import h5py
 import keras
@@ -23,6 +31,23 @@ from keras_embed.errors import InputError, UnsupportedLayerError
 MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
 FORMATS = ("keras", "h5", "savedmodel", "tflite")
 _SUFFIX_FORMATS = {".keras": "keras", ".h5": "h5", ".hdf5": "h5", ".tflite": "tflite"}
+_CONFIG_LIMIT = 16 * 2**20  # a larger config.json is left to Keras, which refuses it
+_SHAPE_KEYS = ("batch_shape", "batch_input_shape", "input_shape")
+_WEIGHTS_PER_BYTE = 8  # generous: a quantized layer stores one weight in half a byte
+_SLACK_BYTES = 2**20
+_DEFLATE_RATIO = 1032  # the most a zip member can expand: a larger declared size is a lie
+HDF5_TIMEOUT = 30  # seconds the isolated first read of an .h5 file's metadata may take
+_HDF5_PROBE = """
+import sys, h5py
+def read_attributes(name, item):
+    for key in item.attrs:
+        item.attrs[key]
+with h5py.File(sys.argv[1], "r") as file:
+    read_attributes("/", file)
+    file.visititems(read_attributes)
+    config = file.attrs.get("model_config")
+sys.stdout.write(config.decode() if isinstance(config, bytes) else config or "")
+"""
 
 
 def _first_line(error, limit=200):
@@ -43,10 +68,127 @@ def _check_model_path(path):
         raise InputError(f"unknown model format '{path.suffix or path.name}' of '{path}'; pass a .keras or .h5 file")
     if path.stat().st_size == 0:
         raise InputError(f"model file '{path}' is empty; re-save the model with model.save()")
-    valid = zipfile.is_zipfile(path) if path.suffix.lower() == ".keras" else h5py.is_hdf5(path)
-    if not valid:
-        kind = "a .keras archive (zip)" if path.suffix.lower() == ".keras" else "an HDF5 file"
+    kinds = {".keras": zipfile.is_zipfile(path), ".h5": h5py.is_hdf5(path)}
+    expected = ".keras" if path.suffix.lower() == ".keras" else ".h5"
+    if not kinds[expected]:
+        actual = next((suffix for suffix, found in kinds.items() if found), None)
+        if actual is not None:
+            raise InputError(f"model file '{path}' is a {actual} file despite its name; rename it to end in {actual}")
+        kind = "a .keras archive (zip)" if expected == ".keras" else "an HDF5 file"
         raise InputError(f"model file '{path}' is not {kind}: truncated or corrupt; re-save it with model.save()")
+    _check_contents(path)
+
+
+def _escapes(name):
+    """Whether an archive member would be extracted outside its folder (absolute or '..')."""
+    member = PureWindowsPath(name)  # reads '/' and '\\' separators and drive letters alike
+    return bool(member.drive or member.root) or ".." in member.parts
+
+
+def _size(value):
+    """A positive integer size from a config value, else 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _last_size(shape):
+    return _size(shape[-1]) if isinstance(shape, list) and shape else 0
+
+
+_LAYER_WEIGHTS = {  # weights Keras allocates for a layer, from its input width and config
+    "Dense": lambda inputs, config: (inputs + 1) * _size(config.get("units")),
+    "BatchNormalization": lambda inputs, config: 4 * inputs,
+}
+
+
+def declared_weights(config_text):
+    """Number of weights the Dense and BatchNormalization layers of a model config declare
+    (0 if the text is not JSON).
+
+    A layer's input width comes from its build_config; where that is missing it counts as
+    the widest width the config names, so the figure bounds what Keras allocates for them.
+
+    Example:
+        >>> declared_weights('{"class_name": "Dense", "config": {"units": 3}, '
+        ...                  '"build_config": {"input_shape": [null, 4]}}')
+        15
+    """
+    try:
+        config = json.loads(config_text)
+    except (TypeError, ValueError, RecursionError):
+        return 0
+    layers, widths, stack = [], [0], [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if str(node.get("class_name")) in _LAYER_WEIGHTS and isinstance(node.get("config"), dict):
+                layers.append(node)
+                widths.append(_size(node["config"].get("units")))
+            widths += [_last_size(node[key]) for key in _SHAPE_KEYS if key in node]
+            stack += node.values()
+        elif isinstance(node, list):
+            stack += node
+    total = 0
+    for layer in layers:
+        build = layer.get("build_config")
+        inputs = (_last_size(build.get("input_shape")) if isinstance(build, dict) else 0) or max(widths)
+        total += _LAYER_WEIGHTS[layer["class_name"]](inputs, layer["config"])
+    return total
+
+
+def _hdf5_config(path):
+    """The model config of an .h5 file, read with every attribute in a child process first.
+
+    A damaged file can send the HDF5 library into an endless loop that no Python code can
+    interrupt (found by fuzzing: one byte inserted into the config text); the child is
+    stopped after `HDF5_TIMEOUT` seconds instead.
+    """
+    try:
+        done = subprocess.run([sys.executable, "-I", "-c", _HDF5_PROBE, str(path)], capture_output=True,
+                              timeout=HDF5_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise InputError(f"model file '{path}' is a damaged HDF5 file: reading its metadata did not finish in "
+                         f"{HDF5_TIMEOUT} s; re-save it with model.save()") from None
+    if done.returncode != 0:
+        reason = (done.stderr.decode(errors="replace").strip().splitlines() or ["it crashed the reader"])[-1]
+        raise InputError(f"model file '{path}' is a damaged HDF5 file ({_first_line(reason)}); "
+                         "re-save it with model.save()")
+    return done.stdout.decode(errors="replace")
+
+
+def _config_and_stored_bytes(path):
+    """(config JSON text or None, bytes of everything else) of a .keras or .h5 file;
+    sizes an archive declares count only as far as its stored bytes can expand."""
+    if path.suffix.lower() != ".keras":
+        return _hdf5_config(path), path.stat().st_size
+    with zipfile.ZipFile(path) as archive:
+        members = archive.infolist()
+        escaping = [member.filename for member in members if _escapes(member.filename)]
+        if escaping:
+            raise InputError(
+                f"model file '{path}' holds an archive member '{escaping[0]}' that points outside the archive; "
+                "it is corrupt or was tampered with: do not use it, re-save the model with model.save()"
+            )
+        config = next((member for member in members if member.filename == "config.json"), None)
+        text = archive.read(config) if config is not None and config.file_size <= _CONFIG_LIMIT else None
+        return text, sum(min(member.file_size, _DEFLATE_RATIO * member.compress_size)
+                         for member in members if member is not config)
+
+
+def _check_contents(path):
+    """Refuses what Keras would act on before its own checks: archive members that escape
+    the extraction folder, and configs declaring far more weights than the file stores."""
+    try:
+        text, stored = _config_and_stored_bytes(path)
+    except InputError:
+        raise
+    except Exception:  # unreadable: Keras's own error follows, mapped in load_model
+        return
+    declared = declared_weights(text)
+    if declared > _WEIGHTS_PER_BYTE * (stored + _SLACK_BYTES):
+        raise InputError(
+            f"model file '{path}' declares {declared} weights but stores only {stored} bytes; "
+            "it is corrupt or was tampered with: re-save the model with model.save()"
+        )
 
 
 def load_model(path, unsafe=False):
@@ -72,13 +214,16 @@ def load_model(path, unsafe=False):
                 f"model '{path}' holds code (e.g. a Lambda layer) that safe mode refuses to run; "
                 "pass --unsafe only if you trust the file"
             ) from None
-        if "Could not locate" in message or "Unknown layer" in message:
+        missing = re.search(r"Could not locate (?:class|function) '([^']+)'", message)
+        if missing or "Unknown layer" in message:
             raise UnsupportedLayerError(
-                f"model '{path}' uses a custom class keras-embed cannot load ({_first_line(error)}); "
-                "only stock Keras layers are supported"
+                f"model '{path}' uses a custom class keras-embed cannot load "
+                f"({missing.group(1) if missing else _first_line(error)}); "
+                "only stock Keras layers are supported: rebuild the model from them"
             ) from None
         raise InputError(
-            f"could not read model '{path}' ({_first_line(error)}); is it a complete .keras or .h5 file?"
+            f"could not read model '{path}' ({_first_line(error)}): it is incomplete, corrupt or not a Keras model; "
+            "re-save it with model.save()"
         ) from None
 
 
@@ -117,31 +262,40 @@ def _check_target(path, taken):
         raise InputError(f"output '{path}' is also the model input or another output; choose another path")
     if not target.parent.is_dir():
         raise InputError(f"output folder '{target.parent}' does not exist; create it first")
-    if not os.access(target.parent, os.W_OK):
+    if not os.access(target.parent, os.W_OK, effective_ids=os.access in os.supports_effective_ids):
         raise InputError(f"output folder '{target.parent}' is not writable; choose another path")
     return target
 
 
-def check_side_output(path, *taken):
+def _check_new(target, path, overwrite):
+    if (target.exists() or target.is_symlink()) and not overwrite:
+        raise InputError(f"output '{path}' already exists; pass --overwrite to replace it, or choose a new path")
+
+
+def check_side_output(path, *taken, overwrite=False):
     """Validates the path of a report or other side file before any work is done.
 
     Args:
         path: the side file.
         taken: paths it must not overwrite (the input model, the output model).
+        overwrite: allow replacing an existing file.
     """
-    if _check_target(path, taken).is_dir():
+    target = _check_target(path, taken)
+    if target.is_dir():
         raise InputError(f"'{path}' is a folder; give a file path")
+    _check_new(target, path, overwrite)
 
 
-def check_output(path, input_path=None, format=None):
+def check_output(path, input_path=None, format=None, overwrite=False):
     """Validates a model output path before any work is done; returns its format.
 
-    An existing SavedModel folder may be replaced; any other existing folder is refused,
-    so no unrelated file is ever deleted.
+    An existing output is refused unless `overwrite`; even then only a file, or a
+    SavedModel folder when writing one, is replaced, so no unrelated file is ever deleted.
 
     Raises:
-        InputError: unknown format, output equal to (or holding) the input, a folder that is
-            not a SavedModel, missing or read-only folder.
+        InputError: unknown format, output equal to (or holding) the input, an existing
+            output without `overwrite`, a folder that is not a SavedModel, missing or
+            read-only folder.
     """
     format = output_format(path, format)
     target = _check_target(path, (input_path,))
@@ -149,6 +303,7 @@ def check_output(path, input_path=None, format=None):
     _check_replaceable(target, path, format)
     if source is not None and target in source.parents:
         raise InputError(f"output '{path}' is a folder holding the input model; choose a new path")
+    _check_new(target, path, overwrite)
     return format
 
 
@@ -183,15 +338,55 @@ def _remove(path):
         path.unlink()
 
 
-def _replace(temporary, target):
-    """Moves `temporary` onto `target`; an existing folder is swapped out, then removed."""
-    if target.is_dir() and not target.is_symlink():
-        old = target.with_name(f".{target.name}.{os.getpid()}.old")
-        os.replace(target, old)
-        os.replace(temporary, target)
-        shutil.rmtree(old, ignore_errors=True)
+def _temporary(target, suffix=""):
+    """The hidden temporary path beside `target` that this process writes first."""
+    return target.with_name(f".{target.name}.{os.getpid()}.tmp{suffix}")
+
+
+def _sync(path):
+    """Flushes a file, or a folder's entries (on POSIX), to disk."""
+    if path.is_dir() and os.name != "posix":
+        return
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _replace_folder(temporary, target, attempts=10):
+    """Swaps the folder `temporary` in at `target`, removing what was there.
+
+    Between the two renames the target is briefly absent; when another writer puts its
+    folder there meanwhile, that one is swapped out in turn: the last writer wins.
+    """
+    old = target.with_name(f".{target.name}.{os.getpid()}.old")
+    for _ in range(attempts):
+        try:
+            if target.is_dir() and not target.is_symlink():
+                os.replace(target, old)
+            os.replace(temporary, target)
+            return
+        except (FileNotFoundError, FileExistsError) as error:  # another writer moved the target
+            last = error
+        except OSError as error:
+            if error.errno != errno.ENOTEMPTY:
+                raise
+            last = error
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+    raise last
+
+
+def _publish(temporary, target):
+    """Flushes the finished `temporary` and renames it onto `target` (atomic for files)."""
+    for path in [*temporary.rglob("*"), temporary] if temporary.is_dir() else [temporary]:
+        _sync(path)
+    if temporary.is_dir():
+        _replace_folder(temporary, target)
     else:
         os.replace(temporary, target)
+    _sync(target.parent)
 
 
 def save_model(model, path, format=None):
@@ -208,10 +403,10 @@ def save_model(model, path, format=None):
     format = output_format(path, format)
     target = _target(path)
     _check_replaceable(target, path, format)
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp{_TEMP_SUFFIXES[format]}")
+    temporary = _temporary(target, _TEMP_SUFFIXES[format])
     try:
         _WRITERS[format](model, temporary)
-        _replace(temporary, target)
+        _publish(temporary, target)
     finally:
         _remove(temporary)
     return str(path)
@@ -220,9 +415,9 @@ def save_model(model, path, format=None):
 def write_text(path, text):
     """Writes a text file atomically (reports, JSON)."""
     target = _target(path)
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    temporary = _temporary(target)
     try:
         temporary.write_text(text)
-        os.replace(temporary, target)
+        _publish(temporary, target)
     finally:
         _remove(temporary)

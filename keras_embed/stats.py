@@ -4,7 +4,10 @@ Per hidden unit: pre-activation z and activation a = sigma(z) extremes, the coun
 positive z, and the moments of a least-squares affine fit a ~ slope * z + intercept.
 Per hidden layer, optionally: the Gram matrix of [a, 1]. Accumulation is float64 and
 batch-wise (moments merged with Chan's update, stable where raw sums cancel), so memory
-does not depend on the number of samples.
+does not depend on the number of samples. The Grams grow with the square of the width
+(8 (width + 1)^2 bytes: 512 MiB for 8,192 units), so `collect` refuses, before allocating
+anything, a pass whose Grams would exceed `GRAM_BUDGET`; each batch updates a Gram in
+blocks of rows, so the batch product stays small too.
 
 Example:
     >>> stats = collect(graph, x, batch_size=512)
@@ -21,6 +24,35 @@ import threadpoolctl
 
 from keras_embed.data import batches, check_inputs
 from keras_embed.errors import InputError
+
+GRAM_BUDGET = 256 * 2**20  # bytes of the Gram matrices one pass may hold: 5,791 units in one layer
+_GRAM_BLOCK = 1024  # Gram rows updated per product: 64 MiB of temporary at 8,192 units
+
+
+def gram_bytes(width):
+    """Bytes of the float64 Gram matrix of [a, 1] of a layer of `width` units."""
+    return 8 * (width + 1) ** 2
+
+
+def check_gram_memory(layers, budget=GRAM_BUDGET):
+    """Refuses Gram matrices of `layers`, held at once, that would exceed `budget` bytes.
+
+    Raises:
+        InputError: naming the widest layer and the memory needed; the batch size does not
+            change it, only statistics without a Gram (e.g. `prune --mode exact`) do.
+
+    Example:
+        >>> check_gram_memory(graph.layers[:-1])          # before collect(graph, x, gram=True)
+    """
+    layers = list(layers)
+    need = sum(gram_bytes(layer.width) for layer in layers)
+    if need > budget:
+        widest = max(layers, key=lambda layer: layer.width)
+        raise InputError(
+            f"layer '{widest.name}' has {widest.width} units: its statistics need a {need / 2**20:.0f} MiB Gram "
+            f"matrix (float64), above the {budget / 2**20:.0f} MiB budget, and a smaller --batch-size does not "
+            "change that; use --mode exact or analyze, which need no Gram, or a narrower layer"
+        )
 
 
 @dataclasses.dataclass
@@ -62,7 +94,9 @@ class LayerStats:
         self.a_mean += a_delta * n / total
         self.count = total
         if self.gram is not None:  # [a, 1]^T [a, 1] without building [a, 1]
-            self.gram[:-1, :-1] += a.T @ a
+            for start in range(0, self.width, _GRAM_BLOCK):
+                rows = slice(start, min(start + _GRAM_BLOCK, self.width))
+                self.gram[rows, :-1] += a[:, rows].T @ a
             sums = a.sum(axis=0)
             self.gram[:-1, -1] += sums
             self.gram[-1, :-1] += sums
@@ -130,7 +164,7 @@ def refresh_probe(probe, graph):
     return probe
 
 
-def collect(graph, data, batch_size=256, gram=True, on_batch=None, probe=None):
+def collect(graph, data, batch_size=256, gram=True, on_batch=None, probe=None, gram_budget=GRAM_BUDGET):
     """Runs the one pass of statistics.
 
     Args:
@@ -140,11 +174,17 @@ def collect(graph, data, batch_size=256, gram=True, on_batch=None, probe=None):
         gram: also accumulate each layer's Gram matrix ((width + 1)^2 float64 values).
         on_batch: called with the number of samples of each batch (for progress bars).
         probe: a `probe_model(graph)` to reuse (see `refresh_probe`); default: a new one.
+        gram_budget: bytes the Grams may take together (see `check_gram_memory`).
 
     Returns:
         `Stats` for the hidden layers of `graph`.
+
+    Raises:
+        InputError: unusable data, or Grams above `gram_budget`.
     """
     hidden = graph.layers[:-1]
+    if gram:
+        check_gram_memory(hidden, gram_budget)
     stats = Stats({
         layer.name: LayerStats(layer.width, np.zeros((layer.width + 1,) * 2) if gram else None)
         for layer in hidden

@@ -2,8 +2,10 @@
 
 Every test drives the click group through `CliRunner`, exactly as the console script
 does, and checks what a user sees: exit codes, the tables and JSON, the files written
-(loaded back with plain Keras, TensorFlow or the TFLite interpreter) and, for bad
-input, a one-line error that leaves the input untouched and the output folder clean.
+(loaded back with plain Keras, TensorFlow or the TFLite interpreter).
+
+Bad input (unreadable files, unusable data, outputs that cannot be written, bad options)
+has its own table in test_catalogue.py.
 
 The committed digits models are the main fixtures: `digits_widened.keras` (64-48-36-10)
 is `digits_narrow.keras` (64-16-12-10) grown by function-preserving embeddings, so
@@ -11,15 +13,12 @@ pruning the first must give back the widths and the outputs of the second.
 
 """
 
-import dataclasses
 import itertools
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
 
 import keras
 import numpy as np
@@ -348,12 +347,6 @@ def test_prune_force_writes_the_model_despite_failed_verification(tmp_path, near
     assert dense_widths(keras.saving.load_model(output)) == NARROW_WIDTHS
 
 
-def test_embed_exits_3_when_its_rounding_exceeds_atol(tmp_path):
-    result = invoke("embed", NARROW, "-o", tmp_path / "grown.keras", "--widen", "hidden_relu:0:0.3", "--atol", "1e-12")
-    assert_clean_error(result, 3)
-    assert listing(tmp_path) == []
-
-
 # ---------------------------------------------------------------- embed
 
 
@@ -392,144 +385,3 @@ def test_embed_bad_spec_is_a_usage_error_and_writes_nothing(tmp_path, specs, men
     message = assert_clean_error(result, 2)
     assert mentions in message
     assert listing(tmp_path) == []
-
-
-# ---------------------------------------------------------------- the bad-input catalogue
-
-
-SAME_AS_INPUT = "<the input>"
-
-
-def copy_of(source):
-    return lambda path: shutil.copyfile(source, path)
-
-
-def raw(make_bytes):
-    return lambda path: path.write_bytes(make_bytes())
-
-
-def saved(make_layers, shape=(5,)):
-    """Writes a small Sequential model: an input of `shape`, `make_layers()`, then Dense(3)."""
-    return lambda path: keras.Sequential([keras.Input(shape), *make_layers(), keras.layers.Dense(3)]).save(path)
-
-
-LAMBDA_MODEL = saved(lambda: [keras.layers.Lambda(lambda t: 2 * t)])
-
-
-@dataclasses.dataclass(frozen=True)
-class BadInput:
-    """One bad invocation: how to make its input, what to pass, what must come back."""
-
-    id: str
-    code: int
-    mentions: str  # a word the error line must contain
-    write_model: Callable | None = copy_of(WIDENED)  # None: the model file does not exist
-    model_name: str = "model.keras"
-    output: str = "out/result.keras"  # relative to tmp_path
-    data: Callable | None = None  # makes the --data array
-    extra: tuple = ()
-
-
-BAD_INPUTS = [
-    BadInput("missing-model", 2, "not found", write_model=None),
-    BadInput("empty-file", 2, "empty", raw(lambda: b"")),
-    BadInput("truncated-keras", 2, "truncated or corrupt", raw(lambda: WIDENED.read_bytes()[: WIDENED.stat().st_size // 2])),
-    BadInput("random-bytes", 2, "truncated or corrupt", raw(lambda: np.random.default_rng(0).bytes(4096))),
-    BadInput("unknown-model-extension", 2, ".txt", model_name="model.txt"),
-    BadInput("output-is-input", 2, "is also the model input", output=SAME_AS_INPUT),
-    BadInput("output-folder-missing", 2, "does not exist", output="missing/result.keras"),
-    BadInput("unknown-output-extension", 2, "cannot tell the format", output="out/result.onnx"),
-    BadInput("conv1d-layer", 4, "Conv1D", saved(lambda: [keras.layers.Conv1D(2, 3), keras.layers.Flatten()], shape=(8, 1))),
-    BadInput("layernorm-layer", 4, "LayerNormalization",
-             saved(lambda: [keras.layers.Dense(4), keras.layers.LayerNormalization()])),
-    BadInput("lambda-in-safe-mode", 2, "--unsafe", LAMBDA_MODEL),
-    BadInput("data-wrong-shape", 2, "shape", data=lambda: np.zeros((4, 7), "float32")),
-    BadInput("data-with-nan", 2, "NaN", data=lambda: np.where(np.eye(4, 64) > 0, np.nan, 0.0).astype("float32")),
-    BadInput("negative-atol", 2, "--atol", extra=("--atol", "-1")),
-    BadInput("non-numeric-atol", 2, "--atol", extra=("--atol", "abc")),
-]
-
-COMMANDS = {
-    "prune": ("prune",),
-    "embed": ("embed", "--widen", "0:0"),  # layer by index: fits every model here
-}
-
-
-@pytest.mark.parametrize("command", COMMANDS)
-@pytest.mark.parametrize("case", BAD_INPUTS, ids=[case.id for case in BAD_INPUTS])
-def test_bad_input_exits_with_one_line_and_touches_nothing(tmp_path, command, case):
-    inputs, outputs_folder = tmp_path / "in", tmp_path / "out"
-    inputs.mkdir()
-    outputs_folder.mkdir()
-    model = inputs / case.model_name
-    if case.write_model is not None:
-        case.write_model(model)
-    before = model.read_bytes() if model.exists() else None
-    output = model if case.output == SAME_AS_INPUT else tmp_path / case.output
-    data = ()
-    if case.data is not None:
-        np.save(tmp_path / "data.npy", case.data())
-        data = ("--data", tmp_path / "data.npy")
-    folders = {folder: listing(folder) for folder in (inputs, outputs_folder, output.parent)}
-
-    name, *options = COMMANDS[command]
-    result = invoke(name, model, "-o", output, *options, *data, *case.extra)
-
-    message = assert_clean_error(result, case.code)
-    assert case.mentions in message
-    assert result.stdout == ""
-    assert (model.read_bytes() if model.exists() else None) == before
-    assert {folder: listing(folder) for folder in folders} == folders  # no output, no temporary files
-
-
-def test_lambda_model_passes_loading_with_unsafe_and_is_then_unsupported(tmp_path):
-    model = tmp_path / "lambda.keras"
-    LAMBDA_MODEL(model)
-    message = assert_clean_error(invoke("prune", model, "-o", tmp_path / "out.keras", "--unsafe"), 4)
-    assert "Lambda" in message
-    assert listing(tmp_path) == ["lambda.keras"]
-
-
-@pytest.mark.parametrize("bad_model", [case for case in BAD_INPUTS if case.id in ("truncated-keras", "layernorm-layer")],
-                         ids=lambda case: case.id)
-def test_analyze_reports_bad_models_in_one_line(tmp_path, bad_model):
-    model = tmp_path / bad_model.model_name
-    bad_model.write_model(model)
-    assert bad_model.mentions in assert_clean_error(invoke("analyze", model), bad_model.code)
-
-
-# ---------------------------------------------------------------- side files and folders
-
-
-@pytest.mark.parametrize("clash", ["input", "output"])
-def test_prune_refuses_a_report_path_that_is_a_model_path(tmp_path, clash):
-    model, output = tmp_path / "model.keras", tmp_path / "out" / "result.keras"
-    shutil.copyfile(WIDENED, model)
-    output.parent.mkdir()
-    result = invoke("prune", model, "-o", output, "--report", model if clash == "input" else output)
-    assert_clean_error(result, 2)
-    assert model.read_bytes() == WIDENED.read_bytes()
-    assert listing(output.parent) == []
-
-
-@pytest.mark.parametrize("command", ["prune", "analyze"])
-def test_side_file_in_a_missing_folder_is_bad_input_and_writes_nothing(tmp_path, command):
-    side_file = tmp_path / "missing" / "report.json"
-    if command == "prune":
-        result = invoke("prune", WIDENED, "-o", tmp_path / "out.keras", "--report", side_file)
-    else:
-        result = invoke("analyze", WIDENED, "--json", side_file)
-    assert_clean_error(result, 2)
-    assert listing(tmp_path) == []
-
-
-def test_prune_never_deletes_the_folder_holding_its_input(tmp_path):
-    folder = tmp_path / "models"
-    folder.mkdir()
-    model = folder / "model.keras"
-    shutil.copyfile(WIDENED, model)
-    (folder / "notes.txt").write_text("keep me")
-    result = invoke("prune", model, "-o", f"{folder}/")
-    assert_clean_error(result, 2)
-    assert model.read_bytes() == WIDENED.read_bytes()
-    assert (folder / "notes.txt").read_text() == "keep me"

@@ -180,11 +180,16 @@ def test_check_output_refuses_an_existing_folder_that_is_not_a_savedmodel(tmp_pa
     assert listing(folder) == ["notes.txt"]
 
 
-def test_check_output_accepts_an_existing_savedmodel_folder_and_new_files(tmp_path):
-    export = tmp_path / "export"
+def test_check_output_replaces_an_existing_savedmodel_folder_or_file_only_with_overwrite(tmp_path):
+    export, model = tmp_path / "export", tmp_path / "old.keras"
     export.mkdir()
     (export / "saved_model.pb").write_bytes(b"")
-    assert check_output(f"{export}/") == "savedmodel"
+    model.write_bytes(b"old model")
+    for existing in (f"{export}/", model):
+        with pytest.raises(InputError, match="already exists; pass --overwrite"):
+            check_output(existing)
+    assert check_output(f"{export}/", overwrite=True) == "savedmodel"
+    assert check_output(model, overwrite=True) == "keras"
     assert check_output(tmp_path / "new.keras") == "keras"
 
 

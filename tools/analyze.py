@@ -38,7 +38,7 @@ def analyze(model, json_path, rtol, lin_tol, data, dataset, batch_size, unsafe):
     from keras_embed.stats import collect
 
     if json_path not in (None, "-"):
-        check_side_output(json_path, model)
+        check_side_output(json_path, model, overwrite=True)  # the table is regenerated on every run
     original = load_model(model, unsafe)
     graph = read_model(original)
     x, _ = calibration_data(data, dataset, original)

@@ -102,6 +102,8 @@ output_options = _options(
                  help="Where to write the model: .keras, .h5, .tflite, or a folder ending in / for a SavedModel."),
     click.option("--format", "format_", type=click.Choice(["keras", "h5", "savedmodel", "tflite"]),
                  help="Output format, when the extension does not say."),
+    click.option("--overwrite", is_flag=True,
+                 help="Replace the output (and report) if it exists; without it an existing one is an error (exit 2)."),
     click.option("--atol", type=click.FloatRange(min=0),
                  help="Largest allowed max abs output difference, for embed and exact prune "
                       "[default: 1e-4 times the output scale]."),

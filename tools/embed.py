@@ -31,7 +31,8 @@ def _parse(spec, option, fields):
 @click.option("--margin", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Smallest pre-activation of a --deepen layer on the data.")
 @handles_errors
-def embed(model, output, format_, atol, unsafe, data, dataset, batch_size, widen_specs, null_specs, deepen_layers, margin):
+def embed(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_size, widen_specs, null_specs,
+          deepen_layers, margin):
     """Grow MODEL by the Embedding Principle's embeddings; the outputs stay the same.
 
     All --widen steps run first, in order, then all --null steps, then all --deepen steps.
@@ -55,7 +56,7 @@ def embed(model, output, format_, atol, unsafe, data, dataset, batch_size, widen
         raise click.UsageError("nothing to do: give at least one --widen, --null or --deepen")
     if deepen_layers and data is None and dataset is None:
         raise click.UsageError("--deepen needs calibration data: give --data or --dataset")
-    format_ = check_output(output, model, format_)
+    format_ = check_output(output, model, format_, overwrite)
     original = load_model(model, unsafe)
     x, _ = calibration_data(data, dataset, original)
     graph = before = read_model(original)

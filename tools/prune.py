@@ -30,7 +30,7 @@ from keras_embed.tools.common import calibration_data, data_options, handles_err
 @click.option("--rtol", type=click.FloatRange(min=0), default=1e-6, show_default=True, help="Relative tolerance for zero and equal weights.")
 @click.option("--force", is_flag=True, help="Write the model even if verification fails.")
 @handles_errors
-def prune(model, output, format_, atol, unsafe, data, dataset, batch_size, validation, mode, max_accuracy_drop,
+def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_size, validation, mode, max_accuracy_drop,
           max_output_error, keep_ratio, target_params, cos, finetune, lin_tol, allow_growth, report, as_json, rtol, force):
     """Remove redundant units and layers from MODEL and write the smaller model to OUTPUT.
 
@@ -51,17 +51,22 @@ def prune(model, output, format_, atol, unsafe, data, dataset, batch_size, valid
     from keras_embed.compress import prune as prune_model
     from keras_embed.data import check_inputs, check_labels, load_data
     from keras_embed.io import check_output, check_side_output, load_model, save_model, write_text
+    from keras_embed.read import read_model
     from keras_embed.rules import rule_from_options
+    from keras_embed.stats import check_gram_memory
 
     rules = dict(max_accuracy_drop=max_accuracy_drop, max_output_error=max_output_error,
                  keep_ratio=keep_ratio, target_params=target_params)
     if mode != "data" and any(value is not None for value in rules.values()):
         raise click.UsageError("stopping rules (--max-accuracy-drop, ...) apply to --mode data only")
     rule = rule_from_options(**rules) if mode == "data" else None
-    format_ = check_output(output, model, format_)
+    format_ = check_output(output, model, format_, overwrite)
     if report:
-        check_side_output(report, model, output)
+        check_side_output(report, model, output, overwrite=overwrite)
     original = load_model(model, unsafe)
+    if mode == "data":  # it holds one layer's Gram at a time: refuse a too wide layer before any pass
+        for layer in read_model(original).layers[:-1]:
+            check_gram_memory([layer])
     x, y = calibration_data(data, dataset, original)
     held_out = held_out_y = None
     if validation is not None:
