@@ -31,7 +31,7 @@ from keras_embed.errors import InputError, UnsupportedLayerError
 MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
 FORMATS = ("keras", "h5", "savedmodel", "tflite")
 _SUFFIX_FORMATS = {".keras": "keras", ".h5": "h5", ".hdf5": "h5", ".tflite": "tflite"}
-_CONFIG_LIMIT = 16 * 2**20  # a larger config.json is left to Keras, which refuses it
+_CONFIG_LIMIT = 16 * 2**20  # a larger config.json is not parsed for the weights check
 _SHAPE_KEYS = ("batch_shape", "batch_input_shape", "input_shape")
 _WEIGHTS_PER_BYTE = 8  # generous: a quantized layer stores one weight in half a byte
 _SLACK_BYTES = 2**20
@@ -200,7 +200,10 @@ def load_model(path, unsafe=False):
             (Lambda layers, pickled functions): only for files you trust.
 
     Raises:
-        InputError: missing, empty, corrupt or code-carrying files, unknown extensions.
+        InputError: missing, empty, corrupt or code-carrying files, unknown extensions,
+            archive members that point outside the archive, configs declaring far more
+            weights than the file stores, .h5 files whose metadata cannot be read in
+            `HDF5_TIMEOUT` seconds.
         UnsupportedLayerError: custom layer classes Keras cannot find.
     """
     path = Path(path)
