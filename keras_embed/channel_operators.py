@@ -101,7 +101,7 @@ def output_minimum(network, layer, data, batch_size=256):
     """Per channel, the smallest value on `data` of what `layer`'s reader sees (its output
     after following Activation/Dropout layers): the `lower` of `deepen_after`."""
     from keras_embed.data import batches, check_inputs
-    from keras_embed.network import build_network
+    from keras_embed.network import build_network, probe_outputs
 
     node = network.node(layer)
     found = linear_chain(network, node) if node.kind in ("Dense", "Conv2D") else None
@@ -109,6 +109,6 @@ def output_minimum(network, layer, data, batch_size=256):
     probe = build_network(network, outputs=[end])
     lowest = np.full(node.width, np.inf)
     for batch in batches(data, batch_size):
-        values = np.asarray(probe.predict_on_batch(check_inputs(batch, probe))[0])
+        values = probe_outputs(probe, check_inputs(batch, probe))[0]
         lowest = np.minimum(lowest, values.reshape(-1, node.width).min(axis=0))
     return lowest

@@ -369,6 +369,13 @@ def _load_weights(layers):
             layer.set_weights([np.asarray(weight, dtype=dtype) for weight, dtype in zip(node.weights, dtypes)])
 
 
+def probe_outputs(probe, batch):
+    """The outputs of a probe from `build_network(..., outputs=names)` on `batch`, as a list
+    (Keras returns a lone array when there is one name)."""
+    values = probe.predict_on_batch(batch)
+    return [np.asarray(value) for value in values] if isinstance(values, (list, tuple)) else [np.asarray(values)]
+
+
 def build_network(network, outputs=None, split_activations=False):
     """A new functional Keras model of stock layers computing what `network` describes.
 

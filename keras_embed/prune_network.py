@@ -25,7 +25,7 @@ from keras_embed.channel_rules import find_channel_edits, weight_constants
 from keras_embed.channel_surgery import apply_maps, layout_gather
 from keras_embed.data import batches, check_inputs
 from keras_embed.linearity import DEFAULT_LIN_TOL, unit_regimes
-from keras_embed.network import PRODUCERS, build_network, read_network
+from keras_embed.network import PRODUCERS, build_network, probe_outputs, read_network
 from keras_embed.stats import LayerStats, one_blas_thread
 from keras_embed.verify import assert_outputs_preserved, calibration_inputs
 
@@ -46,8 +46,8 @@ def channel_statistics(network, data, batch_size=256, on_batch=None):
     values = {name: LayerStats(widths[name], None) for name in read}
     with one_blas_thread():
         for batch in batches(data, batch_size):
-            outputs = probe.predict_on_batch(check_inputs(batch, probe))
-            outputs = dict(zip(names, [np.asarray(output).reshape(-1, widths[name]) for name, output in zip(names, outputs)]))
+            outputs = probe_outputs(probe, check_inputs(batch, probe))
+            outputs = {name: output.reshape(-1, widths[name]) for name, output in zip(names, outputs)}
             for name, (z, a) in pairs.items():
                 regimes[name].update(outputs[z], outputs[a])
             for name in read:
