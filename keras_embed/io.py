@@ -29,8 +29,8 @@ import keras
 from keras_embed.errors import InputError, UnsupportedLayerError
 
 MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
-FORMATS = ("keras", "h5", "savedmodel", "tflite")
-_SUFFIX_FORMATS = {".keras": "keras", ".h5": "h5", ".hdf5": "h5", ".tflite": "tflite"}
+FORMATS = ("keras", "h5", "savedmodel", "tflite", "onnx")
+_SUFFIX_FORMATS = {".keras": "keras", ".h5": "h5", ".hdf5": "h5", ".tflite": "tflite", ".onnx": "onnx"}
 _CONFIG_LIMIT = 16 * 2**20  # a larger config.json is not parsed for the weights check
 _SHAPE_KEYS = ("batch_shape", "batch_input_shape", "input_shape")
 _WEIGHTS_PER_BYTE = 8  # generous: a quantized layer stores one weight in half a byte
@@ -38,15 +38,16 @@ _SLACK_BYTES = 2**20
 _DEFLATE_RATIO = 1032  # the most a zip member can expand: a larger declared size is a lie
 HDF5_TIMEOUT = 30  # seconds the isolated first read of an .h5 file's metadata may take
 _HDF5_PROBE = """
-import sys, h5py
+import json, sys, h5py
 def read_attributes(name, item):
     for key in item.attrs:
         item.attrs[key]
 with h5py.File(sys.argv[1], "r") as file:
     read_attributes("/", file)
     file.visititems(read_attributes)
-    config = file.attrs.get("model_config")
-sys.stdout.write(config.decode() if isinstance(config, bytes) else config or "")
+    config, version = file.attrs.get("model_config"), file.attrs.get("keras_version")
+text = lambda value: value.decode() if isinstance(value, bytes) else str(value or "")
+sys.stdout.write(json.dumps({"config": text(config), "keras_version": text(version)}))
 """
 
 
@@ -135,8 +136,9 @@ def declared_weights(config_text):
     return total
 
 
-def _hdf5_config(path):
-    """The model config of an .h5 file, read with every attribute in a child process first.
+def hdf5_metadata(path):
+    """{'config': model config text, 'keras_version': writer's Keras version} of an .h5 file,
+    read with every attribute in a child process first.
 
     A damaged file can send the HDF5 library into an endless loop that no Python code can
     interrupt (found by fuzzing: one byte inserted into the config text); the child is
@@ -152,14 +154,14 @@ def _hdf5_config(path):
         reason = (done.stderr.decode(errors="replace").strip().splitlines() or ["it crashed the reader"])[-1]
         raise InputError(f"model file '{path}' is a damaged HDF5 file ({_first_line(reason)}); "
                          "re-save it with model.save()")
-    return done.stdout.decode(errors="replace")
+    return json.loads(done.stdout.decode(errors="replace"))
 
 
 def _config_and_stored_bytes(path):
     """(config JSON text or None, bytes of everything else) of a .keras or .h5 file;
     sizes an archive declares count only as far as its stored bytes can expand."""
     if path.suffix.lower() != ".keras":
-        return _hdf5_config(path), path.stat().st_size
+        return hdf5_metadata(path)["config"], path.stat().st_size
     with zipfile.ZipFile(path) as archive:
         members = archive.infolist()
         escaping = [member.filename for member in members if _escapes(member.filename)]
@@ -189,6 +191,16 @@ def _check_contents(path):
             f"model file '{path}' declares {declared} weights but stores only {stored} bytes; "
             "it is corrupt or was tampered with: re-save the model with model.save()"
         )
+
+
+def check_model_file(path):
+    """Refuses a model file that `load_model` would refuse before reading it (see there).
+
+    Example:
+        >>> check_model_file("missing.keras")
+        InputError: model file 'missing.keras' not found; check the path
+    """
+    _check_model_path(Path(path))
 
 
 def load_model(path, unsafe=False):
@@ -233,7 +245,7 @@ def load_model(path, unsafe=False):
 def output_format(path, format=None):
     """The export format for `path`: `format` if given, else from its ending.
 
-    A path ending in '/' is a SavedModel folder; '.keras', '.h5' and '.tflite' name theirs.
+    A path ending in '/' is a SavedModel folder; '.keras', '.h5', '.tflite' and '.onnx' name theirs.
     """
     if format is not None:
         if format not in FORMATS:
@@ -247,7 +259,7 @@ def output_format(path, format=None):
     found = _SUFFIX_FORMATS.get(Path(path).suffix.lower())
     if found is None:
         raise InputError(
-            f"cannot tell the format of output '{path}'; end it with .keras, .h5, .tflite or / (SavedModel), "
+            f"cannot tell the format of output '{path}'; end it with .keras, .h5, .tflite, .onnx or / (SavedModel), "
             "or pass --format"
         )
     return found
@@ -330,8 +342,15 @@ def _write_savedmodel(model, path):
     model.export(str(path), format="tf_saved_model", verbose=False)
 
 
-_WRITERS = {"keras": _write_keras, "h5": _write_keras, "savedmodel": _write_savedmodel, "tflite": _write_tflite}
-_TEMP_SUFFIXES = {"keras": ".keras", "h5": ".h5", "savedmodel": "", "tflite": ".tflite"}
+def _write_onnx(model, path):
+    from keras_embed.export import write_onnx  # needs the optional onnx extra
+
+    write_onnx(model, path)
+
+
+_WRITERS = {"keras": _write_keras, "h5": _write_keras, "savedmodel": _write_savedmodel, "tflite": _write_tflite,
+            "onnx": _write_onnx}
+_TEMP_SUFFIXES = {"keras": ".keras", "h5": ".h5", "savedmodel": "", "tflite": ".tflite", "onnx": ".onnx"}
 
 
 def _remove(path):
@@ -392,13 +411,17 @@ def _publish(temporary, target):
     _sync(target.parent)
 
 
-def save_model(model, path, format=None):
+def save_model(model, path, format=None, writer=None, check=None):
     """Writes `model` atomically: into a temporary path beside `path`, then renamed.
 
     Args:
         model: the Keras model.
         path: target; the format comes from it unless `format` is given.
         format: one of `FORMATS`.
+        writer: `writer(model, temporary_path)` instead of the format's own writer
+            (quantized TFLite, tf_keras, ONNX: see `export`).
+        check: `check(temporary_path)`, called on what was written before it is renamed
+            into place; what it raises leaves the target untouched.
 
     Returns:
         The path written.
@@ -408,7 +431,9 @@ def save_model(model, path, format=None):
     _check_replaceable(target, path, format)
     temporary = _temporary(target, _TEMP_SUFFIXES[format])
     try:
-        _WRITERS[format](model, temporary)
+        (writer or _WRITERS[format])(model, temporary)
+        if check is not None:
+            check(temporary)
         _publish(temporary, target)
     finally:
         _remove(temporary)

@@ -99,8 +99,9 @@ data_options = _options(
 
 output_options = _options(
     click.option("-o", "--output", required=True, type=click.Path(path_type=str),
-                 help="Where to write the model: .keras, .h5, .tflite, or a folder ending in / for a SavedModel."),
-    click.option("--format", "format_", type=click.Choice(["keras", "h5", "savedmodel", "tflite"]),
+                 help="Where to write the model: .keras, .h5, .tflite, .onnx (needs the onnx extra), or a folder "
+                      "ending in / for a SavedModel; prune: without an extension, in the input's format."),
+    click.option("--format", "format_", type=click.Choice(["keras", "h5", "savedmodel", "tflite", "onnx"]),
                  help="Output format, when the extension does not say."),
     click.option("--overwrite", is_flag=True,
                  help="Replace the output (and report) if it exists; without it an existing one is an error (exit 2)."),

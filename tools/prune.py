@@ -29,10 +29,22 @@ from keras_embed.tools.common import calibration_data, data_options, handles_err
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout (the table goes to stderr).")
 @click.option("--rtol", type=click.FloatRange(min=0), default=1e-6, show_default=True, help="Relative tolerance for zero and equal weights.")
 @click.option("--force", is_flag=True, help="Write the model even if verification fails.")
+@click.option("--keep-format", is_flag=True,
+              help="Write the input's own format (a tf_keras .h5 or SavedModel is written by tf_keras, "
+                   "a plain SavedModel with model.export); -o may then omit the extension.")
+@click.option("--quantize", type=click.Choice(["float16", "int8"]),
+              help="Quantize a .tflite output; int8 calibrates on --data or --dataset. The export is checked "
+                   "within 1e-2 (float16) or 1e-1 (int8) times the output scale.")
 @handles_errors
 def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_size, validation, mode, max_accuracy_drop,
-          max_output_error, keep_ratio, target_params, cos, finetune, lin_tol, allow_growth, report, as_json, rtol, force):
+          max_output_error, keep_ratio, target_params, cos, finetune, lin_tol, allow_growth, report, as_json, rtol, force,
+          keep_format, quantize):
     """Remove redundant units and layers from MODEL and write the smaller model to OUTPUT.
+
+    MODEL is a .keras or .h5 file (Keras 3 or tf_keras), or a SavedModel folder: one
+    written by tf_keras is read by tf_keras in a child process, a plain one (model.export,
+    TF Serving) is rebuilt from its serving graph. Without an extension, OUTPUT takes the
+    input's own format.
 
     Exact mode, from the weights: zero-out units are dropped, constant units folded into
     the next bias, duplicate units merged, and layers with a linear activation composed
@@ -45,13 +57,21 @@ def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
     The condense and data modes approximate: the stopping rule must hold on --validation
     (else on the calibration data), or nothing is written and the exit code is 3.
 
+    The written file is loaded back by its own runtime (Keras, tf.saved_model, the TFLite
+    interpreter, tf_keras, onnxruntime) and its outputs compared on the calibration data;
+    above the tolerance nothing is written and the exit code is 3.
+
     \b
     Exit codes: 0 ok, 2 bad usage or input, 3 verification failed, 4 unsupported model.
     """
     from keras_embed.compress import prune as prune_model
     from keras_embed.data import check_inputs, check_labels, load_data
-    from keras_embed.io import check_output, check_side_output, load_model, save_model, write_text
+    from keras_embed.export import check_export_options, export_model
+    from keras_embed.interop import input_kind, load_input, resolve_output, writes_tf_keras
+    from keras_embed.io import check_output, check_side_output, write_text
     from keras_embed.read import read_model
+    from keras_embed.sparsity import sparsity_figures
+    from keras_embed.verify import calibration_inputs
     from keras_embed.rules import rule_from_options
     from keras_embed.stats import check_gram_memory
 
@@ -60,10 +80,13 @@ def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
     if mode != "data" and any(value is not None for value in rules.values()):
         raise click.UsageError("stopping rules (--max-accuracy-drop, ...) apply to --mode data only")
     rule = rule_from_options(**rules) if mode == "data" else None
+    kind = input_kind(model)
+    output, format_ = resolve_output(output, kind, format_, keep_format)
     format_ = check_output(output, model, format_, overwrite)
+    check_export_options(format_, quantize, data is not None or dataset is not None)
     if report:
         check_side_output(report, model, output, overwrite=overwrite)
-    original = load_model(model, unsafe)
+    original, kind, notes = load_input(model, unsafe)
     if mode == "data":  # it holds one layer's Gram at a time: refuse a too wide layer before any pass
         for layer in read_model(original).layers[:-1]:
             check_gram_memory([layer])
@@ -81,11 +104,16 @@ def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
             validation_labels=held_out_y, cos=cos, lin_tol=lin_tol, allow_growth=allow_growth,
             batch_size=batch_size, on_batch=bar.update,
         )
-    figures = result.to_dict()
+    figures = {"input": {"kind": kind, **notes}, **result.to_dict()}
+    sparsity = sparsity_figures(original, pruned)
+    if sparsity["zero_kernel_weights_before"]:
+        figures["sparsity"] = sparsity
     if finetune:
         pruned, figures["finetune"] = _finetune(original, pruned, x, y, finetune, held_out, held_out_y, batch_size)
+    check_x = calibration_inputs(pruned) if x is None else x
+    figures.update(export_model(pruned, output, check_x, format_, quantize, x, atol, force,
+                                writes_tf_keras(kind, keep_format)), output=output)
     text = json.dumps(figures, indent=2)
-    save_model(pruned, output, format_)
     if report:
         write_text(report, text + "\n")
     click.echo(summary(figures), err=as_json)
@@ -135,5 +163,13 @@ def summary(figures):
         tuned = figures["finetune"]
         lines.append(f"after {tuned['epochs']} epochs of fine-tuning: agreement {_percent(tuned['agreement'])}, "
                      f"accuracy {_percent(tuned.get('accuracy_after'))}")
+    if "sparsity" in figures:
+        sparse = figures["sparsity"]
+        lines.append(f"zero kernel weights: {sparse['zero_kernel_weights_before']} -> {sparse['zero_kernel_weights_after']} "
+                     f"({_percent(sparse['zeros_realized'])} became smaller dense layers, {sparse['params_removed']} params removed)")
+    quantized = f", {figures['export_quantize']}" if figures["export_quantize"] else ""
+    lines.append(f"input: {figures['input']['kind']} (read with {figures['input']['read_with']})   "
+                 f"output: {figures['output']} ({figures['export_format']}{quantized}), loaded back: "
+                 f"max abs difference {figures['export_max_abs_diff']:.3g} (atol {figures['export_atol']:.3g})")
     lines.append(f"seconds: {figures['seconds']}")
     return "\n".join(lines)
