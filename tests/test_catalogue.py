@@ -206,7 +206,7 @@ CATALOGUE = [
     Case("output-is-a-plain-folder", 2, ("not a SavedModel", "choose a new path"), output="out/",
          existing=(("out/notes.txt", b"keep me"),)),
     Case("output-folder-holds-input", 2, ("choose a new path",), output="in/"),
-    Case("output-unknown-extension", 2, ("cannot tell the format", "--format"), output="out/result.onnx"),
+    Case("output-unknown-extension", 2, ("cannot tell the format", "--format"), output="out/result.pb"),
     Case("report-is-input", 2, ("is also the model input", "choose another path"), args=("--report", "{model}"),
          commands=("prune",)),
     Case("report-is-output", 2, ("is also the model input or another output", "choose another path"),

@@ -158,9 +158,9 @@ def test_output_format_comes_from_the_path_unless_given(path, format, expected):
 
 
 @pytest.mark.parametrize("path, format, problem", [
-    ("model.onnx", None, "cannot tell the format"),
+    ("model.pb", None, "cannot tell the format"),
     ("model", None, "cannot tell the format"),
-    ("model.keras", "onnx", "unknown format 'onnx'"),
+    ("model.keras", "pb", "unknown format 'pb'"),
     ("model.keras", "tflite", "make them agree"),
     ("model.h5", "keras", "make them agree"),
 ])
