@@ -9,7 +9,9 @@ B into one layer when the composition is a layer of the same kind:
   bias the constant part, exact when B has no zero padding (`valid` or 1x1) or the
   constant part is zero;
 - any convolution then a 1x1 convolution (stride 1): P's kernel, strides and padding
-  with B's outputs.
+  with B's outputs;
+- two `valid` convolutions, the first of stride 1: one `valid` convolution whose kernel
+  spans both (usually larger than the two together, so only with `allow_growth`).
 The merged layer keeps B's name and activation. It is skipped when it would hold more
 weights than P and B together, unless `allow_growth`.
 
@@ -78,7 +80,26 @@ def compose(producer, reader, slope, intercept):
         kernel = np.einsum("hwim,mo->hwio", scaled, r_kernel[0, 0])
         config = {**reader.config, **{key: producer.config[key] for key in ("kernel_size", "strides", "padding")}}
         return (kernel, constant @ r_kernel[0, 0] + r_bias), config
+    if producer.kind == reader.kind == "Conv2D" and _unpadded(producer) and tuple(producer.config["strides"]) == (1, 1) \
+            and _unpadded(reader):
+        weights = _compose_full(scaled, r_kernel, constant, r_bias)
+        return weights, {**reader.config, "kernel_size": weights[0].shape[:2]}
     return None
+
+
+def _unpadded(node):
+    return node.config["padding"] == "valid"
+
+
+def _compose_full(scaled, r_kernel, constant, r_bias):
+    """Two `valid` convolutions (the first with stride 1) as one, of kernel size
+    (ph + rh - 1, pw + rw - 1): the reader's taps shift copies of the producer's kernel."""
+    (ph, pw, inputs, _), (rh, rw, _, outputs) = scaled.shape, r_kernel.shape
+    kernel = np.zeros((ph + rh - 1, pw + rw - 1, inputs, outputs))
+    for row in range(rh):
+        for column in range(rw):
+            kernel[row:row + ph, column:column + pw] += np.einsum("hwim,mo->hwio", scaled, r_kernel[row, column])
+    return kernel, np.einsum("m,hwmo->o", constant, r_kernel) + r_bias
 
 
 def collapse_linear(network, regimes, allow_growth=False):

@@ -3,9 +3,9 @@
 The `Network` counterpart of `compress.prune` (which handles Dense chains). Steps:
 1. with data, one streaming pass (`stats.LayerStats` per channel, over every sample and
    position) gives each producer's regime and the constant channels on the data;
-2. layers linear on the data (without data: with linear activations) fold into their
-   reader (`channel_collapse`);
-3. rounds of the channel rules (`channel_rules`) until none applies;
+2. rounds of the channel rules (`channel_rules`) until none applies;
+3. layers linear on the data (without data: with linear activations) fold into their
+   reader (`channel_collapse`), judged at the widths step 2 left, then step 2 again;
 4. the rebuilt model is checked against the original (`verify`).
 
 Example:
@@ -84,52 +84,88 @@ def _merge_constants(from_weights, from_data):
             for name, values in from_weights.items()}
 
 
-def channel_rounds(network, known=None, rtol=1e-6):
-    """Applies the channel rules until none applies. `known`: constants measured on data
-    (node -> value per position), carried along as channels go. Returns (network, rounds)."""
-    known, rounds = dict(known or {}), 0
+def channel_rounds(network, known=None, regimes=None, rtol=1e-6):
+    """Applies the channel rules until none applies.
+
+    Args:
+        known: constants measured on data (node -> value per position).
+        regimes: producer -> `Regimes` of its channels.
+        Both are carried along as channels go (kept channels keep their values).
+
+    Returns:
+        (network, known, regimes) after the last round.
+    """
+    known, regimes = dict(known or {}), dict(regimes or {})
     while True:
         constants = _merge_constants(weight_constants(network), known)
         maps = find_channel_edits(network, constants, rtol)
         if not maps:
-            return network, rounds
+            return network, known, regimes
         known = {name: values[layout_gather(network, name, maps)] for name, values in known.items() if name in network.by_name}
-        network, rounds = apply_maps(network, maps, constants), rounds + 1
+        regimes = {name: regime.subset(maps[network.groups[name]].keep) if network.groups[name] in maps else regime
+                   for name, regime in regimes.items()}
+        network = apply_maps(network, maps, constants)
 
 
 @dataclasses.dataclass(frozen=True)
-class NetworkReport:
-    """What `prune_network` did: before/after networks, collapsed layers, checks."""
+class Reduction:
+    """A network before and after the rules, and what they found."""
 
     before: object
     after: object
     collapsed: list
     skipped: list
     regimes: dict
+
+    def layers(self):
+        """One row per Dense/Conv2D layer: widths before and after, channels removed,
+        share of channels linear on the data (None without data, for non-candidates)."""
+        after = self.after.by_name
+        rows = []
+        for node in self.before.nodes:
+            if node.kind not in PRODUCERS:
+                continue
+            width_after = after[node.name].width if node.name in after else 0
+            regime = self.regimes.get(node.name)
+            rows.append({
+                "name": node.name, "kind": node.kind, "width_before": node.width, "width_after": width_after,
+                "channels_removed": node.width - width_after if width_after else 0,
+                "linearized": None if regime is None else round(float(regime.linear.mean()), 4),
+            })
+        return rows
+
+
+def reduce_network(network, data=None, rtol=1e-6, lin_tol=DEFAULT_LIN_TOL, allow_growth=False, batch_size=256, on_batch=None):
+    """Steps 1-3 of the module docstring on a `Network`; returns the `Reduction`."""
+    stats, values = channel_statistics(network, data, batch_size, on_batch) if data is not None else (None, {})
+    regimes = producer_regimes(network, stats, lin_tol, rtol)
+    reduced, known, current = channel_rounds(network, data_constants(values, rtol), regimes, rtol)
+    reduced, collapsed, skipped = collapse_linear(reduced, current, allow_growth)  # at the smallest widths
+    reduced, _, _ = channel_rounds(reduced, known, rtol=rtol)
+    return Reduction(network, reduced, collapsed, skipped, regimes)
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkReport:
+    """What `prune_network` did: the `Reduction` and the verification figures."""
+
+    reduction: Reduction
     calibration: str
     checks: dict
     seconds: float
 
     def to_dict(self):
-        after = {node.name: node for node in self.after.nodes}
-        producers = [node for node in self.before.nodes if node.kind in PRODUCERS]
-        layers = []
-        for node in producers:
-            width_after = after[node.name].width if node.name in after else 0
-            regime = self.regimes.get(node.name)
-            layers.append({
-                "name": node.name, "kind": node.kind, "width_before": node.width, "width_after": width_after,
-                "channels_removed": node.width - width_after,
-                "linearized": None if regime is None else round(float(regime.linear.mean()), 4),
-            })
+        before, after = self.reduction.before, self.reduction.after
+        layers = self.reduction.layers()
         return {
             "mode": "exact",
-            "params_before": self.before.params, "params_after": self.after.params,
-            "depth_before": len(producers), "depth_after": sum(node.kind in PRODUCERS for node in self.after.nodes),
-            "flops_before": self.before.flops, "flops_after": self.after.flops,
+            "params_before": before.params, "params_after": after.params,
+            "depth_before": sum(node.kind in PRODUCERS for node in before.nodes),
+            "depth_after": sum(node.kind in PRODUCERS for node in after.nodes),
+            "flops_before": before.flops, "flops_after": after.flops,
             "layers": layers,
-            "removed": {"channels": sum(layer["channels_removed"] for layer in layers if layer["width_after"])},
-            "collapsed_layers": self.collapsed, "not_collapsed_would_grow": self.skipped,
+            "removed": {"channels": sum(layer["channels_removed"] for layer in layers)},
+            "collapsed_layers": self.reduction.collapsed, "not_collapsed_would_grow": self.reduction.skipped,
             **self.checks, "calibration": self.calibration, "seconds": round(self.seconds, 3),
         }
 
@@ -145,12 +181,8 @@ def prune_network(model, rtol=1e-6, data=None, atol=None, force=False, *, valida
         VerificationError: outputs differ by more than `atol` (and not `force`).
     """
     start = time.perf_counter()
-    network = before = read_network(model)
-    stats, values = channel_statistics(network, data, batch_size, on_batch) if data is not None else (None, {})
-    regimes = producer_regimes(network, stats, lin_tol, rtol)
-    network, collapsed, skipped = collapse_linear(network, regimes, allow_growth)
-    network, _ = channel_rounds(network, data_constants(values, rtol), rtol)
-    pruned = build_network(network)
+    reduction = reduce_network(read_network(model), data, rtol, lin_tol, allow_growth, batch_size, on_batch)
+    pruned = build_network(reduction.after)
     calibration = "user data"
     if data is None:
         data, calibration = calibration_inputs(model), "1024 seeded standard-normal inputs"
@@ -159,4 +191,4 @@ def prune_network(model, rtol=1e-6, data=None, atol=None, force=False, *, valida
     if validation is not None:
         checks["max_abs_diff_validation"] = assert_outputs_preserved(model, pruned, validation, atol, not force, batch_size)[0]
         checks["verified"] = checks["verified"] and checks["max_abs_diff_validation"] <= atol
-    return pruned, NetworkReport(before, network, collapsed, skipped, regimes, calibration, checks, time.perf_counter() - start)
+    return pruned, NetworkReport(reduction, calibration, checks, time.perf_counter() - start)

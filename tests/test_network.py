@@ -124,7 +124,7 @@ def test_property_deepen_then_prune_with_data_restores_depth(cnn, data):
     pruned, report = prune_network(deep, data=x)
     producers = lambda m: sum(node.kind in PRODUCERS for node in read_network(m).nodes)  # noqa: E731
     assert producers(pruned) <= producers(model)  # a layer of the model may be linear on x too
-    assert len(report.collapsed) >= len(deepened)
+    assert len(report.reduction.collapsed) >= len(deepened)
     _assert_same_outputs(model, pruned, x, rtol=1e-4)
 
 
@@ -199,6 +199,25 @@ def test_positive_multiple_filters_merge_on_a_relu_path():
     pruned, _ = prune_network(model)
     assert read_network(pruned).node("first").width == 2
     _assert_same_outputs(model, pruned, _inputs(model))
+
+
+@pytest.mark.parametrize("allow_growth", [False, True])
+def test_two_valid_convolutions_fold_into_a_larger_one_only_with_allow_growth(allow_growth):
+    image = keras.Input((7, 7, 2))
+    first = keras.layers.Conv2D(1, 3, activation="relu", name="first")(image)  # 19 + 10 weights; merged: 66
+    second = keras.layers.Conv2D(2, 2, strides=2, name="second")(first)
+    model = _randomize(keras.Model(image, keras.layers.Flatten()(second)), np.random.default_rng(4))
+    kernel, bias = model.get_layer("first").get_weights()
+    model.get_layer("first").set_weights([kernel, np.abs(bias) + 20.0])  # relu never clips on the data
+    x = _inputs(model)
+    pruned, report = prune_network(model, data=x, allow_growth=allow_growth)
+    figures = report.to_dict()
+    if allow_growth:
+        assert figures["collapsed_layers"] == ["first"] and figures["depth_after"] == 1
+        assert tuple(pruned.get_layer("second").kernel_size) == (4, 4)
+    else:
+        assert figures["not_collapsed_would_grow"] == ["first"] and figures["depth_after"] == 2
+    _assert_same_outputs(model, pruned, x, rtol=1e-4)
 
 
 def test_batchnorm_after_conv_is_folded():

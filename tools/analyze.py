@@ -7,6 +7,7 @@ import click
 from keras_embed.tools.common import calibration_data, data_options, handles_errors, progress, table, unsafe_option
 
 COLUMNS = ("layer", "width", "zero_out", "constant", "duplicate_groups", "duplicates", "effective_width")
+NETWORK_COLUMNS = ("name", "kind", "width_before", "width_after", "channels_removed", "linearized")
 DATA_COLUMNS = ("layer", "width", "zero_out", "dead", "constant", "duplicate_groups", "duplicates",
                 "linear_fraction", "collapsed", "effective_width")
 
@@ -28,27 +29,36 @@ def analyze(model, json_path, rtol, lin_tol, data, dataset, batch_size, unsafe):
     multiple, for relu, leaky_relu and linear). With --data or --dataset it also shows
     units dead or constant on the data and the fraction of units in a linear regime;
     layers whose units are all linear collapse. The effective width is what `prune` keeps.
+    Convolutional and branching models: channels per Dense/Conv2D layer before and after
+    the rules, and the share linear on the data.
 
     \b
     Exit codes: 0 ok, 2 bad usage or input, 4 unsupported model.
     """
     from keras_embed.compress import analyze as analyze_graph
     from keras_embed.io import check_side_output, load_model, write_text
-    from keras_embed.read import read_model
+    from keras_embed.network import read_network
+    from keras_embed.prune_network import reduce_network
+    from keras_embed.read import is_chain, read_model
     from keras_embed.stats import collect
 
     if json_path not in (None, "-"):
         check_side_output(json_path, model, overwrite=True)  # the table is regenerated on every run
     original = load_model(model, unsafe)
-    graph = read_model(original)
     x, _ = calibration_data(data, dataset, original)
-    stats = None
-    if x is not None:
-        with progress(len(x), "statistics") as bar:
-            stats = collect(graph, x, batch_size, gram=False, on_batch=bar.update)
-    rows = analyze_graph(graph, stats, rtol, lin_tol)
+    if is_chain(original):
+        graph = read_model(original)
+        stats = None
+        if x is not None:
+            with progress(len(x), "statistics") as bar:
+                stats = collect(graph, x, batch_size, gram=False, on_batch=bar.update)
+        rows, columns = analyze_graph(graph, stats, rtol, lin_tol), COLUMNS if stats is None else DATA_COLUMNS
+    else:
+        with progress(0 if x is None else len(x), "statistics") as bar:
+            reduction = reduce_network(read_network(original), x, rtol, lin_tol, batch_size=batch_size, on_batch=bar.update)
+        rows, columns = reduction.layers(), NETWORK_COLUMNS
     text = json.dumps({"model": model, "layers": rows}, indent=2)
-    click.echo(table(rows, COLUMNS if stats is None else DATA_COLUMNS), err=json_path == "-")
+    click.echo(table(rows, columns), err=json_path == "-")
     if json_path == "-":
         click.echo(text)
     elif json_path:
