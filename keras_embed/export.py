@@ -19,6 +19,10 @@ Example:
     True
 """
 
+import contextlib
+import io
+from pathlib import Path
+
 import numpy as np
 
 from keras_embed.errors import InputError, VerificationError
@@ -66,7 +70,9 @@ def write_tflite(model, path, quantize=None, representative=None):
     elif quantize == "int8":
         rows = np.asarray(representative[:REPRESENTATIVE_ROWS], dtype=np.float32)
         converter.representative_dataset = lambda: ([row[None]] for row in rows)
-    path.write_bytes(converter.convert())
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints the SavedModel it converts through
+        flatbuffer = converter.convert()
+    Path(path).write_bytes(flatbuffer)
 
 
 def write_onnx(model, path):

@@ -329,9 +329,9 @@ def _check_replaceable(target, path, format):
 
 
 def _write_tflite(model, path):
-    import tensorflow as tf  # only this format needs TensorFlow directly
+    from keras_embed.export import write_tflite
 
-    Path(path).write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    write_tflite(model, path)
 
 
 def _write_keras(model, path):
