@@ -19,7 +19,7 @@ $(INSTALLED): $(BIN)/python setup.cfg pyproject.toml
 	touch $@
 
 demo: $(INSTALLED)
-	@mkdir -p $(DEMO)
+	@rm -rf $(DEMO) && mkdir -p $(DEMO)  # outputs are never overwritten silently: start clean
 	@echo "== redundancy in a digits MLP that was widened 16-12 -> 48-36 by function-preserving embeddings"
 	$(BIN)/keras-embed analyze saved_models/digits_widened.keras
 	@echo "== prune it, verified on held-out digits"
@@ -33,6 +33,15 @@ demo: $(INSTALLED)
 		--deepen hidden_relu --deepen hidden_tanh --dataset digits
 	$(BIN)/keras-embed prune $(DEMO)/digits_lifted.keras -o $(DEMO)/digits_unlifted.keras \
 		--dataset digits --validation saved_models/digits_heldout.npz
+	@echo "== a residual CNN whose channels were split (both branches of its Add at once): prune it back"
+	$(BIN)/keras-embed prune saved_models/digits_cnn_widened.keras -o $(DEMO)/digits_cnn_pruned.keras
+	$(BIN)/python saved_models/compare.py saved_models/digits_cnn.keras $(DEMO)/digits_cnn_pruned.keras \
+		--data saved_models/digits_images_heldout.npz
+	@echo "== lift the CNN (an identity 1x1 relu convolution after res_a), then prune the lift away"
+	$(BIN)/keras-embed embed saved_models/digits_cnn.keras -o $(DEMO)/digits_cnn_lifted.keras \
+		--deepen res_a --data saved_models/digits_images_heldout.npz
+	$(BIN)/keras-embed prune $(DEMO)/digits_cnn_lifted.keras -o $(DEMO)/digits_cnn_unlifted.keras \
+		--data saved_models/digits_images_heldout.npz
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests

@@ -357,7 +357,7 @@ def _tensors(network, inputs, split_activations=False):
         arguments = [tensors[source] for source in node.inputs]
         tensors[node.name] = tensors[f"{node.name}/z"] = layer(arguments if node.kind in MERGING else arguments[0])
         if split:
-            tensors[node.name] = keras.layers.Activation(node.activation)(tensors[node.name])
+            tensors[node.name] = keras.layers.Activation(node.activation, name=f"{node.name}_probe_activation")(tensors[node.name])
         layers.append((layer, node))
     return tensors, layers
 
