@@ -275,3 +275,16 @@ def test_cli_refuses_approximate_modes_for_networks(tmp_path, saved_models):
     result = CliRunner().invoke(main, ["prune", str(saved_models / "digits_cnn.keras"), "-o", str(tmp_path / "p.keras"),
                                        "--mode", "condense"])
     assert result.exit_code == 4 and "--mode exact" in result.output
+
+
+def test_data_pass_works_when_the_model_has_a_layer_called_activation():
+    """The probe splits each Dense/Conv2D from its activation; its new layers must not
+    take names the model already uses."""
+    image = keras.Input((5, 5, 1))
+    first = keras.layers.Conv2D(3, 3, activation="relu", name="first")(image)
+    second = keras.layers.Conv2D(2, 1, name="second")(keras.layers.Activation("tanh", name="activation")(first))
+    model = _randomize(keras.Model(image, keras.layers.Flatten()(second)), np.random.default_rng(5))
+    x = _inputs(model)
+    pruned, report = prune_network(model, data=x)
+    assert report.to_dict()["verified"]
+    _assert_same_outputs(model, pruned, x)
