@@ -11,16 +11,13 @@ Writes, beside this script:
     digits_images_heldout.npz   held-out images `x` (n, 8, 8, 1) and labels `y`
 """
 
-from pathlib import Path
-
 import keras
 import numpy as np
 
 from keras_embed.channel_operators import widen_channel
 from keras_embed.data import bundled_dataset
 from keras_embed.network import build_network, read_network
-
-HERE = Path(__file__).parent
+from make_examples import save_examples, split  # the same split and files as the MLP examples
 
 
 def train_cnn(x, y):
@@ -55,15 +52,10 @@ def grow(network, rng):
 def main():
     x, y = bundled_dataset("digits")
     x = x.reshape(-1, 8, 8, 1)
-    order = np.random.default_rng(0).permutation(len(x))
-    train, heldout = order[:1500], order[1500:]
+    train = split(x)[0]
     narrow = train_cnn(x[train], y[train])
     wide = build_network(grow(read_network(narrow), np.random.default_rng(1)))
-    accuracy = float(np.mean(np.argmax(narrow.predict(x[heldout], verbose=0), axis=1) == y[heldout]))
-    gap = float(np.abs(narrow.predict(x[heldout], verbose=0) - wide.predict(x[heldout], verbose=0)).max())
-    narrow.save(HERE / "digits_cnn.keras")
-    wide.save(HERE / "digits_cnn_widened.keras")
-    np.savez(HERE / "digits_images_heldout.npz", x=x[heldout], y=y[heldout])
+    accuracy, gap = save_examples(narrow, wide, x, y, ("digits_cnn.keras", "digits_cnn_widened.keras", "digits_images_heldout.npz"))
     print(f"params {narrow.count_params()} -> widened {wide.count_params()}, held-out accuracy {accuracy:.3f}, "
           f"max abs difference narrow vs widened {gap:.2e}")
 

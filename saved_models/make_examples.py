@@ -59,17 +59,30 @@ def grow(graph, rng):
     return graph
 
 
-def main():
-    x, y = bundled_dataset("digits")  # what --dataset digits gives
+def split(x):
+    """Seeded indices: 1,500 training rows, the rest held out."""
     order = np.random.default_rng(0).permutation(len(x))
-    train, heldout = order[:1500], order[1500:]
-    narrow = train_narrow(x[train], y[train])
-    wide = build_model(grow(read_model(narrow), np.random.default_rng(1)))
+    return order[:1500], order[1500:]
+
+
+def save_examples(narrow, wide, x, y, names):
+    """Saves the narrow and wide models and the held-out data under `names` (three file
+    names) and returns held-out accuracy and the narrow-vs-wide max abs output difference."""
+    heldout = split(x)[1]
     accuracy = float(np.mean(np.argmax(narrow.predict(x[heldout], verbose=0), axis=1) == y[heldout]))
     gap = float(np.abs(narrow.predict(x[heldout], verbose=0) - wide.predict(x[heldout], verbose=0)).max())
-    narrow.save(HERE / "digits_narrow.keras")
-    wide.save(HERE / "digits_widened.keras")
-    np.savez(HERE / "digits_heldout.npz", x=x[heldout], y=y[heldout])
+    narrow.save(HERE / names[0])
+    wide.save(HERE / names[1])
+    np.savez(HERE / names[2], x=x[heldout], y=y[heldout])
+    return accuracy, gap
+
+
+def main():
+    x, y = bundled_dataset("digits")  # what --dataset digits gives
+    train = split(x)[0]
+    narrow = train_narrow(x[train], y[train])
+    wide = build_model(grow(read_model(narrow), np.random.default_rng(1)))
+    accuracy, gap = save_examples(narrow, wide, x, y, ("digits_narrow.keras", "digits_widened.keras", "digits_heldout.npz"))
     print(f"narrow {read_model(narrow).widths}, widened {read_model(wide).widths}, "
           f"held-out accuracy {accuracy:.3f}, max abs difference narrow vs widened {gap:.2e}")
 
