@@ -11,7 +11,8 @@ tf_keras installed, a tf_keras .h5 file is read by Keras 3's legacy loader and a
 SavedModel by its serving graph (`savedmodel_graph`), and the notes say so.
 
 Example:
-    >>> model, kind, notes = load_input("legacy_model/")
+    >>> kind = input_kind("legacy_model/")
+    >>> model, notes = load_input("legacy_model/", kind)
     >>> kind, resolve_output("out/pruned", kind)
     ('tf_keras_savedmodel', ('out/pruned', 'savedmodel'))
 """
@@ -46,11 +47,11 @@ def input_kind(path):
     return None
 
 
-def load_input(path, unsafe=False):
-    """Loads a model of any of `KINDS` as a Keras 3 model.
+def load_input(path, kind, unsafe=False):
+    """Loads a model of `kind` (from `input_kind`) as a Keras 3 model.
 
     Returns:
-        (model, kind, notes): notes is a dict saying how it was read (read_with, and for
+        (model, notes): notes is a dict saying how it was read (read_with, and for
         tf_keras inputs the layer classes and whether tfmot wrappers were stripped).
 
     Raises:
@@ -60,19 +61,18 @@ def load_input(path, unsafe=False):
     from keras_embed.savedmodel_graph import read_savedmodel
     from keras_embed.tf_keras_bridge import read_tf_keras, refuse_code, tf_keras_installed
 
-    kind = input_kind(path)
     if kind == "savedmodel":
-        return read_savedmodel(path), kind, {"read_with": "serving graph"}
+        return read_savedmodel(path), {"read_with": "serving graph"}
     if kind in ("tf_keras_h5", "tf_keras_savedmodel"):
         if kind == "tf_keras_h5":
             refuse_code(hdf5_metadata(path)["config"], path, unsafe)
         if tf_keras_installed():
             model, notes = read_tf_keras(path, unsafe)
-            return model, kind, {"read_with": "tf_keras", **notes}
+            return model, {"read_with": "tf_keras", **notes}
         if kind == "tf_keras_savedmodel":
-            return read_savedmodel(path), kind, {"read_with": "serving graph (tf_keras is not installed)"}
-        return load_model(path, unsafe), kind, {"read_with": "Keras 3 legacy .h5 loader (tf_keras is not installed)"}
-    return load_model(path, unsafe), kind, {"read_with": "keras"}
+            return read_savedmodel(path), {"read_with": "serving graph (tf_keras is not installed)"}
+        return load_model(path, unsafe), {"read_with": "Keras 3 legacy .h5 loader (tf_keras is not installed)"}
+    return load_model(path, unsafe), {"read_with": "keras"}
 
 
 def resolve_output(output, kind, format=None, keep_format=False):

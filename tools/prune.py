@@ -86,7 +86,7 @@ def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
     check_export_options(format_, quantize, data is not None or dataset is not None)
     if report:
         check_side_output(report, model, output, overwrite=overwrite)
-    original, kind, notes = load_input(model, unsafe)
+    original, notes = load_input(model, kind, unsafe)
     if mode == "data":  # it holds one layer's Gram at a time: refuse a too wide layer before any pass
         for layer in read_model(original).layers[:-1]:
             check_gram_memory([layer])
@@ -112,11 +112,11 @@ def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
         pruned, figures["finetune"] = _finetune(original, pruned, x, y, finetune, held_out, held_out_y, batch_size)
     check_x = calibration_inputs(pruned) if x is None else x
     figures.update(export_model(pruned, output, check_x, format_, quantize, x, atol, force,
-                                writes_tf_keras(kind, keep_format)), output=output)
+                                writes_tf_keras(kind, keep_format)))
     text = json.dumps(figures, indent=2)
     if report:
         write_text(report, text + "\n")
-    click.echo(summary(figures), err=as_json)
+    click.echo(summary(figures, output), err=as_json)
     if as_json:
         click.echo(text)
 
@@ -137,8 +137,8 @@ def _percent(value):
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
-def summary(figures):
-    """Before/after table and the figures that prove the result."""
+def summary(figures, output):
+    """Before/after table and the figures that prove the result, written to `output`."""
     removed = ", ".join(f"{count} {kind.replace('_', '-')}" for kind, count in figures["removed"].items())
     lines = [
         table(figures["layers"], ("name", "width_before", "width_after", "linearized")),
@@ -169,7 +169,7 @@ def summary(figures):
                      f"({_percent(sparse['zeros_realized'])} became smaller dense layers, {sparse['params_removed']} params removed)")
     quantized = f", {figures['export_quantize']}" if figures["export_quantize"] else ""
     lines.append(f"input: {figures['input']['kind']} (read with {figures['input']['read_with']})   "
-                 f"output: {figures['output']} ({figures['export_format']}{quantized}), loaded back: "
+                 f"output: {output} ({figures['export_format']}{quantized}), loaded back: "
                  f"max abs difference {figures['export_max_abs_diff']:.3g} (atol {figures['export_atol']:.3g})")
     lines.append(f"seconds: {figures['seconds']}")
     return "\n".join(lines)
