@@ -116,7 +116,9 @@ def compress_layer(graph, index, reference, data, tolerance=None, keep_ratio=Non
     stats = regression_stats(graph, index, reference, data, batch_size)
     order, energies = greedy_selection(stats.gram, stats.cross, stats.energy)
     layer = graph.layers[index]
-    units = sorted(order[: units_to_keep(energies, layer.width, tolerance, keep_ratio)])
+    count = units_to_keep(energies, layer.width, tolerance, keep_ratio)
+    rest = [unit for unit in range(layer.width) if unit not in order]  # explain nothing (e.g. dead on the data)
+    units = sorted((list(order) + rest)[:count])  # a layer keeps at least one unit
     kernel, bias = refit(stats.gram, stats.cross, units)
     edit = Refit(layer.name, layer.width, tuple(units), kernel.tolist(), bias.tolist())
     return apply_edit(graph, edit), edit

@@ -168,10 +168,6 @@ def test_property_data_mode_meets_its_stopping_rule_or_returns_nothing(data):
         assert all(1 <= count <= math.ceil(rule.value * width) for count, width in zip(kept, widths))
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "compensate.compress_layer keeps no unit of a layer whose units are all dead on the data (greedy_selection "
-    "selects none), and Refit's check then fails with 'refit was planned for layer ... of width 1, found width 1'; "
-    "it should keep one unit (found by the property above)"))
 def test_data_mode_keeps_a_unit_of_a_layer_dead_on_the_data():
     model = make_mlp([1, 1, 2], ["relu", "relu"], inputs=2, seed=0)  # hidden_1 is dead on these inputs
     pruned, report = prune(model, data=inputs_for(model), mode="data", rule=Rule("keep_ratio", 1.0))
