@@ -13,7 +13,6 @@ import math
 
 import keras
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
