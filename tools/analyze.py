@@ -22,7 +22,7 @@ DATA_COLUMNS = ("layer", "width", "zero_out", "dead", "constant", "duplicate_gro
 @unsafe_option
 @handles_errors
 def analyze(model, json_path, rtol, lin_tol, data, dataset, batch_size, unsafe):
-    """Show the redundant units of each Dense layer of MODEL (.keras or .h5).
+    """Show the redundant units (channels) of each Dense (Conv2D) layer of MODEL.
 
     Zero-out units have all-zero outgoing weights, constant units all-zero incoming
     weights, duplicates the same incoming weights and bias as another unit (or a positive
