@@ -6,6 +6,7 @@ channel operators and prune them back: never more parameters than the original, 
 same outputs.
 """
 
+import functools
 import json
 
 import keras
@@ -43,39 +44,51 @@ def _randomize(model, rng):
 
 @st.composite
 def cnns(draw):
-    """A random small CNN and the names of its editable Dense/Conv2D layers."""
+    """A function building a random small CNN; it returns the model and the names of its
+    editable Dense/Conv2D layers. (Layers are built in the test, not while drawing:
+    Keras seeds its initializers from the `random` module.)"""
     width = lambda: draw(st.integers(1, 4))  # noqa: E731
     activation = lambda: draw(st.sampled_from(ACTIVATIONS))  # noqa: E731
-    image = keras.Input((6, 6, draw(st.integers(1, 2))), name="image")
-    stem = keras.layers.Conv2D(width(), draw(st.sampled_from([1, 3])), padding="same", activation=activation(), name="stem")(image)
-    h = stem
-    if draw(st.booleans()):  # residual block; BN between conv and activation
-        branch = keras.layers.Conv2D(width(), 3, padding="same", name="res_a")(h)
-        if draw(st.booleans()):
+    choice = {
+        "channels": draw(st.integers(1, 2)), "stem": (width(), draw(st.sampled_from([1, 3])), activation()),
+        "residual": draw(st.booleans()) and (width(), draw(st.booleans()), activation(), draw(st.sampled_from([1, 3]))),
+        "depthwise": draw(st.booleans()) and (draw(st.sampled_from(["same", "valid"])), activation()),
+        "side": draw(st.booleans()) and (width(), activation()),
+        "pooling": draw(st.sampled_from(["none", "max", "average", "pad"])),
+        "head": (width(), draw(st.sampled_from([1, 2])), activation()),
+        "flatten": draw(st.booleans()), "seed": draw(st.integers(0, 2**16)),
+    }
+    return functools.partial(_build_cnn, choice)
+
+
+def _build_cnn(choice):
+    image = keras.Input((6, 6, choice["channels"]), name="image")
+    filters, kernel_size, stem_activation = choice["stem"]
+    h = keras.layers.Conv2D(filters, kernel_size, padding="same", activation=stem_activation, name="stem")(image)
+    if choice["residual"]:  # BN between conv and activation
+        filters, batch_norm, branch_activation, kernel_size = choice["residual"]
+        branch = keras.layers.Conv2D(filters, 3, padding="same", name="res_a")(h)
+        if batch_norm:
             branch = keras.layers.BatchNormalization(name="res_bn")(branch)
-        branch = keras.layers.Activation(activation(), name="res_act")(branch)
-        branch = keras.layers.Conv2D(h.shape[-1], draw(st.sampled_from([1, 3])), padding="same", name="res_b")(branch)
-        h = keras.layers.Add(name="add")([h, branch])
-        h = keras.layers.Activation("relu", name="add_relu")(h)
-    if draw(st.booleans()):
-        h = keras.layers.DepthwiseConv2D(3, padding=draw(st.sampled_from(["same", "valid"])), activation=activation(), name="depthwise")(h)
-    if draw(st.booleans()):  # a side branch joined by concatenation
-        side = keras.layers.Conv2D(width(), 1, activation=activation(), name="side")(h)
+        branch = keras.layers.Activation(branch_activation, name="res_act")(branch)
+        branch = keras.layers.Conv2D(h.shape[-1], kernel_size, padding="same", name="res_b")(branch)
+        h = keras.layers.Activation("relu", name="add_relu")(keras.layers.Add(name="add")([h, branch]))
+    if choice["depthwise"]:
+        padding, depthwise_activation = choice["depthwise"]
+        h = keras.layers.DepthwiseConv2D(3, padding=padding, activation=depthwise_activation, name="depthwise")(h)
+    if choice["side"]:  # a side branch joined by concatenation
+        side = keras.layers.Conv2D(choice["side"][0], 1, activation=choice["side"][1], name="side")(h)
         h = keras.layers.Concatenate(name="concat")([h, side])
-    pooling = draw(st.sampled_from(["none", "max", "average", "pad"]))
-    if pooling == "max":
+    if choice["pooling"] == "max":
         h = keras.layers.MaxPooling2D(name="pool")(h)
-    elif pooling == "average":
+    elif choice["pooling"] == "average":
         h = keras.layers.AveragePooling2D(2, padding="same", name="pool")(h)
-    elif pooling == "pad":
+    elif choice["pooling"] == "pad":
         h = keras.layers.ZeroPadding2D(1, name="pad")(h)
-    h = keras.layers.Conv2D(width(), draw(st.sampled_from([1, 2])), activation=activation(), name="head")(h)
-    if draw(st.booleans()):
-        h = keras.layers.Flatten(name="flatten")(h)
-    else:
-        h = keras.layers.GlobalAveragePooling2D(name="gap")(h)
-    outputs = keras.layers.Dense(3, name="out")(h)
-    model = _randomize(keras.Model(image, outputs), np.random.default_rng(draw(st.integers(0, 2**16))))
+    filters, kernel_size, head_activation = choice["head"]
+    h = keras.layers.Conv2D(filters, kernel_size, activation=head_activation, name="head")(h)
+    h = keras.layers.Flatten(name="flatten")(h) if choice["flatten"] else keras.layers.GlobalAveragePooling2D(name="gap")(h)
+    model = _randomize(keras.Model(image, keras.layers.Dense(3, name="out")(h)), np.random.default_rng(choice["seed"]))
     network = read_network(model)
     editable = [node.name for node in network.nodes if node.kind in PRODUCERS and network.groups[node.name] not in network.frozen_groups]
     return model, editable
@@ -89,7 +102,7 @@ def _assert_same_outputs(reference, candidate, x, rtol=1e-5):
 @settings(max_examples=examples(12), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cnns(), st.data())
 def test_property_widen_then_prune_restores_size_and_outputs(cnn, data):
-    model, editable = cnn
+    model, editable = cnn()
     network = original = read_network(model)
     for _ in range(data.draw(st.integers(1, 5))):
         layer = data.draw(st.sampled_from(editable))
@@ -109,7 +122,7 @@ def test_property_widen_then_prune_restores_size_and_outputs(cnn, data):
 @settings(max_examples=examples(10), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cnns(), st.data())
 def test_property_deepen_then_prune_with_data_restores_depth(cnn, data):
-    model, editable = cnn
+    model, editable = cnn()
     network = read_network(model)
     x = _inputs(model)
     deepened = []
