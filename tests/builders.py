@@ -20,6 +20,22 @@ def make_mlp(widths, activation="relu", use_bias=True, functional=False, inputs=
     return randomize(chain(layers, inputs, functional, "mlp"), seed=seed)
 
 
+def rounding_scale(graph, x):
+    """The largest sum of absolute terms any Dense layer of `graph` adds up on `x` (float64).
+
+    float32 forward passes of two networks computing the same function differ by about
+    1e-7 times this, which exceeds any fixed share of the output when terms cancel.
+    """
+    from keras_embed.activations import evaluate
+
+    hidden, scale = np.asarray(x, dtype=np.float64), 0.0
+    for layer in graph.layers:
+        terms = np.abs(hidden) @ np.abs(layer.kernel) + (0.0 if layer.bias is None else np.abs(layer.bias))
+        scale = max(scale, float(terms.max(initial=0.0)))
+        hidden = evaluate(layer.activations, hidden @ layer.kernel + (0.0 if layer.bias is None else layer.bias))
+    return scale
+
+
 def chain(layers, inputs, functional, name, input_name="features"):
     """A Sequential or functional model of `layers` on `inputs` features."""
     x = keras.Input((inputs,), name=input_name)

@@ -13,10 +13,10 @@ import math
 
 import keras
 import numpy as np
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from builders import examples, inputs_for, make_mlp
+from builders import examples, inputs_for, make_mlp, rounding_scale
 from keras_embed import build_model, prune, read_model
 from keras_embed import activations as activation_rules
 from keras_embed.errors import RuleError
@@ -114,18 +114,20 @@ def test_property_prune_undoes_random_embeddings(data):
         seed=seed,
     )
     x = inputs_for(narrow)
-    wide = build_model(_embed_randomly(data, read_model(narrow), x, np.random.default_rng(seed)))
-
-    pruned, report = prune(wide, data=x)
-
+    wide_graph = _embed_randomly(data, read_model(narrow), x, np.random.default_rng(seed))
+    wide = build_model(wide_graph)
     expected = keras.ops.convert_to_numpy(narrow(x))
+    # float32 rounding grows with cancelling terms; a wrong rewrite errs by far more
+    tolerance = 1e-5 * max(1.0, np.abs(expected).max(), rounding_scale(wide_graph, x))
+
+    pruned, report = prune(wide, data=x, atol=tolerance)
+
     actual = keras.ops.convert_to_numpy(pruned(x))
     assert pruned.count_params() <= narrow.count_params()
-    assert np.abs(actual - expected).max() <= 1e-5 * max(1.0, np.abs(expected).max())
+    assert np.abs(actual - expected).max() <= tolerance
     assert report.max_abs_diff <= report.atol
 
 
-KNOWN_REFIT_BUG = "refit was planned"  # see test_data_mode_keeps_a_unit_of_a_layer_dead_on_the_data
 RULE_BOUNDS = {
     "keep_ratio": st.floats(0.01, 1.0),
     "max_output_error": st.floats(0.0, 1.0),
@@ -157,9 +159,6 @@ def test_property_data_mode_meets_its_stopping_rule_or_returns_nothing(data):
     except RuleError:
         event(f"{kind}: not met")
         return
-    except ValueError as error:
-        assume(KNOWN_REFIT_BUG not in str(error))
-        raise
 
     assert rule.holds(measure(predict(model, x), predict(pruned, x), y), pruned.count_params())
     if kind == "keep_ratio":  # fewer when a unit is an affine function of the kept ones on the data
