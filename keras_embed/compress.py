@@ -79,7 +79,8 @@ def _track(regimes, edits):
 
 
 def plan_prune(graph, stats=None, rtol=1e-6, lin_tol=DEFAULT_LIN_TOL, allow_growth=False):
-    """Plans every removal: weight rules, data rules (with `stats`), collapses, weight rules.
+    """Plans every removal: weight rules, data rules (with `stats`), then collapses and
+    weight rules in turn until neither finds anything.
 
     Weight rules go first because they hold for every input; data rules then catch what
     is redundant on the data only. Without `stats`, only hidden layers with a linear
@@ -94,11 +95,17 @@ def plan_prune(graph, stats=None, rtol=1e-6, lin_tol=DEFAULT_LIN_TOL, allow_grow
         rounds.append(data_edits)
         graph = apply_plan(graph, Plan((data_edits,)))
         current = _track(current, data_edits)
-    collapses, skipped = plan_collapses(graph, current, allow_growth)
-    if collapses:
-        rounds.append(collapses)
-        graph = apply_plan(graph, Plan((collapses,)))
-    return Analysis(Plan(tuple(rounds) + plan_exact(graph, rtol).rounds), regimes, skipped, stats is not None)
+    while True:  # a collapse can shrink neighbours, and shrunk neighbours can make a skipped collapse pay
+        collapses, skipped = plan_collapses(graph, current, allow_growth)
+        if collapses:
+            rounds.append(collapses)
+            graph = apply_plan(graph, Plan((collapses,)))
+        exact = plan_exact(graph, rtol).rounds
+        rounds.extend(exact)
+        graph = apply_plan(graph, Plan(exact))
+        current = _track(current, [edit for round_ in exact for edit in round_])
+        if not collapses and not exact:
+            return Analysis(Plan(tuple(rounds)), regimes, skipped, stats is not None)
 
 
 def analyze(graph, stats=None, rtol=1e-6, lin_tol=DEFAULT_LIN_TOL, allow_growth=False):

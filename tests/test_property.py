@@ -13,7 +13,6 @@ import math
 
 import keras
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -131,10 +130,7 @@ def test_property_prune_undoes_random_embeddings(data):
     pruned, report = prune(wide, data=x, atol=tolerance)
 
     actual = keras.ops.convert_to_numpy(pruned(x))
-    if report.to_dict()["not_collapsed_would_grow"]:  # judged before its neighbours shrank: see the xfail below
-        event("a lift kept as 'would grow'")
-    else:
-        assert pruned.count_params() <= narrow.count_params()
+    assert pruned.count_params() <= narrow.count_params()
     assert np.abs(actual - expected).max() <= tolerance
     assert report.max_abs_diff <= report.atol
 
@@ -149,10 +145,6 @@ class _Script:
         return next(self.values)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "prune plans the collapses of one round first to last: a lift whose neighbours are still wide is kept as "
-    "'would grow' and not judged again once they shrink (compress.plan_prune / data_rules.plan_collapses); "
-    "pruning the result a second time removes it (found by the property above)"))
 def test_prune_collapses_a_lift_kept_while_its_neighbours_were_wide():
     narrow = make_mlp([1, 1], "relu", inputs=1, seed=0)
     x = inputs_for(narrow)
