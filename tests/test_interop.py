@@ -176,7 +176,7 @@ def exported(tmp_path_factory):
     for model, name in ((dense, "dense"), (conv, "conv")):
         model.set_weights([rng.normal(size=w.shape).astype("float32") for w in model.get_weights()])
         if name == "dense":  # duplicate a unit of the second hidden layer: exact pruning merges it
-            kernel, bias, out_kernel, out_bias = (*model.layers[2].get_weights(), *model.layers[3].get_weights())
+            kernel, bias = model.layers[2].get_weights()
             kernel[:, 1], bias[1] = kernel[:, 0], bias[0]
             model.layers[2].set_weights([kernel, bias])
         for layer in model.layers:
