@@ -164,7 +164,7 @@ RULE_BOUNDS = {
 }
 
 
-@settings(max_examples=examples(20), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_property_data_mode_meets_its_stopping_rule_or_returns_nothing(data):
     """Each stopping rule of `--mode data` holds on the data for what prune returns; when it
