@@ -23,7 +23,7 @@ from keras_embed.linearity import DEFAULT_LIN_TOL
 from keras_embed.plan import LayerEdit, Plan
 from keras_embed.network import read_network
 from keras_embed.prune_network import prune_network
-from keras_embed.read import is_chain, read_model
+from keras_embed.read import read_model
 from keras_embed.rules import measure
 from keras_embed.stats import collect
 from keras_embed.surgery import apply_plan
@@ -274,14 +274,15 @@ def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, mode="exact", 
     start = time.perf_counter()
     require_reusable(data)
     require_reusable(validation)
-    if not is_chain(model):
+    try:
+        graph = read_model(model)
+    except UnsupportedLayerError:  # not a Dense chain: a convolutional or branching network?
         read_network(model)  # raises what is unsupported, if anything
         if mode != "exact":
             raise UnsupportedLayerError(f"--mode {mode} supports chains of Dense layers only; "
-                                        "prune convolutional or branching models with --mode exact")
+                                        "prune convolutional or branching models with --mode exact") from None
         return prune_network(model, rtol, data, atol, force, validation=validation, lin_tol=lin_tol,
                              allow_growth=allow_growth, batch_size=batch_size, on_batch=on_batch)
-    graph = read_model(model)
     if mode == "exact":
         stats = None if data is None else collect(graph, data, batch_size, gram=False, on_batch=on_batch)
         analysis = plan_prune(graph, stats, rtol, lin_tol, allow_growth)
