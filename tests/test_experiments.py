@@ -213,3 +213,11 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path, digits):
     assert (other / "keep.txt").read_text() == "mine"
     assert report.write(comparison, out, overwrite=True) == list(report.FILES)
     assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []  # no staging left
+
+
+def test_cli_dataset_choices_match_the_library():
+    """tools/common.py repeats keras_embed.data.DATASETS so --help needs no keras import."""
+    from keras_embed.data import DATASETS as library
+    from keras_embed.tools.common import DATASETS as cli
+
+    assert list(library) == list(cli)
