@@ -57,8 +57,9 @@ bench: $(BENCH_INSTALLED)
 	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/bench_compression.py
 	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/bench_callbacks.py
 
+# 2,000 examples per property (about 2 h of CPU): pytest-xdist spreads the properties over the cores.
 fuzz: $(INSTALLED)
-	KERAS_EMBED_FUZZ_EXAMPLES=2000 $(BIN)/python -m pytest -q -p no:cacheprovider tests -k property
+	KERAS_EMBED_FUZZ_EXAMPLES=2000 $(BIN)/python -m pytest -q -p no:cacheprovider -n auto tests -k property
 
 clean:
 	rm -rf $(VENV) build *.egg-info

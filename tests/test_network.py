@@ -99,7 +99,7 @@ def _assert_same_outputs(reference, candidate, x, rtol=1e-5):
     np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * max(1.0, float(np.abs(expected).max())))
 
 
-@settings(max_examples=examples(12), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cnns(), st.data())
 def test_property_widen_then_prune_restores_size_and_outputs(cnn, data):
     model, editable = cnn()
@@ -119,7 +119,7 @@ def test_property_widen_then_prune_restores_size_and_outputs(cnn, data):
     assert report.to_dict()["verified"]
 
 
-@settings(max_examples=examples(10), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cnns(), st.data())
 def test_property_deepen_then_prune_with_data_restores_depth(cnn, data):
     model, editable = cnn()
