@@ -25,7 +25,7 @@ from keras_embed.network import read_network
 from keras_embed.prune_network import prune_network
 from keras_embed.read import read_model
 from keras_embed.rules import measure
-from keras_embed.stats import collect
+from keras_embed.stats import check_gram_memory, collect
 from keras_embed.surgery import apply_plan
 from keras_embed.verify import assert_outputs_preserved, calibration_inputs, predict
 
@@ -288,6 +288,9 @@ def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, mode="exact", 
         analysis = plan_prune(graph, stats, rtol, lin_tol, allow_growth)
     elif mode in ("condense", "data"):
         _check_approximate_inputs(mode, data, rule, labels, validation, validation_labels)
+        if mode == "data":  # the refit holds one layer's Gram at a time: refuse a too wide layer before any pass
+            for layer in graph.layers[:-1]:
+                check_gram_memory([layer])
         judge = (data, labels) if validation is None else (validation, validation_labels)
         judge = (judge[0], None if judge[0] is None else predict(model, judge[0], batch_size), judge[1])
         analysis = _approximate_plan(graph, mode, data, rule, judge, cos, batch_size)

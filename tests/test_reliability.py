@@ -27,8 +27,9 @@ import tensorflow as tf
 from click.testing import CliRunner
 
 from builders import make_mlp
-from keras_embed import read_model, stats
+from keras_embed import prune, read_model, stats
 from keras_embed.errors import InputError
+from keras_embed.rules import Rule
 from keras_embed.stats import GRAM_BUDGET, check_gram_memory, collect, gram_bytes
 from keras_embed.tools.cli import main
 
@@ -208,6 +209,13 @@ def test_a_pass_with_a_gram_too_large_is_refused_before_allocating(wide_graph):
     assert all(word in message for word in ("'hidden_0'", "8192 units", "512 MiB", "256 MiB", "--batch-size",
                                             "--mode exact"))
     assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MiB allocated before refusing"
+
+
+def test_the_library_refuses_data_mode_on_the_wide_layer_before_any_pass():
+    model = make_mlp([8192, 1], inputs=1, seed=0)
+    x = np.ones((4, 1), "float32")
+    with pytest.raises(InputError, match="8192 units"):
+        prune(model, data=x, mode="data", rule=Rule("keep_ratio", 0.5))
 
 
 def test_the_budget_counts_every_gram_held_at_once():

@@ -69,11 +69,9 @@ def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
     from keras_embed.export import check_export_options, export_model
     from keras_embed.interop import input_kind, load_input, resolve_output, writes_tf_keras
     from keras_embed.io import check_output, check_side_output, write_text
-    from keras_embed.read import read_model
     from keras_embed.sparsity import sparsity_figures
     from keras_embed.verify import calibration_inputs
     from keras_embed.rules import rule_from_options
-    from keras_embed.stats import check_gram_memory
 
     rules = dict(max_accuracy_drop=max_accuracy_drop, max_output_error=max_output_error,
                  keep_ratio=keep_ratio, target_params=target_params)
@@ -87,9 +85,6 @@ def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
     if report:
         check_side_output(report, model, output, overwrite=overwrite)
     original, notes = load_input(model, kind, unsafe)
-    if mode == "data":  # it holds one layer's Gram at a time: refuse a too wide layer before any pass
-        for layer in read_model(original).layers[:-1]:
-            check_gram_memory([layer])
     x, y = calibration_data(data, dataset, original)
     held_out = held_out_y = None
     if validation is not None:
