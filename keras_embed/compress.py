@@ -23,7 +23,7 @@ from keras_embed.linearity import DEFAULT_LIN_TOL
 from keras_embed.plan import LayerEdit, Plan
 from keras_embed.network import read_network
 from keras_embed.prune_network import prune_network
-from keras_embed.read import read_model
+from keras_embed.read import read_chain
 from keras_embed.rules import measure
 from keras_embed.stats import check_gram_memory, collect
 from keras_embed.surgery import apply_plan
@@ -274,9 +274,8 @@ def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, mode="exact", 
     start = time.perf_counter()
     require_reusable(data)
     require_reusable(validation)
-    try:
-        graph = read_model(model)
-    except UnsupportedLayerError:  # not a Dense chain: a convolutional or branching network?
+    graph = read_chain(model)
+    if graph is None:  # not a Dense chain: a convolutional or branching network?
         read_network(model)  # raises what is unsupported, if anything
         if mode != "exact":
             raise UnsupportedLayerError(f"--mode {mode} supports chains of Dense layers only; "

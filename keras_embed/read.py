@@ -209,10 +209,16 @@ def read_model(model):
     )
 
 
-def is_chain(model):
-    """True when `read_model` reads `model` (else see `network.read_network`)."""
+def read_chain(model):
+    """`read_model(model)`, or None when `model` is not a Dense chain (then see
+    `network.read_network`, which names what neither path supports).
+
+    Example:
+        >>> graph = read_chain(model)
+        >>> graph is None            # a Conv2D network
+        True
+    """
     try:
-        read_model(model)
+        return read_model(model)
     except UnsupportedLayerError:
-        return False
-    return True
+        return None

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 
 import keras_embed
-from builders import chain, inputs_for, randomize
+from builders import chain, inputs_for, make_mlp, randomize
 from keras_embed import build_model, read_model
 from keras_embed.errors import InputError, UnsupportedLayerError
+from keras_embed.read import read_chain
 from keras_embed.operators import add_null, widen
 
 
@@ -199,6 +200,19 @@ def test_unsupported_model_is_refused_with_a_message_naming_the_culprit(make, me
         read_model(make())
     missing = [word for word in mentions if word not in str(error.value)]
     assert not missing, f"{error.value} does not mention {missing}"
+
+
+@pytest.mark.parametrize("make", [UNSUPPORTED["conv1d"][0], add_branch], ids=["conv1d", "add-branch"])
+def test_read_chain_returns_none_where_read_model_refuses(make):
+    assert read_chain(make()) is None
+
+
+def test_read_chain_reads_what_read_model_reads():
+    model = make_mlp([5, 3], inputs=4, seed=0)
+    graph, expected = read_chain(model), read_model(model)
+    assert graph.widths == expected.widths
+    for layer, reference in zip(graph.layers, expected.layers):
+        np.testing.assert_array_equal(layer.kernel, reference.kernel)
 
 
 def test_add_branch_message_names_the_merge_or_a_branch_layer():

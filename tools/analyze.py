@@ -39,15 +39,15 @@ def analyze(model, json_path, rtol, lin_tol, data, dataset, batch_size, unsafe):
     from keras_embed.io import check_side_output, load_model, write_text
     from keras_embed.network import read_network
     from keras_embed.prune_network import reduce_network
-    from keras_embed.read import is_chain, read_model
+    from keras_embed.read import read_chain
     from keras_embed.stats import collect
 
     if json_path not in (None, "-"):
         check_side_output(json_path, model, overwrite=True)  # the table is regenerated on every run
     original = load_model(model, unsafe)
     x, _ = calibration_data(data, dataset, original)
-    if is_chain(original):
-        graph = read_model(original)
+    graph = read_chain(original)
+    if graph is not None:
         stats = None
         if x is not None:
             with progress(len(x), "statistics") as bar:

@@ -23,14 +23,13 @@ def _rows(before, after):
     return [{"name": name, "width_before": before.get(name, "(new)"), "width_after": width} for name, width in after.items()]
 
 
-def _grow_chain(original, widen_steps, null_steps, deepen_layers, x, margin, batch_size):
-    """Embeds a Dense chain; returns (grown model, table rows)."""
+def _grow_chain(graph, widen_steps, null_steps, deepen_layers, x, margin, batch_size):
+    """Embeds a Dense chain (its `Graph`); returns (grown model, table rows)."""
     from keras_embed.build import build_model
     from keras_embed.operators import add_null, deepen, widen
-    from keras_embed.read import read_model
     from keras_embed.stats import collect
 
-    graph = before = read_model(original)
+    before = graph
     for layer, unit, *alpha in widen_steps:
         graph = widen(graph, _layer(graph, layer), int(unit), float(alpha[0]) if alpha else 0.5)
     for layer, *bias in null_steps:
@@ -89,7 +88,7 @@ def embed(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
     Exit codes: 0 ok, 2 bad usage or input, 3 verification failed, 4 unsupported model.
     """
     from keras_embed.io import check_output, load_model, save_model
-    from keras_embed.read import is_chain
+    from keras_embed.read import read_chain
     from keras_embed.verify import assert_outputs_preserved, calibration_inputs
 
     widen_steps = [_parse(spec, "--widen", (1, 2, "LAYER:UNIT[:ALPHA]")) for spec in widen_specs]
@@ -101,9 +100,10 @@ def embed(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
     format_ = check_output(output, model, format_, overwrite)
     original = load_model(model, unsafe)
     x, _ = calibration_data(data, dataset, original)
-    grow = _grow_chain if is_chain(original) else _grow_network
+    graph = read_chain(original)
+    grow, source = (_grow_chain, graph) if graph is not None else (_grow_network, original)
     try:
-        grown, rows = grow(original, widen_steps, null_steps, deepen_layers, x, margin, batch_size)
+        grown, rows = grow(source, widen_steps, null_steps, deepen_layers, x, margin, batch_size)
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
     diff, tolerance = assert_outputs_preserved(original, grown, calibration_inputs(original) if x is None else x, atol)
