@@ -10,7 +10,7 @@ import numpy as np
 from keras_embed.data import batches, check_inputs, load_array
 from keras_embed.monitoring import layer_redundancy
 from keras_embed.read import read_model
-from keras_embed.stats import probe_model
+from keras_embed.stats import check_gram_memory, probe_model
 from keras_embed.verify import predict
 
 ACTIONS = ("warn", "stop", "escape")
@@ -39,6 +39,10 @@ class EmbeddingMonitor(keras.callbacks.Callback):
         seed: seed of the probe subsample and of the escape perturbation.
         max_samples: largest probe set.
         escape_tolerance: largest relative output change an escape may cause.
+
+    Raises (at `on_train_begin`, before the first epoch):
+        ValueError: a probe set that does not fit the model.
+        InputError: a hidden layer whose Gram matrices exceed `stats.GRAM_BUDGET`.
 
     Example:
         >>> history = model.fit(x, y, epochs=50, callbacks=[EmbeddingMonitor(x[:1000])])
@@ -76,7 +80,9 @@ class EmbeddingMonitor(keras.callbacks.Callback):
         self._stalled = False
         self._missing_warned = False
         self._rng = np.random.default_rng(self.seed)
-        self._layers = [layer.name for layer in read_model(self.model).layers[:-1]]
+        hidden = read_model(self.model).layers[:-1]
+        check_gram_memory(hidden)  # refused before the first epoch, not after it
+        self._layers = [layer.name for layer in hidden]
         self.summary = None
 
     def _probe_inputs(self):

@@ -29,6 +29,7 @@ import tensorflow as tf
 
 from keras_embed import build_model, read_model
 from keras_embed.callbacks import EmbeddingMonitor
+from keras_embed.errors import InputError
 from keras_embed.operators import deepen, widen
 
 NARROW, INPUTS, SAMPLES = 3, 2, 256
@@ -393,3 +394,14 @@ def test_probe_shape_mismatch_raises_at_fit_start(data, narrow_weights):
     assert re.search(rf"\((?:None|n|\?)?,?\s*{INPUTS},?\)", message), message
     assert epochs_begun == []
     assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), weights))
+
+
+def test_a_layer_too_wide_for_the_gram_budget_is_refused_before_the_first_epoch():
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(8192, activation="relu"), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.ones((4, 1), "float32")
+    epochs_begun = []
+    with pytest.raises(InputError, match="8192 units"):
+        model.fit(x, x, epochs=1, verbose=0, callbacks=[
+            EmbeddingMonitor(x), keras.callbacks.LambdaCallback(on_epoch_begin=lambda *_: epochs_begun.append(1))])
+    assert epochs_begun == []
