@@ -1,9 +1,13 @@
-"""Small random Keras models for the tests."""
+"""Small random Keras models for the tests: Dense chains and small CNNs (`cnns`)."""
 
+import functools
 import os
 
 import keras
 import numpy as np
+from hypothesis import strategies as st
+
+from keras_embed.network import PRODUCERS, read_network
 
 
 def make_mlp(widths, activation="relu", use_bias=True, functional=False, inputs=5, seed=0):
@@ -64,3 +68,73 @@ def inputs_for(model, samples=256, seed=1):
 def examples(default):
     """Hypothesis examples per property: `default` in `make test`, KERAS_EMBED_FUZZ_EXAMPLES in `make fuzz`."""
     return int(os.environ.get("KERAS_EMBED_FUZZ_EXAMPLES", default))
+
+
+CNN_ACTIVATIONS = ("relu", "tanh", "linear", "elu", "sigmoid")
+
+
+def image_inputs(model, samples=64, seed=0):
+    return np.random.default_rng(seed).normal(size=(samples, *model.inputs[0].shape[1:])).astype("float32")
+
+
+def randomize_network(model, rng):
+    for layer in model.layers:
+        weights = layer.get_weights()
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.set_weights([rng.uniform(0.5, 1.5, w.shape) if index == 3 else rng.normal(0, 0.5, w.shape)
+                               for index, w in enumerate(weights)])
+        elif weights:
+            layer.set_weights([rng.normal(0, 0.6, w.shape) for w in weights])
+    return model
+
+
+@st.composite
+def cnns(draw):
+    """A function building a random small CNN; it returns the model and the names of its
+    editable Dense/Conv2D layers. (Layers are built in the test, not while drawing:
+    Keras seeds its initializers from the `random` module.)"""
+    width = lambda: draw(st.integers(1, 4))  # noqa: E731
+    activation = lambda: draw(st.sampled_from(CNN_ACTIVATIONS))  # noqa: E731
+    choice = {
+        "channels": draw(st.integers(1, 2)), "stem": (width(), draw(st.sampled_from([1, 3])), activation()),
+        "residual": draw(st.booleans()) and (width(), draw(st.booleans()), activation(), draw(st.sampled_from([1, 3]))),
+        "depthwise": draw(st.booleans()) and (draw(st.sampled_from(["same", "valid"])), activation()),
+        "side": draw(st.booleans()) and (width(), activation()),
+        "pooling": draw(st.sampled_from(["none", "max", "average", "pad"])),
+        "head": (width(), draw(st.sampled_from([1, 2])), activation()),
+        "flatten": draw(st.booleans()), "seed": draw(st.integers(0, 2**16)),
+    }
+    return functools.partial(_build_cnn, choice)
+
+
+def _build_cnn(choice):
+    image = keras.Input((6, 6, choice["channels"]), name="image")
+    filters, kernel_size, stem_activation = choice["stem"]
+    h = keras.layers.Conv2D(filters, kernel_size, padding="same", activation=stem_activation, name="stem")(image)
+    if choice["residual"]:  # BN between conv and activation
+        filters, batch_norm, branch_activation, kernel_size = choice["residual"]
+        branch = keras.layers.Conv2D(filters, 3, padding="same", name="res_a")(h)
+        if batch_norm:
+            branch = keras.layers.BatchNormalization(name="res_bn")(branch)
+        branch = keras.layers.Activation(branch_activation, name="res_act")(branch)
+        branch = keras.layers.Conv2D(h.shape[-1], kernel_size, padding="same", name="res_b")(branch)
+        h = keras.layers.Activation("relu", name="add_relu")(keras.layers.Add(name="add")([h, branch]))
+    if choice["depthwise"]:
+        padding, depthwise_activation = choice["depthwise"]
+        h = keras.layers.DepthwiseConv2D(3, padding=padding, activation=depthwise_activation, name="depthwise")(h)
+    if choice["side"]:  # a side branch joined by concatenation
+        side = keras.layers.Conv2D(choice["side"][0], 1, activation=choice["side"][1], name="side")(h)
+        h = keras.layers.Concatenate(name="concat")([h, side])
+    if choice["pooling"] == "max":
+        h = keras.layers.MaxPooling2D(name="pool")(h)
+    elif choice["pooling"] == "average":
+        h = keras.layers.AveragePooling2D(2, padding="same", name="pool")(h)
+    elif choice["pooling"] == "pad":
+        h = keras.layers.ZeroPadding2D(1, name="pad")(h)
+    filters, kernel_size, head_activation = choice["head"]
+    h = keras.layers.Conv2D(filters, kernel_size, activation=head_activation, name="head")(h)
+    h = keras.layers.Flatten(name="flatten")(h) if choice["flatten"] else keras.layers.GlobalAveragePooling2D(name="gap")(h)
+    model = randomize_network(keras.Model(image, keras.layers.Dense(3, name="out")(h)), np.random.default_rng(choice["seed"]))
+    network = read_network(model)
+    editable = [node.name for node in network.nodes if node.kind in PRODUCERS and network.groups[node.name] not in network.frozen_groups]
+    return model, editable

@@ -6,7 +6,6 @@ channel operators and prune them back: never more parameters than the original, 
 same outputs.
 """
 
-import functools
 import json
 
 import keras
@@ -16,83 +15,13 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from builders import examples
+from builders import cnns, examples, image_inputs, randomize_network
 from keras_embed.channel_operators import deepen_after, output_minimum, widen_channel
 from keras_embed.channel_rules import find_channel_edits, weight_constants
 from keras_embed.errors import UnsupportedLayerError
 from keras_embed.network import PRODUCERS, build_network, read_network
 from keras_embed.prune_network import prune_network
 from keras_embed.tools.cli import main
-
-ACTIVATIONS = ("relu", "tanh", "linear", "elu", "sigmoid")
-
-
-def _inputs(model, samples=64, seed=0):
-    return np.random.default_rng(seed).normal(size=(samples, *model.inputs[0].shape[1:])).astype("float32")
-
-
-def _randomize(model, rng):
-    for layer in model.layers:
-        weights = layer.get_weights()
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.set_weights([rng.uniform(0.5, 1.5, w.shape) if index == 3 else rng.normal(0, 0.5, w.shape)
-                               for index, w in enumerate(weights)])
-        elif weights:
-            layer.set_weights([rng.normal(0, 0.6, w.shape) for w in weights])
-    return model
-
-
-@st.composite
-def cnns(draw):
-    """A function building a random small CNN; it returns the model and the names of its
-    editable Dense/Conv2D layers. (Layers are built in the test, not while drawing:
-    Keras seeds its initializers from the `random` module.)"""
-    width = lambda: draw(st.integers(1, 4))  # noqa: E731
-    activation = lambda: draw(st.sampled_from(ACTIVATIONS))  # noqa: E731
-    choice = {
-        "channels": draw(st.integers(1, 2)), "stem": (width(), draw(st.sampled_from([1, 3])), activation()),
-        "residual": draw(st.booleans()) and (width(), draw(st.booleans()), activation(), draw(st.sampled_from([1, 3]))),
-        "depthwise": draw(st.booleans()) and (draw(st.sampled_from(["same", "valid"])), activation()),
-        "side": draw(st.booleans()) and (width(), activation()),
-        "pooling": draw(st.sampled_from(["none", "max", "average", "pad"])),
-        "head": (width(), draw(st.sampled_from([1, 2])), activation()),
-        "flatten": draw(st.booleans()), "seed": draw(st.integers(0, 2**16)),
-    }
-    return functools.partial(_build_cnn, choice)
-
-
-def _build_cnn(choice):
-    image = keras.Input((6, 6, choice["channels"]), name="image")
-    filters, kernel_size, stem_activation = choice["stem"]
-    h = keras.layers.Conv2D(filters, kernel_size, padding="same", activation=stem_activation, name="stem")(image)
-    if choice["residual"]:  # BN between conv and activation
-        filters, batch_norm, branch_activation, kernel_size = choice["residual"]
-        branch = keras.layers.Conv2D(filters, 3, padding="same", name="res_a")(h)
-        if batch_norm:
-            branch = keras.layers.BatchNormalization(name="res_bn")(branch)
-        branch = keras.layers.Activation(branch_activation, name="res_act")(branch)
-        branch = keras.layers.Conv2D(h.shape[-1], kernel_size, padding="same", name="res_b")(branch)
-        h = keras.layers.Activation("relu", name="add_relu")(keras.layers.Add(name="add")([h, branch]))
-    if choice["depthwise"]:
-        padding, depthwise_activation = choice["depthwise"]
-        h = keras.layers.DepthwiseConv2D(3, padding=padding, activation=depthwise_activation, name="depthwise")(h)
-    if choice["side"]:  # a side branch joined by concatenation
-        side = keras.layers.Conv2D(choice["side"][0], 1, activation=choice["side"][1], name="side")(h)
-        h = keras.layers.Concatenate(name="concat")([h, side])
-    if choice["pooling"] == "max":
-        h = keras.layers.MaxPooling2D(name="pool")(h)
-    elif choice["pooling"] == "average":
-        h = keras.layers.AveragePooling2D(2, padding="same", name="pool")(h)
-    elif choice["pooling"] == "pad":
-        h = keras.layers.ZeroPadding2D(1, name="pad")(h)
-    filters, kernel_size, head_activation = choice["head"]
-    h = keras.layers.Conv2D(filters, kernel_size, activation=head_activation, name="head")(h)
-    h = keras.layers.Flatten(name="flatten")(h) if choice["flatten"] else keras.layers.GlobalAveragePooling2D(name="gap")(h)
-    model = _randomize(keras.Model(image, keras.layers.Dense(3, name="out")(h)), np.random.default_rng(choice["seed"]))
-    network = read_network(model)
-    editable = [node.name for node in network.nodes if node.kind in PRODUCERS and network.groups[node.name] not in network.frozen_groups]
-    return model, editable
-
 
 def _assert_same_outputs(reference, candidate, x, rtol=1e-5):
     expected, actual = (keras.ops.convert_to_numpy(model(x)) for model in (reference, candidate))
@@ -109,7 +38,7 @@ def test_property_widen_then_prune_restores_size_and_outputs(cnn, data):
         channel = data.draw(st.integers(0, network.node(layer).width - 1))
         network = widen_channel(network, layer, channel, data.draw(st.floats(-1.0, 2.0)))
     wide = build_network(network)
-    x = _inputs(model)
+    x = image_inputs(model)
     _assert_same_outputs(model, wide, x)
     pruned, report = prune_network(wide)
     assert pruned.count_params() <= original.params
@@ -124,7 +53,7 @@ def test_property_widen_then_prune_restores_size_and_outputs(cnn, data):
 def test_property_deepen_then_prune_with_data_restores_depth(cnn, data):
     model, editable = cnn()
     network = read_network(model)
-    x = _inputs(model)
+    x = image_inputs(model)
     deepened = []
     for layer in editable:
         try:
@@ -149,7 +78,7 @@ def _residual(dead_in_stem=False, rng=None):
     branch = keras.layers.Conv2D(4, 1, name="res_b")(branch)
     merged = keras.layers.Add(name="add")([stem, branch])
     flat = keras.layers.Flatten(name="flatten")(keras.layers.Activation("relu", name="add_relu")(merged))
-    model = _randomize(keras.Model(image, keras.layers.Dense(2, name="out")(flat)), rng)
+    model = randomize_network(keras.Model(image, keras.layers.Dense(2, name="out")(flat)), rng)
     if dead_in_stem:  # stem channel 1 is zero in (relu(bias < 0) = 0) but res_b's channel 1 is not
         kernel, bias = model.get_layer("stem").get_weights()
         kernel[..., 1], bias[1] = 0.0, -1.0
@@ -172,7 +101,7 @@ def test_channel_dead_in_one_add_branch_only_is_kept():
     assert network.groups["stem"] not in maps  # res_b's channel 1 still carries signal into the sum
     pruned, _ = prune_network(model)
     assert read_network(pruned).node("stem").width == 4
-    _assert_same_outputs(model, pruned, _inputs(model))
+    _assert_same_outputs(model, pruned, image_inputs(model))
 
 
 def test_channel_dead_in_every_add_branch_goes_from_both():
@@ -184,7 +113,7 @@ def test_channel_dead_in_every_add_branch_goes_from_both():
     assert read_network(pruned).node("stem").width == read_network(pruned).node("res_b").width == 3
     rows = {row["name"]: row for row in report.to_dict()["layers"]}
     assert rows["stem"]["channels_removed"] == rows["res_b"]["channels_removed"] == 1
-    _assert_same_outputs(model, pruned, _inputs(model))
+    _assert_same_outputs(model, pruned, image_inputs(model))
 
 
 @pytest.mark.parametrize("padding, kernel_size, removed", [("valid", 3, True), ("same", 1, True), ("same", 3, False)])
@@ -192,26 +121,26 @@ def test_constant_channel_is_folded_only_where_no_zero_padding_sees_it(padding, 
     image = keras.Input((6, 6, 1))
     first = keras.layers.Conv2D(3, 3, padding="same", activation="tanh", name="first")(image)
     second = keras.layers.Conv2D(2, kernel_size, padding=padding, name="second")(first)
-    model = _randomize(keras.Model(image, keras.layers.Flatten()(second)), np.random.default_rng(1))
+    model = randomize_network(keras.Model(image, keras.layers.Flatten()(second)), np.random.default_rng(1))
     kernel, bias = model.get_layer("first").get_weights()
     kernel[..., 0], bias[0] = 0.0, 0.7  # channel 0 is tanh(0.7) everywhere
     model.get_layer("first").set_weights([kernel, bias])
     pruned, _ = prune_network(model)
     assert read_network(pruned).node("first").width == (2 if removed else 3)
-    _assert_same_outputs(model, pruned, _inputs(model))
+    _assert_same_outputs(model, pruned, image_inputs(model))
 
 
 def test_positive_multiple_filters_merge_on_a_relu_path():
     image = keras.Input((6, 6, 1))
     first = keras.layers.Conv2D(3, 3, activation="relu", name="first")(image)
     pooled = keras.layers.MaxPooling2D()(first)
-    model = _randomize(keras.Model(image, keras.layers.Dense(2, name="out")(keras.layers.Flatten()(pooled))), np.random.default_rng(2))
+    model = randomize_network(keras.Model(image, keras.layers.Dense(2, name="out")(keras.layers.Flatten()(pooled))), np.random.default_rng(2))
     kernel, bias = model.get_layer("first").get_weights()
     kernel[..., 2], bias[2] = 2.5 * kernel[..., 0], 2.5 * bias[0]
     model.get_layer("first").set_weights([kernel, bias])
     pruned, _ = prune_network(model)
     assert read_network(pruned).node("first").width == 2
-    _assert_same_outputs(model, pruned, _inputs(model))
+    _assert_same_outputs(model, pruned, image_inputs(model))
 
 
 @pytest.mark.parametrize("allow_growth", [False, True])
@@ -219,10 +148,10 @@ def test_two_valid_convolutions_fold_into_a_larger_one_only_with_allow_growth(al
     image = keras.Input((7, 7, 2))
     first = keras.layers.Conv2D(1, 3, activation="relu", name="first")(image)  # 19 + 10 weights; merged: 66
     second = keras.layers.Conv2D(2, 2, strides=2, name="second")(first)
-    model = _randomize(keras.Model(image, keras.layers.Flatten()(second)), np.random.default_rng(4))
+    model = randomize_network(keras.Model(image, keras.layers.Flatten()(second)), np.random.default_rng(4))
     kernel, bias = model.get_layer("first").get_weights()
     model.get_layer("first").set_weights([kernel, np.abs(bias) + 20.0])  # relu never clips on the data
-    x = _inputs(model)
+    x = image_inputs(model)
     pruned, report = prune_network(model, data=x, allow_growth=allow_growth)
     figures = report.to_dict()
     if allow_growth:
@@ -237,10 +166,10 @@ def test_batchnorm_after_conv_is_folded():
     image = keras.Input((5, 5, 1))
     conv = keras.layers.Conv2D(3, 3, name="conv")(image)
     normalized = keras.layers.BatchNormalization(name="bn")(conv)
-    model = _randomize(keras.Model(image, keras.layers.GlobalMaxPooling2D()(normalized)), np.random.default_rng(3))
+    model = randomize_network(keras.Model(image, keras.layers.GlobalMaxPooling2D()(normalized)), np.random.default_rng(3))
     network = read_network(model)
     assert "bn" not in network.by_name and network.output == "global_max_pooling2d" or network.nodes[-1].kind == "GlobalMaxPooling2D"
-    _assert_same_outputs(model, build_network(network), _inputs(model))
+    _assert_same_outputs(model, build_network(network), image_inputs(model))
 
 
 @pytest.mark.parametrize("layer, message", [
@@ -296,8 +225,8 @@ def test_data_pass_works_when_the_model_has_a_layer_called_activation():
     image = keras.Input((5, 5, 1))
     first = keras.layers.Conv2D(3, 3, activation="relu", name="first")(image)
     second = keras.layers.Conv2D(2, 1, name="second")(keras.layers.Activation("tanh", name="activation")(first))
-    model = _randomize(keras.Model(image, keras.layers.Flatten()(second)), np.random.default_rng(5))
-    x = _inputs(model)
+    model = randomize_network(keras.Model(image, keras.layers.Flatten()(second)), np.random.default_rng(5))
+    x = image_inputs(model)
     pruned, report = prune_network(model, data=x)
     assert report.to_dict()["verified"]
     _assert_same_outputs(model, pruned, x)
