@@ -100,7 +100,8 @@ def _rows(reader, positions):
     return rows[positions].reshape(len(positions), -1)
 
 
-def _folds_constants(reader):
+def folds_constants(reader):
+    """True when `reader` sees no zero padding, so a constant input folds into its bias exactly."""
     return reader.kind == "Dense" or reader.config["padding"] == "valid" or max(reader.config["kernel_size"]) == 1
 
 
@@ -114,7 +115,7 @@ def removable(network, group, constants, rtol=1e-6):
         for occurrence in positions:
             zero = np.abs(_rows(reader, occurrence)).max(axis=1) <= rtol * scale
             value = constants.get(source, _unknown(network.by_name[source].width))[occurrence]
-            folds = ~np.isnan(value) & (_folds_constants(reader) | (value == 0))
+            folds = ~np.isnan(value) & (folds_constants(reader) | (value == 0))
             ok &= zero | folds
     return np.flatnonzero(ok)
 

@@ -3,9 +3,11 @@
 A `ChannelMap` says which old channel each new channel copies (`keep`: the producers'
 output weights and per-channel layers are gathered by it) and how readers' input weights
 combine (`mix`, new x old: a merged channel's row is added into its representative's,
-a split channel's row is shared among its copies, a removed channel's row is dropped).
-Rows of removed channels that carry a constant value are first folded into the reader's
-bias (`constants`: node name -> value per position of its output, NaN where not
+a split channel's row is shared among its copies, a removed channel's row is dropped or,
+when it is a linear combination of kept channels on the data, spread over theirs) and
+which constant each old channel adds on top (`shift`, folded into the readers' biases).
+Rows of removed channels that carry a constant value are likewise folded into the
+reader's bias (`constants`: node name -> value per position of its output, NaN where not
 constant). Because the map is applied to every space of a group, channels coupled by an
 `Add` stay aligned.
 
@@ -23,10 +25,12 @@ from keras_embed.network import PER_CHANNEL, PRODUCERS
 
 @dataclasses.dataclass(frozen=True)
 class ChannelMap:
-    """The edit of one group (see module docstring): `keep` (new,) and `mix` (new, old)."""
+    """The edit of one group (see module docstring): `keep` (new,), `mix` (new, old) and
+    `shift` (old,), None for no shift."""
 
     keep: np.ndarray
     mix: np.ndarray
+    shift: np.ndarray | None = None
 
     @classmethod
     def identity(cls, width):
@@ -80,6 +84,13 @@ def layout_mix(network, name, maps):
     return mix
 
 
+def layout_shift(network, name, maps):
+    """The constant each old position of node `name`'s output adds to its readers."""
+    shifts = [np.zeros(segment.size) if channel_map.shift is None else channel_map.shift
+              for segment, channel_map in zip(network.layout(name), _segment_maps(network, name, maps))]
+    return np.concatenate(shifts) if shifts else np.zeros(0)
+
+
 def _read_inputs(node, network, maps, constants):
     """A producer's kernel and bias after its input positions changed."""
     kernel, *bias = node.weights
@@ -88,12 +99,13 @@ def _read_inputs(node, network, maps, constants):
     dropped = ~mix.any(axis=0)
     rows = np.moveaxis(kernel, -2, 0)  # (positions, ..., out)
     live = dropped & (np.abs(rows).reshape(len(rows), -1).max(axis=1) > 0)
-    if live.any():  # NaN: a row the rules judged negligible
-        values = np.nan_to_num(constants.get(source, np.full(len(rows), np.nan))[live], nan=0.0)
+    values = layout_shift(network, source, maps)
+    if live.any() or np.any(values != 0):  # NaN: a row the rules judged negligible
+        values[live] += np.nan_to_num(constants.get(source, np.full(len(rows), np.nan))[live], nan=0.0)
         if node.kind == "Conv2D" and node.config["padding"] != "valid" and max(node.config["kernel_size"]) > 1 \
                 and np.any(values != 0):
             raise ValueError(f"internal: a constant read by '{node.name}' through zero padding cannot be folded")
-        shift = np.tensordot(values, rows[live], axes=(0, 0))
+        shift = np.tensordot(values, rows, axes=(0, 0))
         shift = shift.reshape(-1, shift.shape[-1]).sum(axis=0)
         bias = [(bias[0] if bias else np.zeros(kernel.shape[-1])) + shift]
     kernel = np.moveaxis(np.tensordot(mix, rows, axes=(1, 0)), 0, -2)

@@ -55,24 +55,26 @@ def regression_stats(graph, index, reference, data, batch_size=256):
     return RegressionStats(gram, cross, energy, samples)
 
 
-def greedy_selection(gram, cross, energy):
+def greedy_selection(gram, cross, energy, intercept=True):
     """Forward selection of the columns of [a, 1] that best fit z by least squares.
 
-    The constant column (last) is taken first; then, one at a time, the unit whose
-    residual (after projecting out those chosen) reduces the residual energy of z most.
-    This is pivoted Cholesky on `gram`, scored by the fit of `cross`.
+    With `intercept`, the constant column (last) is taken first; then, one at a time, the
+    unit whose residual (after projecting out those chosen) reduces the residual energy of
+    z most. This is pivoted Cholesky on `gram`, scored by the fit of `cross`. Without
+    `intercept`, `gram` and `cross` hold no constant column and nothing is taken first.
 
     Returns:
-        (units in the order chosen, residual energy after the constant and each unit).
+        (units in the order chosen, residual energy after the constant (or after nothing,
+        without `intercept`) and after each unit).
     """
     size = gram.shape[0]
     factor = np.zeros((size, size))
     residual_gram = np.diag(gram).astype(np.float64).copy()
     residual_cross = np.array(cross, dtype=np.float64)
     floor = 1e-12 * np.maximum(np.diag(gram), 1e-300)
-    chosen, energies = [], []
-    pivot = size - 1
-    while True:
+    chosen, energies = [], [] if intercept else [max(energy, 0.0)]
+    pivot = size - 1 if intercept else _best_pivot(residual_gram, residual_cross, floor, chosen)
+    while pivot is not None:
         step = len(chosen)
         column = gram[:, pivot] - factor[:, :step] @ factor[pivot, :step]
         factor[:, step] = column / math.sqrt(residual_gram[pivot])
@@ -82,21 +84,29 @@ def greedy_selection(gram, cross, energy):
         energy -= float(projection @ projection)
         chosen.append(pivot)
         energies.append(max(energy, 0.0))
-        usable = residual_gram > floor
-        usable[chosen] = False
-        if not usable.any():
-            return chosen[1:], energies
-        score = np.where(usable, (residual_cross**2).sum(axis=1) / np.where(usable, residual_gram, 1.0), -np.inf)
-        pivot = int(np.argmax(score))
+        pivot = _best_pivot(residual_gram, residual_cross, floor, chosen)
+    return chosen[1:] if intercept else chosen, energies
 
 
-def refit(gram, cross, units, ridge=RIDGE):
-    """Ridge least squares of z on [a_units, 1]: returns (kernel rows, bias)."""
-    columns = list(units) + [gram.shape[0] - 1]
+def _best_pivot(residual_gram, residual_cross, floor, chosen):
+    """The column not yet chosen whose residual explains most of `residual_cross` (None
+    when every column left is numerically spanned by those chosen)."""
+    usable = residual_gram > floor
+    usable[chosen] = False
+    if not usable.any():
+        return None
+    score = np.where(usable, (residual_cross**2).sum(axis=1) / np.where(usable, residual_gram, 1.0), -np.inf)
+    return int(np.argmax(score))
+
+
+def refit(gram, cross, units, ridge=RIDGE, intercept=True):
+    """Ridge least squares of z on [a_units, 1] (on a_units alone without `intercept`,
+    the bias then 0): returns (kernel rows, bias)."""
+    columns = list(units) + ([gram.shape[0] - 1] if intercept else [])
     sub = gram[np.ix_(columns, columns)]
     regularizer = ridge * max(float(np.mean(np.diag(sub))), 1e-300) * np.eye(len(columns))
     solution = np.linalg.solve(sub + regularizer, cross[columns])
-    return solution[:-1], solution[-1]
+    return solution[:len(units)], solution[len(units)] if intercept else np.zeros(cross.shape[1])
 
 
 def units_to_keep(energies, width, tolerance=None, keep_ratio=None):
@@ -166,28 +176,30 @@ def _largest(attempt, low, high, steps):
     return best if best is not None else attempt(low)[1]
 
 
-def search(graph, x, rule, measure_graph, batch_size=256, steps=10):
-    """The compression of `graph` that meets `rule` on calibration inputs `x`.
+def search(compress, rule, judge, narrowest, steps=10):
+    """The compression that meets `rule` on the data `judge` measures on.
 
-    keep_ratio applies directly; target_params bisects the keep ratio; accuracy and
-    output-error rules bisect the per-layer tolerance (log scale, 1e-8 to 1).
+    keep_ratio applies directly; target_params bisects the keep ratio (from `narrowest`
+    to 1); accuracy and output-error rules bisect the per-layer tolerance (log scale,
+    1e-8 to 1).
 
     Args:
-        measure_graph: maps a compressed graph to (figures, params) for `rule.holds`.
+        compress: `compress(tolerance=..., keep_ratio=...)` -> a result, e.g.
+            `functools.partial(compress_widths, graph, x)`.
+        judge: maps a result to (figures, params) for `rule.holds`.
+        narrowest: the smallest keep ratio worth trying (one unit of the widest layer).
 
     Returns:
-        (compressed `Graph`, `Refit` edits).
+        the result of `compress` for the largest compression found to meet `rule` (of the
+        smallest when none does: the caller's check then fails honestly).
     """
     if rule.kind == "keep_ratio":
-        return compress_widths(graph, x, keep_ratio=rule.value, batch_size=batch_size)
+        return compress(keep_ratio=rule.value)
 
     def attempt(knob):
-        if rule.kind == "target_params":
-            result = compress_widths(graph, x, keep_ratio=knob, batch_size=batch_size)
-        else:
-            result = compress_widths(graph, x, tolerance=10.0**knob, batch_size=batch_size)
-        return rule.holds(*measure_graph(result[0])), result
+        result = compress(keep_ratio=knob) if rule.kind == "target_params" else compress(tolerance=10.0**knob)
+        return rule.holds(*judge(result)), result
 
     if rule.kind == "target_params":
-        return _largest(attempt, 1.0 / max(graph.widths[:-1] or [1]), 1.0, steps)
+        return _largest(attempt, narrowest, 1.0, steps)
     return _largest(attempt, -8.0, 0.0, steps)

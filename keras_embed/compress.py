@@ -8,27 +8,30 @@ Example:
 """
 
 import dataclasses
+import functools
 import time
 
 import numpy as np
 
 from keras_embed.analysis import find_redundancy
 from keras_embed.build import build_model
-from keras_embed.compensate import search
+from keras_embed.channel_compensate import check_channel_memory, compress_channels
+from keras_embed.compensate import compress_widths, search
 from keras_embed.condense import plan_condense
 from keras_embed.errors import InputError, RuleError, UnsupportedLayerError
 from keras_embed.data import require_reusable
 from keras_embed.data_rules import find_data_redundancy, layer_regimes, plan_collapses
 from keras_embed.linearity import DEFAULT_LIN_TOL
 from keras_embed.plan import LayerEdit, Plan
-from keras_embed.network import read_network
-from keras_embed.prune_network import prune_network
+from keras_embed.network import build_network, read_network
+from keras_embed.prune_network import NetworkReport, prune_network, reduce_network
 from keras_embed.read import read_chain
 from keras_embed.rules import measure
 from keras_embed.stats import check_gram_memory, collect
 from keras_embed.surgery import apply_plan
 from keras_embed.verify import assert_outputs_preserved, calibration_inputs, predict
 
+MODES = ("exact", "condense", "data")
 
 def plan_exact(graph, rtol=1e-6):
     """Plans the removal of every unit that is redundant by its weights alone.
@@ -196,25 +199,38 @@ class PruneReport:
 
 
 def _approximate_plan(graph, mode, x, rule, judge, cos, batch_size):
-    """Exact rounds, then the condense merge or the data-driven refit.
-
-    `judge` = (inputs, their reference outputs, labels) on which the data mode's search
-    measures its rule: the validation data when given, else the calibration data.
-    """
+    """Exact rounds, then the condense merge or the data-driven refit (as far as `rule`
+    allows, each candidate judged by `judge(model, params)`)."""
     exact = plan_exact(graph)
     reduced = apply_plan(graph, exact)
     if mode == "condense":
         extra = plan_condense(reduced, cos)
     else:
-        inputs, reference_outputs, labels = judge
-
-        def measure_graph(candidate):
-            outputs = predict(build_model(candidate), inputs, batch_size)
-            return measure(reference_outputs, outputs, labels), candidate.params
-
-        extra = search(reduced, x, rule, measure_graph, batch_size)[1]
+        compress = functools.partial(compress_widths, reduced, x, batch_size=batch_size)
+        judge_result = lambda result: judge(build_model(result[0]), result[0].params)  # noqa: E731
+        extra = search(compress, rule, judge_result, 1.0 / max(reduced.widths[:-1] or [1]))[1]
     rounds = exact.rounds + ((extra,) if extra else ())
     return Analysis(Plan(rounds), {}, [], False)
+
+
+def _network_data_reduction(network, x, rule, judge, rtol, lin_tol, allow_growth, batch_size, on_batch):
+    """`prune_network.reduce_network` (the exact rules), then the channel refit as far as
+    `rule` allows; returns the `Reduction` with the refit network as `after`."""
+    check_channel_memory(network)  # before any pass
+    reduction = reduce_network(network, x, rtol, lin_tol, allow_growth, batch_size, on_batch)
+    reduced = reduction.after
+    compress = functools.partial(compress_channels, reduced, x, batch_size=batch_size, grams={})
+    judge_result = lambda result: judge(build_network(result[0]), result[0].params)  # noqa: E731
+    widest = max((reduced.group_width(group) for group in reduced.editable_groups()), default=1)
+    return dataclasses.replace(reduction, after=search(compress, rule, judge_result, 1.0 / widest)[0])
+
+
+def _judge(model, data, labels, validation, validation_labels, batch_size):
+    """`judge(candidate, params)`: the `rules.measure` figures of a candidate model on the
+    validation data when given, else on the calibration data."""
+    inputs, inputs_labels = (data, labels) if validation is None else (validation, validation_labels)
+    reference = predict(model, inputs, batch_size)
+    return lambda candidate, params: (measure(reference, predict(candidate, inputs, batch_size), inputs_labels), params)
 
 
 def _check_rule(rule, reference, pruned, x, labels, batch_size, force):
@@ -225,6 +241,18 @@ def _check_rule(rule, reference, pruned, x, labels, batch_size, force):
         raise RuleError(f"on the held-out data the compressed model has {rule.describe(figures, params)}; "
                         "nothing was written (relax the rule or pass --force)")
     return figures
+
+
+def _held_out_checks(rule, model, pruned, data, labels, validation, validation_labels, batch_size, force):
+    """The `rules.measure` figures on the validation (else calibration) array, and the rule."""
+    checks = {}
+    held_out, held_out_labels = (data, labels) if validation is None else (validation, validation_labels)
+    if isinstance(held_out, np.ndarray):
+        checks.update(_check_rule(rule, model, pruned, held_out, held_out_labels, batch_size, force))
+        checks["checked_on"] = "calibration data" if validation is None else "validation data"
+    if rule is not None:
+        checks["rule"] = {"kind": rule.kind, "value": rule.value}
+    return checks
 
 
 def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, mode="exact", rule=None, labels=None,
@@ -244,8 +272,9 @@ def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, mode="exact", 
         For the approximate modes the `rule` (when given) must hold on `validation` (else
         on `data`), or `RuleError` is raised. Keep a test set apart from both.
 
-    Convolutional and branching models (see `network.SUPPORTED`) go to
-    `prune_network.prune_network`: exact mode only, the report is a `NetworkReport`.
+    Convolutional and branching models (see `network.SUPPORTED`): exact mode goes to
+    `prune_network.prune_network`, data mode refits channels (`channel_compensate`);
+    condense is for chains only. The report is then a `NetworkReport`.
 
     Args:
         model: a Keras model (a chain of Dense, Activation, Dropout, BatchNormalization, or
@@ -272,41 +301,41 @@ def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, mode="exact", 
         UnsupportedLayerError: the model holds an unsupported layer.
     """
     start = time.perf_counter()
+    if mode not in MODES:
+        raise InputError(f"unknown mode '{mode}'; choose exact, condense or data")
     require_reusable(data)
     require_reusable(validation)
     graph = read_chain(model)
-    if graph is None:  # not a Dense chain: a convolutional or branching network?
-        read_network(model)  # raises what is unsupported, if anything
-        if mode != "exact":
-            raise UnsupportedLayerError(f"--mode {mode} supports chains of Dense layers only; "
-                                        "prune convolutional or branching models with --mode exact") from None
+    if graph is None and mode == "exact":  # a convolutional or branching network
         return prune_network(model, rtol, data, atol, force, validation=validation, lin_tol=lin_tol,
                              allow_growth=allow_growth, batch_size=batch_size, on_batch=on_batch)
+    network = read_network(model) if graph is None else None  # raises what is unsupported, if anything
+    if network is not None and mode == "condense":
+        raise UnsupportedLayerError("--mode condense supports chains of Dense layers only; prune convolutional "
+                                    "or branching models with --mode exact or --mode data")
+    if mode != "exact":
+        _check_approximate_inputs(mode, data, rule, labels, validation, validation_labels)
+    judge = _judge(model, data, labels, validation, validation_labels, batch_size) if mode == "data" else None
+    if network is not None:
+        reduction = _network_data_reduction(network, data, rule, judge, rtol, lin_tol, allow_growth, batch_size, on_batch)
+        pruned = build_network(reduction.after)
+        checks = _held_out_checks(rule, model, pruned, data, labels, validation, validation_labels, batch_size, force)
+        return pruned, NetworkReport(reduction, "user data", checks, time.perf_counter() - start, mode)
     if mode == "exact":
         stats = None if data is None else collect(graph, data, batch_size, gram=False, on_batch=on_batch)
         analysis = plan_prune(graph, stats, rtol, lin_tol, allow_growth)
-    elif mode in ("condense", "data"):
-        _check_approximate_inputs(mode, data, rule, labels, validation, validation_labels)
+    else:
         if mode == "data":  # the refit holds one layer's Gram at a time: refuse a too wide layer before any pass
             for layer in graph.layers[:-1]:
                 check_gram_memory([layer])
-        judge = (data, labels) if validation is None else (validation, validation_labels)
-        judge = (judge[0], None if judge[0] is None else predict(model, judge[0], batch_size), judge[1])
         analysis = _approximate_plan(graph, mode, data, rule, judge, cos, batch_size)
-    else:
-        raise InputError(f"unknown mode '{mode}'; choose exact, condense or data")
     pruned_graph = apply_plan(graph, analysis.plan)
     pruned = build_model(pruned_graph)
     calibration = "user data"
     if data is None:
         data, calibration = calibration_inputs(model), "1024 seeded standard-normal inputs"
     checks = _exact_checks(model, pruned, data, validation, atol, force, batch_size) if mode == "exact" else {}
-    held_out, held_out_labels = (data, labels) if validation is None else (validation, validation_labels)
-    if isinstance(held_out, np.ndarray):
-        checks.update(_check_rule(rule, model, pruned, held_out, held_out_labels, batch_size, force))
-        checks["checked_on"] = "calibration data" if validation is None else "validation data"
-    if rule is not None:
-        checks["rule"] = {"kind": rule.kind, "value": rule.value}
+    checks.update(_held_out_checks(rule, model, pruned, data, labels, validation, validation_labels, batch_size, force))
     report = PruneReport(mode, graph, pruned_graph, analysis, model.count_params(), pruned.count_params(),
                          calibration, checks, time.perf_counter() - start)
     return pruned, report

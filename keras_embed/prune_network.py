@@ -147,18 +147,20 @@ def reduce_network(network, data=None, rtol=1e-6, lin_tol=DEFAULT_LIN_TOL, allow
 
 @dataclasses.dataclass(frozen=True)
 class NetworkReport:
-    """What `prune_network` did: the `Reduction` and the verification figures."""
+    """What `prune_network` (or `compress.prune` in data mode) did: the `Reduction` and
+    the verification figures."""
 
     reduction: Reduction
     calibration: str
     checks: dict
     seconds: float
+    mode: str = "exact"
 
     def to_dict(self):
         before, after = self.reduction.before, self.reduction.after
         layers = self.reduction.layers()
         return {
-            "mode": "exact",
+            "mode": self.mode,
             "params_before": before.params, "params_after": after.params,
             "depth_before": sum(node.kind in PRODUCERS for node in before.nodes),
             "depth_after": sum(node.kind in PRODUCERS for node in after.nodes),

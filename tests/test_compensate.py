@@ -58,6 +58,18 @@ def test_refit_equals_numpy_least_squares():
     np.testing.assert_allclose(np.vstack([kernel, bias]), expected, rtol=1e-5, atol=1e-7)
 
 
+def test_without_intercept_greedy_and_refit_fit_through_the_origin():
+    a, z, gram, cross, energy = _regression(seed=2)
+    order, energies = greedy_selection(gram[:-1, :-1], cross[:-1], energy, intercept=False)
+    assert energies[0] == pytest.approx(energy) and len(energies) == len(order) + 1
+    for count in (1, 3):
+        residual = np.linalg.lstsq(a[:, order[:count]], z, rcond=None)[1]
+        assert energies[count] == pytest.approx(float(residual.sum()), rel=1e-6)
+    kernel, bias = refit(gram, cross, order[:3], intercept=False)
+    np.testing.assert_allclose(kernel, np.linalg.lstsq(a[:, order[:3]], z, rcond=None)[0], rtol=1e-5, atol=1e-7)
+    assert not bias.any()
+
+
 def _combination_model(k=3, extra=9, seed=0):
     """Hidden layer of k + extra linear units whose last `extra` are combinations of the first k."""
     rng = np.random.default_rng(seed)

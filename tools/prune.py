@@ -15,7 +15,8 @@ from keras_embed.tools.common import calibration_data, data_options, handles_err
               help="Held-out data (.npy, or .npz with x and optional y) the result is checked on as well.")
 @click.option("--mode", type=click.Choice(["exact", "condense", "data"]), default="exact", show_default=True,
               help="exact: outputs kept (within --atol); condense: merge units whose incoming weights have cosine >= --cos; "
-                   "data: keep the units that best reproduce each next layer on the data and refit it (needs one stopping rule).")
+                   "data: keep the units that best reproduce each next layer on the data and refit it (on convolutional models: "
+                   "the channels that best reconstruct their group; needs one stopping rule).")
 @click.option("--max-accuracy-drop", type=float, metavar="PP", help="Data mode: largest accuracy drop, in percentage points (needs labels y).")
 @click.option("--max-output-error", type=float, metavar="E", help="Data mode: largest relative output error ||dY||/||Y||.")
 @click.option("--keep-ratio", type=float, metavar="R", help="Data mode: keep this fraction (0, 1] of every hidden layer's units.")

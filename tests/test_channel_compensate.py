@@ -1,0 +1,167 @@
+"""`prune --mode data` on convolutional and branching models (`channel_compensate`).
+
+A channel that is an affine function of other channels on the data is reconstructed from
+them: removed exactly when its readers can absorb the constant part (no zero padding),
+and fitted without a constant otherwise. The property draws random small CNNs and every
+stopping rule: what prune returns meets the rule on the data, or prune raises RuleError.
+"""
+
+import json
+import math
+
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from builders import cnns, examples, image_inputs
+from keras_embed import prune
+from keras_embed.channel_compensate import compress_channels
+from keras_embed.errors import InputError, RuleError, UnsupportedLayerError
+from keras_embed.network import build_network, read_network
+from keras_embed.rules import Rule, measure
+from keras_embed.tools.cli import main
+from keras_embed.verify import predict
+
+
+def _dependent_cnn(reader_kernel, reader_padding, offset):
+    """image -> stem (4 linear channels, the last = first + 2 * second + `offset`) -> relu
+    -> reader Conv2D -> GAP -> Dense: the stem group holds an affine dependency."""
+    image = keras.Input((6, 6, 2))
+    stem = keras.layers.Conv2D(4, 3, padding="same", name="stem")(image)
+    h = keras.layers.Conv2D(3, reader_kernel, padding=reader_padding, activation="relu", name="reader")(stem)
+    model = keras.Model(image, keras.layers.Dense(2, name="out")(keras.layers.GlobalAveragePooling2D()(h)))
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if layer.get_weights():
+            layer.set_weights([rng.normal(0, 0.5, w.shape) for w in layer.get_weights()])
+    kernel, bias = model.get_layer("stem").get_weights()
+    kernel[..., 3], bias[3] = kernel[..., 0] + 2 * kernel[..., 1], bias[0] + 2 * bias[1] + offset
+    model.get_layer("stem").set_weights([kernel, bias])
+    return model
+
+
+@pytest.mark.parametrize("reader_kernel, reader_padding, offset", [(1, "same", 0.7), (3, "valid", 0.7), (3, "same", 0.0)])
+def test_an_affine_dependent_channel_is_removed_without_changing_the_outputs(reader_kernel, reader_padding, offset):
+    model = _dependent_cnn(reader_kernel, reader_padding, offset)
+    x = image_inputs(model)
+    smaller, maps = compress_channels(read_network(model), x, keep_ratio=0.75)
+    assert smaller.node("stem").width == len(maps["stem"].keep) == 3
+    expected, actual = predict(model, x), predict(build_network(smaller), x)
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+
+def test_a_group_read_through_zero_padding_is_fitted_without_a_constant():
+    model = _dependent_cnn(3, "same", 0.7)  # the constant would be wrong where the reader pads
+    _, maps = compress_channels(read_network(model), image_inputs(model), keep_ratio=0.75)
+    assert not np.any(maps["stem"].shift)
+
+
+def test_a_constant_is_folded_where_the_reader_does_not_pad():
+    model = _dependent_cnn(1, "same", 0.7)
+    _, maps = compress_channels(read_network(model), image_inputs(model), keep_ratio=0.75)
+    removed = sorted(set(range(4)) - set(maps["stem"].keep))
+    assert len(removed) == 1 and abs(maps["stem"].shift[removed[0]]) > 0.1
+
+
+def test_tolerance_keeps_every_independent_channel():
+    model = _dependent_cnn(1, "same", 0.7)
+    smaller, _ = compress_channels(read_network(model), image_inputs(model), tolerance=1e-9)
+    assert smaller.node("stem").width == 3
+
+
+def test_shared_grams_give_the_same_result_and_are_reused():
+    model = _dependent_cnn(3, "valid", 0.7)
+    network, x, grams = read_network(model), image_inputs(model), {}
+    fresh, _ = compress_channels(network, x, tolerance=1e-6)
+    cached, _ = compress_channels(network, x, tolerance=1e-6, grams=grams)
+    passes = len(grams)
+    again, _ = compress_channels(network, x, tolerance=1e-7, grams=grams)  # the same channels: no new pass
+    assert len(grams) == passes == len(network.editable_groups())
+    for node in fresh.nodes:
+        for weight, cached_weight, again_weight in zip(node.weights, cached.by_name[node.name].weights,
+                                                      again.by_name[node.name].weights):
+            np.testing.assert_array_equal(weight, cached_weight)
+            np.testing.assert_array_equal(weight, again_weight)
+
+
+def test_prune_in_data_mode_reports_channels_and_meets_the_rule():
+    model = _dependent_cnn(3, "valid", 0.7)  # a linear stem before a 1x1 reader would be folded into it
+    x = image_inputs(model, samples=128)
+    rule = Rule("max_output_error", 1e-4)
+    pruned, report = prune(model, data=x, mode="data", rule=rule)
+    figures = report.to_dict()
+    assert figures["mode"] == "data" and figures["rule"] == {"kind": "max_output_error", "value": 1e-4}
+    assert {row["name"]: row["width_after"] for row in figures["layers"]}["stem"] == 3
+    assert figures["output_error"] <= 1e-4 and figures["params_after"] == pruned.count_params() < model.count_params()
+
+
+def test_a_rule_that_cannot_be_met_raises():
+    model = _dependent_cnn(1, "same", 0.7)
+    x = image_inputs(model)
+    with pytest.raises(RuleError, match="nothing was written"):
+        prune(model, data=x, mode="data", rule=Rule("target_params", 1))
+
+
+def test_condense_mode_is_still_refused_for_networks():
+    model = _dependent_cnn(1, "same", 0.7)
+    with pytest.raises(UnsupportedLayerError, match="--mode data"):
+        prune(model, data=image_inputs(model), mode="condense")
+
+
+def test_a_group_too_wide_for_the_gram_budget_is_refused_before_any_pass():
+    image = keras.Input((2, 2, 1))
+    wide = keras.layers.Conv2D(6000, 1, activation="relu", name="wide")(image)
+    model = keras.Model(image, keras.layers.Dense(2)(keras.layers.Flatten()(keras.layers.Conv2D(2, 1)(wide))))
+    batches_seen = []
+
+    def data():
+        batches_seen.append(1)
+        yield np.ones((2, 2, 2, 1), "float32")
+
+    with pytest.raises(InputError, match="6000 units"):
+        compress_channels(read_network(model), data(), keep_ratio=0.5)
+    assert batches_seen == []
+
+
+RULE_BOUNDS = {
+    "keep_ratio": st.floats(0.01, 1.0),
+    "max_output_error": st.floats(0.0, 1.0),
+    "target_params": st.integers(1, 400),
+    "max_accuracy_drop": st.floats(0.0, 60.0),
+}
+
+
+@settings(max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cnns(), st.data())
+def test_property_channel_data_mode_meets_its_stopping_rule_or_raises(cnn, data):
+    model, editable = cnn()
+    x = image_inputs(model, samples=48)
+    y = np.random.default_rng(0).integers(0, 3, len(x))
+    kind = data.draw(st.sampled_from(sorted(RULE_BOUNDS)), label="rule")
+    rule = Rule(kind, float(data.draw(RULE_BOUNDS[kind], label="bound")))
+    event(kind)
+    try:
+        pruned, report = prune(model, data=x, mode="data", rule=rule, labels=y)
+    except RuleError:
+        event(f"{kind}: not met")
+        return
+    assert rule.holds(measure(predict(model, x), predict(pruned, x), y), pruned.count_params())
+    assert all(node.width >= 1 for node in read_network(pruned).nodes)
+    widths = {row["name"]: (row["width_before"], row["width_after"]) for row in report.to_dict()["layers"]}
+    if kind == "keep_ratio":  # fewer when a channel is constant or an affine function of others on the data
+        assert all(widths[name][1] <= math.ceil(rule.value * widths[name][0]) for name in editable)
+
+
+def test_cli_prunes_a_cnn_in_data_mode_within_the_accuracy_rule(tmp_path, saved_models):
+    report, output = tmp_path / "report.json", tmp_path / "p.keras"
+    data = str(saved_models / "digits_images_heldout.npz")
+    result = CliRunner().invoke(main, ["prune", str(saved_models / "digits_cnn_widened.keras"), "-o", str(output),
+                                       "--mode", "data", "--max-accuracy-drop", "0.5", "--data", data,
+                                       "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(report.read_text())
+    assert figures["mode"] == "data" and figures["accuracy_drop"] <= 0.5
+    assert figures["params_after"] == keras.saving.load_model(output).count_params() < figures["params_before"]
