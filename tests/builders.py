@@ -5,9 +5,14 @@ import os
 
 import keras
 import numpy as np
+from hypothesis import event
 from hypothesis import strategies as st
 
 from keras_embed.network import PRODUCERS, read_network
+from keras_embed import prune
+from keras_embed.errors import RuleError
+from keras_embed.rules import Rule, measure
+from keras_embed.verify import predict
 
 
 def make_mlp(widths, activation="relu", use_bias=True, functional=False, inputs=5, seed=0):
@@ -138,3 +143,29 @@ def _build_cnn(choice):
     network = read_network(model)
     editable = [node.name for node in network.nodes if node.kind in PRODUCERS and network.groups[node.name] not in network.frozen_groups]
     return model, editable
+
+
+@st.composite
+def stopping_rules(draw, max_params):
+    """A `--mode data` stopping rule of any kind, its bound drawn where it may or may not hold."""
+    bounds = {
+        "keep_ratio": st.floats(0.01, 1.0),
+        "max_output_error": st.floats(0.0, 1.0),
+        "target_params": st.integers(1, max_params),
+        "max_accuracy_drop": st.floats(0.0, 60.0),
+    }
+    kind = draw(st.sampled_from(sorted(bounds)))
+    return Rule(kind, float(draw(bounds[kind])))
+
+
+def prune_meeting(rule, model, x, y):
+    """`prune(mode="data")` of `model` under `rule` on (x, y): None when it raises
+    `RuleError`, else (pruned, report) once the rule is checked to hold on x."""
+    event(rule.kind)
+    try:
+        pruned, report = prune(model, data=x, mode="data", rule=rule, labels=y)
+    except RuleError:
+        event(f"{rule.kind}: not met")
+        return None
+    assert rule.holds(measure(predict(model, x), predict(pruned, x), y), pruned.count_params())
+    return pruned, report

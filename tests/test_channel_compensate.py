@@ -13,15 +13,15 @@ import keras
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from builders import cnns, examples, image_inputs
+from builders import cnns, examples, image_inputs, prune_meeting, stopping_rules
 from keras_embed import prune
 from keras_embed.channel_compensate import compress_channels
 from keras_embed.errors import InputError, RuleError, UnsupportedLayerError
 from keras_embed.network import build_network, read_network
-from keras_embed.rules import Rule, measure
+from keras_embed.rules import Rule
 from keras_embed.tools.cli import main
 from keras_embed.verify import predict
 
@@ -126,32 +126,20 @@ def test_a_group_too_wide_for_the_gram_budget_is_refused_before_any_pass():
     assert batches_seen == []
 
 
-RULE_BOUNDS = {
-    "keep_ratio": st.floats(0.01, 1.0),
-    "max_output_error": st.floats(0.0, 1.0),
-    "target_params": st.integers(1, 400),
-    "max_accuracy_drop": st.floats(0.0, 60.0),
-}
-
-
 @settings(max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cnns(), st.data())
 def test_property_channel_data_mode_meets_its_stopping_rule_or_raises(cnn, data):
     model, editable = cnn()
     x = image_inputs(model, samples=48)
     y = np.random.default_rng(0).integers(0, 3, len(x))
-    kind = data.draw(st.sampled_from(sorted(RULE_BOUNDS)), label="rule")
-    rule = Rule(kind, float(data.draw(RULE_BOUNDS[kind], label="bound")))
-    event(kind)
-    try:
-        pruned, report = prune(model, data=x, mode="data", rule=rule, labels=y)
-    except RuleError:
-        event(f"{kind}: not met")
+    rule = data.draw(stopping_rules(400), label="rule")
+    result = prune_meeting(rule, model, x, y)
+    if result is None:
         return
-    assert rule.holds(measure(predict(model, x), predict(pruned, x), y), pruned.count_params())
+    pruned, report = result
     assert all(node.width >= 1 for node in read_network(pruned).nodes)
     widths = {row["name"]: (row["width_before"], row["width_after"]) for row in report.to_dict()["layers"]}
-    if kind == "keep_ratio":  # fewer when a channel is constant or an affine function of others on the data
+    if rule.kind == "keep_ratio":  # fewer when a channel is constant or an affine function of others on the data
         assert all(widths[name][1] <= math.ceil(rule.value * widths[name][0]) for name in editable)
 
 
