@@ -57,8 +57,8 @@ CONFIGS = ("plain", *(f"probe {size}" for size in PROBES))
 PROFILED = 50
 PARTS = {  # function name in the profile -> what it is
     "read_model": "read the weights (`read_model`)",
-    "refresh_probe": "copy them into the probe model (`refresh_probe`)",
-    "predict_on_batch": "run the probe model (`predict_on_batch`)",
+    "predict_on_batch": "the forward pass in NumPy (`GraphProbe.predict_on_batch`)",
+    "evaluate": "activation functions (`activations.evaluate`)",
     "update": "accumulate statistics and Gram matrices (`LayerStats.update`)",
     "one_blas_thread": "limit BLAS to one thread (`threadpoolctl`)",
     "find_redundancy": "weight rules (`find_redundancy`)",

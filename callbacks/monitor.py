@@ -10,7 +10,7 @@ import numpy as np
 from keras_embed.data import batches, check_inputs, load_array
 from keras_embed.monitoring import layer_redundancy
 from keras_embed.read import read_model
-from keras_embed.stats import check_gram_memory, probe_model
+from keras_embed.stats import check_gram_memory
 from keras_embed.verify import predict
 
 ACTIONS = ("warn", "stop", "escape")
@@ -75,7 +75,6 @@ class EmbeddingMonitor(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self._probe_x = self._probe_inputs()
-        self._probe = None
         self._history = []
         self._stalled = False
         self._missing_warned = False
@@ -106,10 +105,7 @@ class EmbeddingMonitor(keras.callbacks.Callback):
                            "stalls cannot be detected (for val_loss, pass validation data to fit)")
         stalled = False
         if (epoch + 1) % self.every == 0:
-            graph = read_model(self.model)
-            if self._probe is None:
-                self._probe = probe_model(graph)
-            self.summary = layer_redundancy(graph, self._probe_x, self.cos, probe=self._probe)
+            self.summary = layer_redundancy(read_model(self.model), self._probe_x, self.cos)
             stalled = self._plateau() and any(layer.redundant for layer in self.summary.values())
         self._log(logs, stalled)  # every epoch, so CSVLogger's columns and History's lists line up
         if stalled and not self._stalled:

@@ -13,11 +13,13 @@ Example:
 
 import dataclasses
 
+import keras
 import numpy as np
 
+from keras_embed.activations import evaluate
 from keras_embed.analysis import find_redundancy
 from keras_embed.linearity import unit_regimes
-from keras_embed.stats import collect, refresh_probe
+from keras_embed.stats import collect
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +69,33 @@ def activation_groups(gram, units, cos):
     return groups
 
 
-def layer_redundancy(graph, x, cos=0.999, rtol=1e-6, lin_tol=1e-4, probe=None):
+class GraphProbe:
+    """A stand-in for `stats.probe_model(graph)` that computes [z_0, a_0, z_1, a_1, ...] in
+    float64 NumPy from the graph's own weights: nothing to build or load each epoch.
+
+    Example:
+        >>> collect(graph, x, probe=GraphProbe(graph))
+    """
+
+    def __init__(self, graph):
+        self.graph = graph
+
+    def predict_on_batch(self, batch):
+        value = np.asarray(batch, dtype=np.float64)
+        for config in self.graph.leading:  # weightless Activation/Dropout layers before the first Dense
+            value = np.asarray(keras.ops.convert_to_numpy(keras.layers.deserialize(config)(value, training=False)),
+                               dtype=np.float64)
+        outputs = []
+        for layer in self.graph.layers[:-1]:
+            z = value @ layer.kernel + (0.0 if layer.bias is None else layer.bias)
+            value = evaluate(layer.activations, z)
+            outputs += [z, value]
+        return outputs
+
+
+def layer_redundancy(graph, x, cos=0.999, rtol=1e-6, lin_tol=1e-4):
     """`LayerRedundancy` of every hidden layer of `graph` on probe inputs `x`, by name."""
-    if probe is not None:
-        refresh_probe(probe, graph)
-    stats = collect(graph, x, batch_size=len(x), gram=True, probe=probe)
+    stats = collect(graph, x, batch_size=len(x), gram=True, probe=GraphProbe(graph))
     zero_out = {edit.layer: set(edit.zero_out) for edit in find_redundancy(graph, rtol)}
     summary = {}
     for layer in graph.layers[:-1]:

@@ -173,7 +173,8 @@ def collect(graph, data, batch_size=256, gram=True, on_batch=None, probe=None, g
         batch_size: rows per batch when `data` is an array.
         gram: also accumulate each layer's Gram matrix ((width + 1)^2 float64 values).
         on_batch: called with the number of samples of each batch (for progress bars).
-        probe: a `probe_model(graph)` to reuse (see `refresh_probe`); default: a new one.
+        probe: a `probe_model(graph)` to reuse (see `refresh_probe`), or anything with its
+            `predict_on_batch` (e.g. `monitoring.GraphProbe`); default: a new one.
         gram_budget: bytes the Grams may take together (see `check_gram_memory`).
 
     Returns:

@@ -30,7 +30,9 @@ import tensorflow as tf
 from keras_embed import build_model, read_model
 from keras_embed.callbacks import EmbeddingMonitor
 from keras_embed.errors import InputError
+from keras_embed.monitoring import GraphProbe
 from keras_embed.operators import deepen, widen
+from keras_embed.stats import probe_model
 
 NARROW, INPUTS, SAMPLES = 3, 2, 256
 STEPS = 100  # full-batch steps per epoch
@@ -405,3 +407,23 @@ def test_a_layer_too_wide_for_the_gram_budget_is_refused_before_the_first_epoch(
         model.fit(x, x, epochs=1, verbose=0, callbacks=[
             EmbeddingMonitor(x), keras.callbacks.LambdaCallback(on_epoch_begin=lambda *_: epochs_begun.append(1))])
     assert epochs_begun == []
+
+
+def test_graph_probe_computes_what_the_keras_probe_computes():
+    """The monitor's NumPy forward pass (leading activation, BN folded, several activations)
+    against `stats.probe_model`, the Keras probe the other statistics passes use."""
+    model = keras.Sequential([
+        keras.Input((4,)), keras.layers.Activation("tanh"), keras.layers.Dense(6, activation="relu"),
+        keras.layers.BatchNormalization(), keras.layers.Dense(5), keras.layers.Activation("sigmoid"),
+        keras.layers.Dropout(0.5), keras.layers.Dense(3, activation="elu"), keras.layers.Dense(2),
+    ])
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        layer.set_weights([rng.uniform(0.5, 1.5, w.shape) for w in layer.get_weights()])
+    graph = read_model(model)
+    x = rng.normal(size=(32, 4)).astype("float32")
+    expected = probe_model(graph).predict_on_batch(x)
+    actual = GraphProbe(graph).predict_on_batch(x)
+    assert len(actual) == len(expected) == 6
+    for got, want in zip(actual, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
