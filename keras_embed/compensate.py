@@ -121,9 +121,9 @@ def units_to_keep(energies, width, tolerance=None, keep_ratio=None):
     return max(1, len(energies) - 1)
 
 
-def compress_layer(graph, index, reference, data, tolerance=None, keep_ratio=None, batch_size=256):
-    """Compresses hidden layer `index` of `graph`; returns (new graph, the `Refit` edit)."""
-    stats = regression_stats(graph, index, reference, data, batch_size)
+def compress_layer(graph, index, stats, tolerance=None, keep_ratio=None):
+    """Compresses hidden layer `index` of `graph` from its `regression_stats`; returns
+    (new graph, the `Refit` edit)."""
     order, energies = greedy_selection(stats.gram, stats.cross, stats.energy)
     layer = graph.layers[index]
     count = units_to_keep(energies, layer.width, tolerance, keep_ratio)
@@ -134,7 +134,7 @@ def compress_layer(graph, index, reference, data, tolerance=None, keep_ratio=Non
     return apply_edit(graph, edit), edit
 
 
-def compress_widths(graph, data, tolerance=None, keep_ratio=None, batch_size=256):
+def compress_widths(graph, data, tolerance=None, keep_ratio=None, batch_size=256, cache=None):
     """Compresses every hidden layer of `graph`, input to output.
 
     Args:
@@ -143,15 +143,22 @@ def compress_widths(graph, data, tolerance=None, keep_ratio=None, batch_size=256
         tolerance: per layer, keep the fewest units whose refit leaves at most this
             fraction of the next layer's (centered) pre-activation energy unexplained.
         keep_ratio: instead, keep this fraction of each layer's units.
+        cache: a dict reused across calls on the same `graph` and `data`: a layer's
+            `regression_stats` are gathered once for each choice of units kept before it
+            (the attempts of `search` share most of them).
 
     Returns:
         (compressed `Graph`, tuple of `Refit` edits).
     """
     if (tolerance is None) == (keep_ratio is None):
         raise ValueError("give exactly one of tolerance and keep_ratio")
+    cache = {} if cache is None else cache
     current, edits = graph, []
     for index in range(len(graph.layers) - 1):
-        current, edit = compress_layer(current, index, graph, data, tolerance, keep_ratio, batch_size)
+        prefix = (index,) + tuple(edit.kept for edit in edits)
+        if prefix not in cache:
+            cache[prefix] = regression_stats(current, index, graph, data, batch_size)
+        current, edit = compress_layer(current, index, cache[prefix], tolerance, keep_ratio)
         edits.append(edit)
     return current, tuple(edits)
 

@@ -206,7 +206,7 @@ def _approximate_plan(graph, mode, x, rule, judge, cos, batch_size):
     if mode == "condense":
         extra = plan_condense(reduced, cos)
     else:
-        compress = functools.partial(compress_widths, reduced, x, batch_size=batch_size)
+        compress = functools.partial(compress_widths, reduced, x, batch_size=batch_size, cache={})
         judge_result = lambda result: judge(build_model(result[0]), result[0].params)  # noqa: E731
         extra = search(compress, rule, judge_result, 1.0 / max(reduced.widths[:-1] or [1]))[1]
     rounds = exact.rounds + ((extra,) if extra else ())

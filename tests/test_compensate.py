@@ -93,6 +93,21 @@ def test_units_that_are_combinations_of_k_others_reduce_to_k_with_equal_outputs(
     assert np.abs(outputs - expected).max() <= 1e-5 * max(1.0, np.abs(expected).max())
 
 
+def test_a_shared_cache_gives_the_same_result_and_is_reused():
+    graph = read_model(_combination_model(k=3))
+    x = np.random.default_rng(1).standard_normal((400, 5)).astype("float32")
+    cache = {}
+    fresh, fresh_edits = compress_widths(graph, x, tolerance=1e-9)
+    cached, cached_edits = compress_widths(graph, x, tolerance=1e-9, cache=cache)
+    passes = len(cache)
+    again, _ = compress_widths(graph, x, tolerance=1e-10, cache=cache)  # the same units: no new pass
+    assert len(cache) == passes == len(graph.layers) - 1
+    assert fresh_edits == cached_edits
+    for layer, cached_layer, again_layer in zip(fresh.layers, cached.layers, again.layers):
+        np.testing.assert_array_equal(layer.kernel, cached_layer.kernel)
+        np.testing.assert_array_equal(layer.kernel, again_layer.kernel)
+
+
 @pytest.fixture(scope="module")
 def digits_split():
     from keras_embed.data import bundled_dataset
