@@ -3,12 +3,15 @@
 Trains a small residual CNN on scikit-learn's bundled digits images (8x8x1, no download),
 then widens it with the channel-splitting operator (the outputs stay the same for every
 input): the residual block's channels are split in both branches of its Add at once.
-`make demo` prunes the widened model back to the trained widths.
+`make demo` prunes the widened model back to the trained widths. A copy with every
+Conv2D/Dense weight moved by N(0, 1e-3) noise has near copies instead of exact ones: exact
+pruning finds little there, `--mode data` finds them.
 
 Writes, beside this script:
     digits_cnn.keras            the trained CNN (stem 8, residual block 8, head 12 channels)
     digits_cnn_widened.keras    the same function with 14-13-18 channels
     digits_images_heldout.npz   held-out images `x` (n, 8, 8, 1) and labels `y`
+    digits_cnn_perturbed.keras  the widened CNN with the noise added
 """
 
 import keras
@@ -17,7 +20,7 @@ import numpy as np
 from keras_embed.channel_operators import widen_channel
 from keras_embed.data import bundled_dataset
 from keras_embed.network import build_network, read_network
-from make_examples import save_examples, split  # the same split and files as the MLP examples
+from make_examples import HERE, save_examples, split  # the same split and files as the MLP examples
 
 
 def train_cnn(x, y):
@@ -49,6 +52,15 @@ def grow(network, rng):
     return network
 
 
+def perturb(model, scale=1e-3, seed=2):
+    """Adds N(0, `scale`) noise to every Conv2D and Dense weight of `model` (in place)."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+            layer.set_weights([weight + scale * rng.normal(size=weight.shape) for weight in layer.get_weights()])
+    return model
+
+
 def main():
     x, y = bundled_dataset("digits")
     x = x.reshape(-1, 8, 8, 1)
@@ -56,6 +68,7 @@ def main():
     narrow = train_cnn(x[train], y[train])
     wide = build_network(grow(read_network(narrow), np.random.default_rng(1)))
     accuracy, gap = save_examples(narrow, wide, x, y, ("digits_cnn.keras", "digits_cnn_widened.keras", "digits_images_heldout.npz"))
+    perturb(build_network(read_network(wide))).save(HERE / "digits_cnn_perturbed.keras")
     print(f"params {narrow.count_params()} -> widened {wide.count_params()}, held-out accuracy {accuracy:.3f}, "
           f"max abs difference narrow vs widened {gap:.2e}")
 
