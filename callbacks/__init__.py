@@ -5,6 +5,6 @@ Example:
     >>> model.fit(x, y, epochs=100, callbacks=[EmbeddingMonitor(x[:1000], action="warn")])
 """
 
-from keras_embed.callbacks.monitor import EmbeddingMonitor, escape
+from keras_embed.callbacks.monitor import BatchEmbeddingMonitor, EmbeddingMonitor, escape
 
-__all__ = ["EmbeddingMonitor", "escape"]
+__all__ = ["BatchEmbeddingMonitor", "EmbeddingMonitor", "escape"]

@@ -96,6 +96,11 @@ class EmbeddingMonitor(keras.callbacks.Callback):
         return rows
 
     def on_epoch_end(self, epoch, logs=None):
+        self._observe(logs, (epoch + 1) % self.every == 0, epoch, f"Epoch {epoch + 1}")
+
+    def _observe(self, logs, analyse, count, when):
+        """One check (an epoch here): records the monitored value, analyses when `analyse`,
+        writes the figures into `logs` and acts on the first stall. Returns the stall flag."""
         logs = logs if logs is not None else {}
         if self.monitor in logs:
             self._history.append(float(logs[self.monitor]))
@@ -104,13 +109,14 @@ class EmbeddingMonitor(keras.callbacks.Callback):
             LOGGER.warning(f"EmbeddingMonitor: '{self.monitor}' is not in the logs ({', '.join(sorted(logs))}); "
                            "stalls cannot be detected (for val_loss, pass validation data to fit)")
         stalled = False
-        if (epoch + 1) % self.every == 0:
+        if analyse:
             self.summary = layer_redundancy(read_model(self.model), self._probe_x, self.cos)
             stalled = self._plateau() and any(layer.redundant for layer in self.summary.values())
         self._log(logs, stalled)  # every epoch, so CSVLogger's columns and History's lists line up
         if stalled and not self._stalled:
             self._stalled = True
-            self._act(epoch)
+            self._act(count, when)
+        return stalled
 
     def _log(self, logs, stalled):
         """The latest figures (NaN before the first analysis) and this epoch's stall flag."""
@@ -133,20 +139,56 @@ class EmbeddingMonitor(keras.callbacks.Callback):
                  for name, layer in self.summary.items() if layer.redundant]
         return f"training stalled near an embedded critical point ({self.monitor} plateau); " + "; ".join(parts)
 
-    def _act(self, epoch):
+    def _act(self, count, when):
         if callable(self.action):
-            self.action(self, self.summary, epoch)
+            self.action(self, self.summary, count)
         elif self.action == "stop":
             self.model.stop_training = True
-            LOGGER.warning(f"Epoch {epoch + 1}: EmbeddingMonitor stops: {self.describe()}")
+            LOGGER.warning(f"{when}: {type(self).__name__} stops: {self.describe()}")
         elif self.action == "escape":
             changed = escape(self.model, self.summary, self._probe_x, self._rng, self.escape_tolerance)
             LOGGER.warning(
-                f"Epoch {epoch + 1}: EmbeddingMonitor {'perturbed' if changed else 'could not perturb'} "
+                f"{when}: {type(self).__name__} {'perturbed' if changed else 'could not perturb'} "
                 f"the duplicated units: {self.describe()}"
             )
         else:
-            LOGGER.warning(f"Epoch {epoch + 1}: EmbeddingMonitor: {self.describe()}")
+            LOGGER.warning(f"{when}: {type(self).__name__}: {self.describe()}")
+
+
+class BatchEmbeddingMonitor(EmbeddingMonitor):
+    """The lighter `EmbeddingMonitor` for long epochs: the same checks, by the same code,
+    every `every` training steps instead of epochs, on one probe batch (at most
+    `max_samples` rows, default 256).
+
+    The stall is judged on the batch-level `monitor` value, which Keras reports as the mean
+    over the epoch so far, so it reacts later than the per-epoch monitor would. The
+    figures go into the batch logs (TensorBoard with `update_freq`, a `LambdaCallback`)
+    and, at each epoch end, the latest ones into the epoch logs (History, CSVLogger). With
+    `steps_per_execution` above 1, Keras calls batch hooks once per execution: a check falls
+    on the first call at or after each multiple of `every`. A callable action receives the
+    step count.
+
+    Example:
+        >>> model.fit(x, y, epochs=3, callbacks=[BatchEmbeddingMonitor(x[:256], every=500)])
+    """
+
+    def __init__(self, x, every=100, max_samples=256, **kwargs):
+        super().__init__(x, every=every, max_samples=max_samples, **kwargs)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._first_step = int(self.model.optimizer.iterations)
+        self._checks, self._last_stalled = 0, False
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations) - self._first_step
+        if step // self.every > self._checks:
+            self._checks = step // self.every
+            self._last_stalled = self._observe(logs, True, step, f"Step {step}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            self._log(logs, self._last_stalled)
 
 
 def escape(model, summary, x, rng, tolerance, noise=1e-3, attempts=5):

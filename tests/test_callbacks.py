@@ -28,7 +28,7 @@ import scipy.optimize
 import tensorflow as tf
 
 from keras_embed import build_model, read_model
-from keras_embed.callbacks import EmbeddingMonitor
+from keras_embed.callbacks import BatchEmbeddingMonitor, EmbeddingMonitor
 from keras_embed.errors import InputError
 from keras_embed.monitoring import GraphProbe
 from keras_embed.operators import deepen, widen
@@ -427,3 +427,50 @@ def test_graph_probe_computes_what_the_keras_probe_computes():
     assert len(actual) == len(expected) == 6
     for got, want in zip(actual, expected):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- per-step monitor
+
+class BatchLogs(keras.callbacks.Callback):
+    """Copies the batch logs the callbacks before it wrote, with the optimizer's step."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.rows.append((int(self.model.optimizer.iterations), dict(logs)))
+
+
+def fit_in_executions(model, x, y, callbacks, epochs, execution=10):
+    """As `fit`, but Keras runs `execution` steps per call, so batch hooks fire every `execution` steps."""
+    keras.utils.set_random_seed(0)
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9), "mse", steps_per_execution=execution)
+    return model.fit(np.tile(x, (STEPS, 1)), np.tile(y, (STEPS, 1)), batch_size=SAMPLES, epochs=epochs,
+                     shuffle=False, verbose=0, callbacks=list(callbacks))
+
+
+def test_batch_monitor_checks_every_few_steps_and_flags_the_stall(data, narrow_weights):
+    every, epochs = 30, 2  # 200 steps: checks at steps 30, 60, ..., 180 (hooks fire every 10 steps)
+    calls, batch_logs = [], BatchLogs()
+    monitor = BatchEmbeddingMonitor(data[0], every=every, patience=PATIENCE, action=lambda *args: calls.append(args))
+    history = fit_in_executions(widened(narrow_model(narrow_weights)), *data, [monitor, batch_logs], epochs)
+    checked = [(step, logs) for step, logs in batch_logs.rows if "embed/stalled" in logs]
+    assert [step for step, _ in checked] == list(range(every, STEPS * epochs + 1, every))
+    assert all(logs[f"embed/{LAYER}/effective_width"] == NARROW for _, logs in checked)
+    stalls = [logs["embed/stalled"] for _, logs in checked]
+    assert stalls.index(1.0) == PATIENCE  # the first check with PATIENCE earlier ones to compare with
+    assert len(calls) == 1 and calls[0][0] is monitor and calls[0][2] == checked[PATIENCE][0]
+    assert history.history[f"embed/{LAYER}/effective_width"] == [float(NARROW)] * epochs
+    assert len(monitor._probe_x) == SAMPLES  # one probe batch: max_samples 256 rows
+
+
+def test_batch_monitor_counts_steps_from_each_fit(data, narrow_weights):
+    model, batch_logs = widened(narrow_model(narrow_weights)), BatchLogs()
+    monitor = BatchEmbeddingMonitor(data[0], every=50, patience=PATIENCE)
+    for _ in range(2):
+        batch_logs.rows.clear()
+        fit_in_executions(model, *data, [monitor, batch_logs], epochs=1)
+        first_step = batch_logs.rows[0][0] - 10
+        checked = [step - first_step for step, logs in batch_logs.rows if "embed/stalled" in logs]
+        assert checked == [50, 100]
