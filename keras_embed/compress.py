@@ -33,6 +33,7 @@ from keras_embed.verify import assert_outputs_preserved, calibration_inputs, pre
 
 MODES = ("exact", "condense", "data")
 
+
 def plan_exact(graph, rtol=1e-6):
     """Plans the removal of every unit that is redundant by its weights alone.
 
