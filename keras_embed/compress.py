@@ -226,10 +226,14 @@ def _network_data_reduction(network, x, rule, judge, rtol, lin_tol, allow_growth
     return dataclasses.replace(reduction, after=search(compress, rule, judge_result, 1.0 / widest)[0])
 
 
+def _held_out(data, labels, validation, validation_labels):
+    """The data approximate modes are judged on: the validation data when given, else the calibration data."""
+    return (data, labels) if validation is None else (validation, validation_labels)
+
+
 def _judge(model, data, labels, validation, validation_labels, batch_size):
-    """`judge(candidate, params)`: the `rules.measure` figures of a candidate model on the
-    validation data when given, else on the calibration data."""
-    inputs, inputs_labels = (data, labels) if validation is None else (validation, validation_labels)
+    """`judge(candidate, params)`: the `rules.measure` figures of a candidate model on `_held_out`."""
+    inputs, inputs_labels = _held_out(data, labels, validation, validation_labels)
     reference = predict(model, inputs, batch_size)
     return lambda candidate, params: (measure(reference, predict(candidate, inputs, batch_size), inputs_labels), params)
 
@@ -247,7 +251,7 @@ def _check_rule(rule, reference, pruned, x, labels, batch_size, force):
 def _held_out_checks(rule, model, pruned, data, labels, validation, validation_labels, batch_size, force):
     """The `rules.measure` figures on the validation (else calibration) array, and the rule."""
     checks = {}
-    held_out, held_out_labels = (data, labels) if validation is None else (validation, validation_labels)
+    held_out, held_out_labels = _held_out(data, labels, validation, validation_labels)
     if isinstance(held_out, np.ndarray):
         checks.update(_check_rule(rule, model, pruned, held_out, held_out_labels, batch_size, force))
         checks["checked_on"] = "calibration data" if validation is None else "validation data"
