@@ -1,0 +1,251 @@
+"""One streaming pass of statistics over calibration data, shared by every data-driven rule.
+
+A `Request` names what to accumulate under one key: a pre-activation z and a value a,
+each a list of (tensor, positions on its last axis) stacked as rows, so a channel group
+read in several tensors (or several times in one, after a Flatten) counts every sample,
+position and occurrence. Per column: z and a extremes, the count of positive z, the
+moments of a least-squares fit a ~ slope * z + intercept; optionally the Gram matrix of
+[a, 1]. Accumulation is float64 and batch-wise (moments merged with Chan's update, stable
+where raw sums cancel), so memory does not depend on the number of samples. The Grams grow
+with the square of the width (8 (width + 1)^2 bytes), so `collect` refuses, before
+allocating anything, a pass whose Grams exceed `GRAM_BUDGET`; each batch updates a Gram in
+blocks of rows, so the batch product stays small too.
+
+Example:
+    >>> stats = collect(graph, x, producer_requests(graph))
+    >>> stats["hidden"].slope_intercept_residual()[2].max()   # worst affine-fit residual
+    0.013
+"""
+
+import dataclasses
+import functools
+
+import numpy as np
+import threadpoolctl
+
+from keras_embed.files.data import batches, check_inputs
+from keras_embed.errors import InputError
+from keras_embed.model.build import Prober, build_model
+
+GRAM_BUDGET = 256 * 2**20  # bytes of the Gram matrices one pass may hold: 5,791 units in one layer
+_GRAM_BLOCK = 1024  # Gram rows updated per product: 64 MiB of temporary at 8,192 units
+
+
+def gram_bytes(width):
+    """Bytes of the float64 Gram matrix of [a, 1] of `width` channels."""
+    return 8 * (width + 1) ** 2
+
+
+def check_gram_memory(widths, budget=GRAM_BUDGET, extra=None):
+    """Refuses the Gram matrices of {name: width}, held at once, above `budget` bytes
+    (with `extra` {name: bytes} held beside each).
+
+    Raises:
+        InputError: naming the widest and the memory needed; the batch size does not change
+            it, only statistics without a Gram (e.g. `prune --mode exact`) do.
+
+    Example:
+        >>> check_gram_memory({"hidden": 8192})
+        InputError: layer 'hidden' has 8192 units: its statistics need a 512 MiB Gram matrix ...
+    """
+    need = sum(gram_bytes(width) + (extra or {}).get(name, 0) for name, width in widths.items())
+    if need > budget:
+        name = max(widths, key=widths.get)
+        raise InputError(
+            f"layer '{name}' has {widths[name]} units: its statistics need a {need / 2**20:.0f} MiB Gram "
+            f"matrix (float64), above the {budget / 2**20:.0f} MiB budget, and a smaller --batch-size does not "
+            "change that; use --mode exact or analyze, which need no Gram, or a narrower layer"
+        )
+
+
+@dataclasses.dataclass
+class LayerStats:
+    """Accumulated statistics of `width` columns (see module docstring)."""
+
+    width: int
+    gram: np.ndarray | None
+    count: int = 0
+
+    def __post_init__(self):
+        shape = (self.width,)
+        self.z_min, self.z_max = np.full(shape, np.inf), np.full(shape, -np.inf)
+        self.a_min, self.a_max = np.full(shape, np.inf), np.full(shape, -np.inf)
+        self.positive = np.zeros(shape, dtype=np.int64)
+        self.z_mean, self.a_mean = np.zeros(shape), np.zeros(shape)
+        self.z_m2, self.a_m2, self.za_m2 = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+
+    def update(self, z, a):
+        """Adds a batch: z and a are (rows, width) arrays (any float dtype)."""
+        z, a = np.asarray(z, dtype=np.float64), np.asarray(a, dtype=np.float64)
+        n = len(z)
+        if n == 0:
+            return
+        np.minimum(self.z_min, z.min(axis=0), out=self.z_min)
+        np.maximum(self.z_max, z.max(axis=0), out=self.z_max)
+        np.minimum(self.a_min, a.min(axis=0), out=self.a_min)
+        np.maximum(self.a_max, a.max(axis=0), out=self.a_max)
+        self.positive += (z > 0).sum(axis=0)
+        z_mean, a_mean = z.mean(axis=0), a.mean(axis=0)
+        z_centered, a_centered = z - z_mean, a - a_mean
+        total = self.count + n
+        z_delta, a_delta = z_mean - self.z_mean, a_mean - self.a_mean
+        weight = self.count * n / total
+        self.z_m2 += np.einsum("ij,ij->j", z_centered, z_centered) + z_delta**2 * weight
+        self.a_m2 += np.einsum("ij,ij->j", a_centered, a_centered) + a_delta**2 * weight
+        self.za_m2 += np.einsum("ij,ij->j", z_centered, a_centered) + z_delta * a_delta * weight
+        self.z_mean += z_delta * n / total
+        self.a_mean += a_delta * n / total
+        self.count = total
+        if self.gram is not None:
+            add_gram(self.gram, a)
+
+    @property
+    def a_std(self):
+        """Standard deviation of each column of a."""
+        return np.sqrt(np.maximum(self.a_m2, 0.0) / max(self.count, 1))
+
+    def slope_intercept_residual(self):
+        """Least-squares fit a ~ slope * z + intercept per column.
+
+        Returns:
+            (slope, intercept, residual), residual = sqrt(1 - R^2): 0 for an exactly affine
+            column, 1 for no affine relation. Columns with constant z get slope 0, residual 0.
+        """
+        varying = self.z_m2 > 0
+        slope = np.where(varying, self.za_m2 / np.where(varying, self.z_m2, 1.0), 0.0)
+        explained = np.where(varying & (self.a_m2 > 0), slope * self.za_m2 / np.where(self.a_m2 > 0, self.a_m2, 1.0), 1.0)
+        residual = np.sqrt(np.clip(1.0 - explained, 0.0, 1.0))
+        return slope, self.a_mean - slope * self.z_mean, residual
+
+    @property
+    def active_fraction(self):
+        """Fraction of rows on which each column of z is positive."""
+        return self.positive / max(self.count, 1)
+
+
+def add_gram(gram, a):
+    """Adds [a, 1]^T [a, 1] to `gram` in place, in blocks of rows, without building [a, 1]."""
+    width = a.shape[1]
+    for start in range(0, width, _GRAM_BLOCK):
+        rows = slice(start, min(start + _GRAM_BLOCK, width))
+        gram[rows, :-1] += a[:, rows].T @ a
+    sums = a.sum(axis=0)
+    gram[:-1, -1] += sums
+    gram[-1, :-1] += sums
+    gram[-1, -1] += len(a)
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What one key accumulates: rows of z and of a, each stacked from (tensor name,
+    positions on its last axis, or None for all of it); `gram` adds the Gram of [a, 1]."""
+
+    z: tuple
+    a: tuple
+    width: int
+    gram: bool = False
+
+    @classmethod
+    def of(cls, tensor, width, gram=False):
+        """A request for the values of one whole tensor (z = a)."""
+        return cls(((tensor, None),), ((tensor, None),), width, gram)
+
+
+def producer_requests(graph, producers=None):
+    """Per producer (default: all), its pre-activation z and, as a, what the layer reading it
+    sees after the elementwise layers that follow (its output when none follow)."""
+    requests = {}
+    for node in graph.producers if producers is None else producers:
+        chain = graph.elementwise_after(node)
+        end = chain[-1].name if chain else node.name
+        requests[node.name] = Request(((f"{node.name}/z", None),), ((end, None),), node.width)
+    return requests
+
+
+def source_requests(graph):
+    """The values of every tensor a producer reads (the model inputs aside)."""
+    inputs = {node.name for node in graph.inputs}
+    sources = {source for node in graph.producers for source in node.inputs} - inputs
+    return {name: Request.of(name, graph.by_name[name].width) for name in sorted(sources)}
+
+
+def group_request(graph, group, gram=False):
+    """The channels of `group` wherever a producer reads them, every occurrence a row."""
+    parts = tuple((source, tuple(occurrence)) for source in sorted({source for _, source in graph.readers_of(group)})
+                  for occurrence in graph.positions(source, group))
+    return Request(parts, parts, graph.group_width(group), gram)
+
+
+def _rows(outputs, parts):
+    return np.concatenate([outputs[name] if positions is None else outputs[name][:, list(positions)]
+                           for name, positions in parts])
+
+
+def _check_finite(outputs):
+    broken = next((name for name, value in outputs.items() if not np.all(np.isfinite(value))), None)
+    if broken is not None:
+        raise InputError(f"the model computes NaN or infinite values at '{broken.split('/')[0]}' on the data; "
+                         "check the model's weights and the data")
+
+
+def tensors(requests):
+    """The tensor names a probe must return for `requests`, sorted."""
+    return sorted({name for request in requests.values() for name, _ in request.z + request.a})
+
+
+@functools.cache
+def _threadpools():
+    return threadpoolctl.ThreadpoolController()  # finding the libraries takes ~4 ms: once
+
+
+def one_blas_thread():
+    """Limits NumPy's BLAS to one thread: the per-batch products are small, and with more
+    threads each one waits for every core, which stalls when another process holds one
+    (measured in benchmarks/RESULTS.md)."""
+    return _threadpools().limit(limits=1, user_api="blas")
+
+
+def collect(graph, data, requests, batch_size=256, on_batch=None, probe=None, gram_budget=GRAM_BUDGET):
+    """Runs the one pass of statistics.
+
+    Args:
+        graph: the `Graph`.
+        data: an array, a tf.data.Dataset or an iterable of batches (see `data.batches`).
+        requests: {key: `Request`}.
+        batch_size: rows per batch when `data` is an array.
+        on_batch: called with the number of samples of each batch (for progress bars).
+        probe: a `Prober` (or a model) returning `tensors(requests)` in that order, e.g.
+            one built before with `build_model(graph, outputs=tensors(requests))` and given
+            the current weights with `build.write_weights`.
+        gram_budget: bytes the Grams may take together (see `check_gram_memory`).
+
+    Returns:
+        {key: `LayerStats`}.
+
+    Raises:
+        InputError: unusable data, no samples, or Grams above `gram_budget`.
+    """
+    check_gram_memory({key: request.width for key, request in requests.items() if request.gram}, gram_budget)
+    stats = {key: LayerStats(request.width, np.zeros((request.width + 1,) * 2) if request.gram else None)
+             for key, request in requests.items()}
+    names = tensors(requests)
+    if probe is None and names:
+        probe = build_model(graph, outputs=names)
+    if names and not isinstance(probe, Prober):
+        probe = Prober(probe)
+    samples = 0
+    with one_blas_thread():
+        for batch in batches(data, batch_size):
+            batch = check_inputs(batch, graph.inputs[0])
+            if names:
+                outputs = {name: value.reshape(-1, value.shape[-1])
+                           for name, value in zip(names, probe(batch))}
+                _check_finite(outputs)
+                for key, request in requests.items():
+                    stats[key].update(_rows(outputs, request.z), _rows(outputs, request.a))
+            samples += len(batch)
+            if on_batch is not None:
+                on_batch(len(batch))
+    if samples == 0:
+        raise InputError("data holds no samples; pass at least one input row")
+    return stats

@@ -1,0 +1,114 @@
+"""Builds a stock Keras model from a `Graph`: it loads without keras-embed installed.
+
+Layers keep their names and configs, inputs their names, shapes and dtypes; a graph read
+from a Sequential model that is still a chain comes back Sequential. A *probe* returns
+chosen tensors instead of the outputs: node outputs by name, and "NAME/z" for the
+pre-activation of a producer with a fused activation.
+
+Example:
+    >>> model = build_model(read_model(original))
+    >>> model.count_params() <= original.count_params()
+    True
+    >>> probe = build_model(graph, outputs=["hidden/z", "hidden"])
+"""
+
+import dataclasses
+
+import keras
+import numpy as np
+
+
+def _is_chain(graph):
+    return len(graph.inputs) == 1 and len(graph.outputs) == 1 and all(
+        len(node.inputs) <= 1 and len(graph.readers[node.name]) <= 1 for node in graph.nodes)
+
+
+def _split(node):
+    """(the node without its fused activation, the activation name), or (node, None)."""
+    activation = node.config.get("activation", "linear")
+    if node.role != "produces" or activation == "linear":
+        return node, None
+    return dataclasses.replace(node, config={**node.config, "activation": "linear"}), activation
+
+
+def _tensors(graph, probed):
+    """Node name -> output tensor (and "NAME/z" for the producers in `probed`), with the
+    (layer, node) pairs whose weights to load."""
+    tensors = {node.name: keras.Input(shape=node.shape, dtype=node.config.get("dtype"), name=node.name)
+               for node in graph.inputs}
+    layers = []
+    for node in graph.nodes:
+        if node.role == "input":
+            continue
+        built, activation = _split(node) if node.name in probed else (node, None)
+        layer = built.entry.layer(built)
+        arguments = [tensors[source] for source in node.inputs]
+        tensors[node.name] = tensors[f"{node.name}/z"] = layer(arguments if len(arguments) > 1 else arguments[0])
+        if activation is not None:
+            tensors[node.name] = keras.layers.Activation(activation, name=f"{node.name}_probe_activation",
+                                                         dtype=node.config.get("dtype"))(tensors[node.name])
+        layers.append((layer, node))
+    return tensors, layers
+
+
+def load_weights(layers):
+    """Sets the graph weights of each (Keras layer, node) pair, in the layer's dtypes."""
+    for layer, node in layers:
+        if node.weights:
+            dtypes = [keras.backend.standardize_dtype(weight.dtype) for weight in layer.weights]
+            layer.set_weights([np.asarray(weight, dtype=dtype) for weight, dtype in zip(node.weights, dtypes)])
+
+
+def build_model(graph, outputs=None):
+    """A new Keras model of stock layers computing what `graph` describes.
+
+    Args:
+        graph: the `Graph`.
+        outputs: for a probe, the tensors to return (node names, "NAME/z" for a
+            producer's pre-activation); default: the graph's outputs.
+    """
+    if outputs is None and graph.sequential and _is_chain(graph):
+        source = graph.inputs[0]
+        layers = [(node.entry.layer(node), node) for node in graph.nodes if node.role != "input"]
+        inputs = keras.Input(shape=source.shape, dtype=source.config.get("dtype"), name=source.name)
+        model = keras.Sequential([inputs, *(layer for layer, _ in layers)], name=graph.name)
+    else:
+        tensors, layers = _tensors(graph, {name[:-2] for name in outputs or () if name.endswith("/z")})
+        result = [tensors[name] for name in (graph.outputs if outputs is None else outputs)]
+        inputs = [tensors[node.name] for node in graph.inputs]
+        model = keras.Model(inputs if len(inputs) > 1 else inputs[0], result if len(result) > 1 else result[0],
+                            name=graph.name)
+    load_weights(layers)
+    return model
+
+
+class Prober:
+    """Runs a probe model on batches, returning its outputs as a list of float64 arrays:
+    eagerly for the first `EAGER_CALLS` batches (tracing a new model costs more than a few
+    batches), then through Keras' traced `predict_on_batch`. Keep one across passes over
+    the same probe (the monitor does) to trace it once.
+
+    Example:
+        >>> a, z = Prober(build_model(graph, outputs=["hidden", "hidden/z"]))(batch)
+    """
+
+    EAGER_CALLS = 2
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def __call__(self, batch):
+        self.calls += 1
+        if self.calls <= self.EAGER_CALLS:
+            values = self.model(batch, training=False)
+        else:
+            values = self.model.predict_on_batch(batch)
+        values = values if isinstance(values, (list, tuple)) else [values]
+        return [np.asarray(keras.ops.convert_to_numpy(value), dtype=np.float64) for value in values]
+
+
+def write_weights(model, graph):
+    """Sets the weights of every layer of `model` that `graph` has a node of the same name
+    for (a graph read with `fold=False` from that model, or a probe built from its graph)."""
+    nodes = graph.by_name
+    load_weights([(layer, nodes[layer.name]) for layer in model.layers if layer.name in nodes])

@@ -1,0 +1,208 @@
+"""Reads a Keras model into the one `Graph`, and folds BatchNormalization where it is exact.
+
+Sequential and functional models of the layers in `registry.REGISTRY` are read alike;
+each layer's registry entry reads its config and weights. `fold_batchnorm` then moves
+each inference-mode BatchNormalization into a neighbouring producer when that computes
+the same: into the Dense/Conv2D before it (no activation between, only identity layers
+such as Dropout, no other reader), or into every producer reading it (through identity
+layers) when none of them pads with zeros. Otherwise the BatchNormalization stays, a
+per-channel layer like any other.
+
+Example:
+    >>> graph = read_model(keras.saving.load_model("saved_models/digits_widened.keras"))
+    >>> graph.widths
+    [48, 36, 10]
+"""
+
+import dataclasses
+
+import keras
+import numpy as np
+
+from keras_embed.errors import InputError, UnsupportedLayerError
+from keras_embed.model import registry
+from keras_embed.model.graph import Graph, Node
+
+
+def _history_names(node):
+    """Names of the layers whose outputs feed a serialized inbound node."""
+    if isinstance(node, dict):
+        if "keras_history" in node:
+            return [node["keras_history"][0]]
+        return [name for value in node.values() for name in _history_names(value)]
+    if isinstance(node, (list, tuple)):
+        return [name for value in node for name in _history_names(value)]
+    return []
+
+
+def _endpoints(entries):
+    """Layer names of a functional config's input_layers or output_layers (one entry may be stored unnested)."""
+    return [entries[0]] if isinstance(entries[0], str) else [entry[0] for entry in entries]
+
+
+def _topology(model):
+    """(input names, {layer name: names of the layers it reads}, output names)."""
+    if type(model) is keras.Sequential:
+        names = [model.inputs[0].name] + [layer.name for layer in model.layers]
+        return names[:1], {name: [previous] for previous, name in zip(names, names[1:])}, names[-1:]
+    config = model.get_config()
+    sources = {}
+    for entry in config["layers"]:
+        calls = entry.get("inbound_nodes", [])
+        if len(calls) > 1:
+            raise UnsupportedLayerError(f"layer '{entry['name']}' is called more than once (a shared layer); "
+                                        "it is not supported")
+        sources[entry["name"]] = _history_names(calls)
+    return _endpoints(config["input_layers"]), sources, _endpoints(config["output_layers"])
+
+
+def nonfinite_weight(model):
+    """(layer name, weight name) of the first NaN or infinite weight of `model`, or None."""
+    for layer in model.layers:
+        for weight, values in zip(layer.weights, layer.get_weights()):
+            if not np.all(np.isfinite(values)):
+                return layer.name, weight.name
+    return None
+
+
+def check_finite_weights(model):
+    """Refuses a model holding a NaN or infinite weight, naming the first layer that does.
+
+    Raises:
+        InputError: such a weight; nothing keras-embed computes from it would mean anything.
+
+    Example:
+        >>> check_finite_weights(model)
+        InputError: layer 'dense' of model 'mlp' holds NaN or infinite weights (kernel); ...
+    """
+    found = nonfinite_weight(model)
+    if found is not None:
+        raise InputError(f"layer '{found[0]}' of model '{model.name}' holds NaN or infinite weights ({found[1]}); "
+                         "the model is broken: retrain it or use an earlier checkpoint")
+
+
+def read_model(model, fold=True):
+    """Reads a built Sequential or functional Keras model into a `Graph`.
+
+    Args:
+        model: a built `keras.Model`; it is not modified.
+        fold: fold BatchNormalization into neighbouring producers where exact
+            (`fold_batchnorm`); without it, the graph holds one node per Keras layer, with
+            the same weights.
+
+    Raises:
+        UnsupportedLayerError: a layer or structure the registry does not know; it names it.
+        InputError: `model` is not a built Keras model, or holds non-finite weights.
+    """
+    if not isinstance(model, keras.Model):
+        raise InputError(f"expected a keras.Model, got {type(model).__name__}")
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        inputs = None
+    if not inputs:
+        raise InputError(f"model '{model.name}' has no defined input; build it with keras.Input first")
+    check_finite_weights(model)
+    if len({id(layer) for layer in model.layers}) != len(model.layers):
+        raise UnsupportedLayerError(f"model '{model.name}' uses a layer more than once (a shared layer); "
+                                    "it is not supported")
+    input_names, sources, outputs = _topology(model)
+    nodes = [Node(name, "InputLayer", (), {"dtype": keras.backend.standardize_dtype(tensor.dtype)},
+                  shape=tuple(tensor.shape[1:])) for name, tensor in zip(input_names, inputs)]
+    for layer in model.layers:
+        entry = registry.entry_of(layer)
+        if entry.role == "input":
+            continue
+        config, weights = entry.read(layer)
+        nodes.append(Node(layer.name, type(layer).__name__, tuple(sources[layer.name]), config, tuple(weights),
+                          tuple(layer.output.shape[1:])))
+    graph = Graph(model.name, tuple(nodes), tuple(outputs), sequential=type(model) is keras.Sequential)
+    return fold_batchnorm(graph) if fold else graph
+
+
+def _is_identity(node):
+    """An elementwise node that is the identity at inference (Dropout, a linear Activation)."""
+    return node.entry.elementwise and getattr(node.entry.function(node), "is_identity", False)
+
+
+def _folds_forward(graph, node):
+    """The producer an affine node folds into from before it (through identity layers, each
+    read only by the next), or None."""
+    source, path = graph.by_name[node.inputs[0]], []
+    while _is_identity(source):
+        path.append(source)
+        source = graph.by_name[source.inputs[0]]
+    alone = all(len(graph.readers[item.name]) == 1 and item.name not in graph.outputs for item in [source, *path])
+    linear = source.role == "produces" and getattr(source.entry.function(source), "is_identity", False)
+    return source if linear and alone else None
+
+
+def _folds_backward(graph, node):
+    """The producers reading an affine node (through identity layers), when it folds into
+    every one of them (none pads with zeros, nothing else reads it), or None."""
+    readers, frontier = [], [node.name]
+    while frontier:
+        name = frontier.pop()
+        if name in graph.outputs or not graph.readers[name]:
+            return None
+        for reader in (graph.by_name[item] for item in graph.readers[name]):
+            if _is_identity(reader):
+                frontier.append(reader.name)
+            elif reader.role == "produces" and not reader.entry.reads_zero_padding(reader):
+                readers.append(reader)
+            else:
+                return None
+    return readers
+
+
+def _scaled_output(producer, scale, shift):
+    entry = producer.entry
+    bias = entry.bias(producer)
+    return entry.with_weights(producer, entry.kernel(producer) * scale, (0.0 if bias is None else bias) * scale + shift)
+
+
+def _scaled_input(reader, scale, shift):
+    """`reader` reading x * scale + shift instead of x."""
+    entry = reader.entry
+    kernel, bias = entry.kernel(reader), entry.bias(reader)
+    moved = np.moveaxis(kernel, -2, 0)  # (inputs, *spatial, outputs)
+    extra = np.tensordot(shift, moved, axes=(0, 0)).reshape(-1, kernel.shape[-1]).sum(axis=0)
+    return entry.with_weights(reader, np.moveaxis(moved * scale.reshape((-1,) + (1,) * (moved.ndim - 1)), 0, -2),
+                              (0.0 if bias is None else bias) + extra)
+
+
+def _fold_one(graph):
+    """The graph with its first foldable affine node folded, or None when there is none."""
+    for node in graph.nodes:
+        affine = node.entry.affine(node)
+        if affine is None:
+            continue
+        forward, backward = _folds_forward(graph, node), _folds_backward(graph, node)
+        if forward is None and backward is None:
+            continue
+        if forward is not None:
+            changed = {forward.name: _scaled_output(forward, *affine)}
+        else:
+            changed = {reader.name: _scaled_input(reader, *affine) for reader in backward}
+        nodes = [dataclasses.replace(changed.get(item.name, item),
+                                     inputs=tuple(node.inputs[0] if source == node.name else source for source in item.inputs))
+                 for item in graph.nodes if item.name != node.name]
+        outputs = tuple(node.inputs[0] if name == node.name else name for name in graph.outputs)
+        return dataclasses.replace(graph, nodes=tuple(nodes), outputs=outputs)
+    return None
+
+
+def fold_batchnorm(graph):
+    """The graph with every BatchNormalization (every per-channel affine layer: its
+    registry entry's `affine`) folded where exact (see module docstring), one at a time
+    until none folds (a second one may fold once the first has).
+
+    Example:
+        >>> [node.kind for node in fold_batchnorm(read_model(model, fold=False)).nodes]
+        ['InputLayer', 'Dense', 'Dense']
+    """
+    while True:
+        folded = _fold_one(graph)
+        if folded is None:
+            return graph
+        graph = folded
