@@ -1,0 +1,169 @@
+"""Plans of edits: pure data, printable and serializable to JSON.
+
+`GroupEdit` removes channels of one channel group (dropped, folded into the readers'
+biases or merged into a copy they duplicate); `Refit` keeps some channels of a group and
+gives the readers new weights fitted on data (approximate); `Split` copies a channel (the
+widening embedding); `Collapse` composes a layer that is linear on the data with the one
+layer reading it. `surgery.apply_plan` carries them out.
+
+Example:
+    >>> edit = GroupEdit("h", width=4, zero_out=(3,), merges=(Merge(0, (2,), (1.0,)),))
+    >>> edit.width_after
+    2
+    >>> Plan(((edit,),)).removed()
+    {'zero_out': 1, 'dead': 0, 'constant': 0, 'duplicate': 1}
+"""
+
+import dataclasses
+
+import numpy as np
+
+KINDS = ("zero_out", "dead", "constant", "duplicate")
+
+
+@dataclasses.dataclass(frozen=True)
+class Merge:
+    """Channels that compute `scale * (channel keep)`: their reader weights move onto `keep`.
+
+    Args:
+        keep: the channel that stays.
+        units: the channels merged into it.
+        scales: for each merged channel, its value divided by that of `keep`.
+    """
+
+    keep: int
+    units: tuple
+    scales: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupEdit:
+    """Channels to remove from one group, by index.
+
+    Args:
+        group: the group (named after its first producer).
+        width: its width when the edit was planned (checked before applying).
+        zero_out: channels every reader gives zero weight: dropped.
+        dead: channels zero on the data: dropped.
+        negligible: channels of negligible amplitude (condense mode, approximate): dropped.
+        constant: channels with one value on every input (or on the data): their readers'
+            biases absorb it.
+        merges: duplicate groups, each merged into one channel.
+        values: (source, position, value): what a constant channel holds at `position` of
+            tensor `source`, which a reader's bias absorbs.
+    """
+
+    group: str
+    width: int
+    zero_out: tuple = ()
+    dead: tuple = ()
+    negligible: tuple = ()
+    constant: tuple = ()
+    merges: tuple = ()
+    values: tuple = ()
+
+    @property
+    def removed_units(self):
+        merged = [unit for merge in self.merges for unit in merge.units]
+        return tuple(sorted((*self.zero_out, *self.dead, *self.negligible, *self.constant, *merged)))
+
+    @property
+    def kept_units(self):
+        removed = set(self.removed_units)
+        return tuple(unit for unit in range(self.width) if unit not in removed)
+
+    @property
+    def width_after(self):
+        return self.width - len(self.removed_units)
+
+    def removed(self):
+        """Channels removed, counted by kind."""
+        counts = {"zero_out": len(self.zero_out), "dead": len(self.dead), "constant": len(self.constant),
+                  "duplicate": sum(len(merge.units) for merge in self.merges)}
+        if self.negligible:
+            counts["negligible"] = len(self.negligible)
+        return counts
+
+
+@dataclasses.dataclass(frozen=True)
+class Refit:
+    """Keeps channels `kept` of `group`; channel j of the old group is read as
+    `mix[:, j] @ kept channels + shift[j]` (fitted on data: an approximation)."""
+
+    group: str
+    width: int
+    kept: tuple
+    mix: np.ndarray = dataclasses.field(compare=False)
+    shift: np.ndarray = dataclasses.field(compare=False)
+
+    def removed(self):
+        return {"refit": self.width - len(self.kept)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """Appends a copy of `channel` to `group`; readers weigh the old one by `1 - alpha`
+    and the copy by `alpha` (the one-step embedding T^alpha)."""
+
+    group: str
+    width: int
+    channel: int
+    alpha: float
+
+    def removed(self):
+        return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Collapse:
+    """Composes producer `layer`, linear on the data (channel j computes
+    slopes[j] * z_j + intercepts[j] after its activations), with the one layer reading it."""
+
+    layer: str
+    width: int
+    slopes: tuple
+    intercepts: tuple
+
+    def removed(self):
+        return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Rounds of edits; each round holds at most one edit per group and is planned on the
+    graph the rounds before it produced."""
+
+    rounds: tuple = ()
+
+    def edits(self):
+        return [edit for round_ in self.rounds for edit in round_]
+
+    def removed(self, group=None):
+        """Channels removed by kind, of one group or of the whole plan."""
+        totals = dict.fromkeys(KINDS, 0)
+        for edit in self.edits():
+            if group in (None, getattr(edit, "group", None)):
+                for kind, count in edit.removed().items():
+                    totals[kind] = totals.get(kind, 0) + count
+        return totals
+
+    def duplicate_groups(self, group):
+        """Number of duplicate sets merged in `group`."""
+        return sum(len(edit.merges) for edit in self.edits() if isinstance(edit, GroupEdit) and edit.group == group)
+
+    def collapsed_layers(self):
+        return [edit.layer for edit in self.edits() if isinstance(edit, Collapse)]
+
+    def to_dict(self):
+        """A JSON-ready description; each edit names its kind, fitted matrices by their shape."""
+        return {"rounds": [[_describe(edit) for edit in round_] for round_ in self.rounds]}
+
+
+def _describe(edit):
+    fields = {field.name: getattr(edit, field.name) for field in dataclasses.fields(edit)}
+    if isinstance(edit, Refit):
+        fields["mix"], fields["shift"] = list(np.shape(edit.mix)), list(np.shape(edit.shift))
+    if isinstance(edit, GroupEdit):
+        fields["merges"] = [dataclasses.asdict(merge) for merge in edit.merges]
+        fields["values"] = [list(value) for value in edit.values]
+    return {"kind": type(edit).__name__, **fields}

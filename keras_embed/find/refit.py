@@ -1,0 +1,274 @@
+"""Data-driven compression with compensation (`prune --mode data`), channel group by group.
+
+Per editable group, in graph order and through the groups already compressed before it,
+one streaming pass gathers the Gram matrix of [a, 1] (a: the group's channels wherever a
+producer reads them, every sample, position and occurrence a row) and its cross-product
+with the same channels r of the *reference* network (so errors made earlier are
+compensated, not compounded). What matters is what the readers see, a R (R: a reader's
+rows for the group, one per occurrence and kernel tap), so the fit is weighted by
+Q = sum R R^T = L L^T: greedy forward selection (pivoted Cholesky) keeps the channels that
+best reproduce r L, ridge least squares gives every reader new rows for them and the
+constant part to its bias (no constant where a reader pads with zeros). One map serves
+every reader of the group, so a residual stream stays consistent; for a Dense chain it is
+exactly the refit of each next layer's pre-activations.
+
+Example:
+    >>> compressed, edits = compress_groups(graph, x, tolerance=1e-3)
+    >>> compressed.widths
+    [37, 10]
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+
+from keras_embed.files.data import batches, check_inputs
+from keras_embed.edit.plan import Refit
+from keras_embed.edit.surgery import apply_round
+from keras_embed.measure.statistics import add_gram, check_gram_memory, group_request, one_blas_thread, tensors
+from keras_embed.model.build import Prober, build_model
+
+RIDGE = 1e-8
+
+
+@dataclasses.dataclass(frozen=True)
+class RegressionStats:
+    """Sums over the data: gram = [a,1]^T [a,1], cross = [a,1]^T (r L), energy = sum ||r L||^2."""
+
+    gram: np.ndarray
+    cross: np.ndarray
+    energy: float
+
+
+def _reader_rows(graph, group):
+    """Per reader and occurrence, its rows for `group` flattened: (channels, taps * outputs)."""
+    blocks = []
+    for reader, source in graph.readers_of(group):
+        rows = np.moveaxis(reader.entry.kernel(reader), -2, 0)
+        blocks += [rows[occurrence].reshape(len(occurrence), -1) for occurrence in graph.positions(source, group)]
+    return blocks
+
+
+def reader_weighting(graph, group):
+    """L with L L^T = sum R R^T over `group`'s readers (see module docstring), at most
+    (channels, channels)."""
+    blocks = _reader_rows(graph, group)
+    stacked = np.hstack(blocks) if blocks else np.eye(graph.group_width(group))
+    if stacked.shape[1] <= stacked.shape[0]:
+        return stacked
+    values, vectors = np.linalg.eigh(stacked @ stacked.T)
+    return vectors * np.sqrt(np.maximum(values, 0.0))
+
+
+def fits_constants(graph, group):
+    """Whether every reader of `group` can take a constant into its bias (no zero padding)."""
+    return not any(reader.entry.reads_zero_padding(reader) for reader, _ in graph.readers_of(group))
+
+
+def reference_probe(reference):
+    """(a probe of `reference` returning every tensor a producer reads, their names)."""
+    names = sorted({source for node in reference.producers for source in node.inputs})
+    return Prober(build_model(reference, outputs=names)), names
+
+
+def regression_stats(graph, target, group, data, weighting, batch_size=256):
+    """One pass: `group`'s channels in `graph` against the same channels of the reference
+    network (`target`: its `reference_probe`; same node names, the group at the same
+    width), weighted by `weighting` (L)."""
+    request = group_request(graph, group)
+    names = tensors({group: request})
+    current = Prober(build_model(graph, outputs=names))
+    width = graph.group_width(group)
+    gram, cross, energy = np.zeros((width + 1, width + 1)), np.zeros((width + 1, weighting.shape[1])), 0.0
+    with one_blas_thread():
+        for batch in batches(data, batch_size):
+            batch = check_inputs(batch, graph.inputs[0])
+            a = _stacked(names, current(batch), request.a)
+            r = _stacked(target[1], target[0](batch), request.a) @ weighting
+            add_gram(gram, a)
+            cross[:-1] += a.T @ r
+            cross[-1] += r.sum(axis=0)
+            energy += float((r**2).sum())
+    return RegressionStats(gram, cross, energy)
+
+
+def _stacked(names, values, parts):
+    outputs = {name: value.reshape(-1, value.shape[-1]) for name, value in zip(names, values)}
+    return np.concatenate([outputs[name][:, list(positions)] for name, positions in parts])
+
+
+def greedy_selection(gram, cross, energy, intercept=True):
+    """Forward selection of the columns of [a, 1] that best fit the target by least squares.
+
+    With `intercept`, the constant column (last) is taken first; then, one at a time, the
+    column whose residual (after projecting out those chosen) reduces the target's residual
+    energy most: pivoted Cholesky on `gram`, scored by the fit of `cross`. Without
+    `intercept`, `gram` and `cross` hold no constant column and nothing is taken first.
+
+    Returns:
+        (columns in the order chosen, residual energy after the constant (or after nothing,
+        without `intercept`) and after each column).
+    """
+    size = gram.shape[0]
+    factor = np.zeros((size, size))
+    residual_gram = np.diag(gram).astype(np.float64).copy()
+    residual_cross = np.array(cross, dtype=np.float64)
+    floor = 1e-12 * np.maximum(np.diag(gram), 1e-300)
+    chosen, energies = [], [] if intercept else [max(energy, 0.0)]
+    pivot = size - 1 if intercept else _best_pivot(residual_gram, residual_cross, floor, chosen)
+    while pivot is not None:
+        step = len(chosen)
+        column = gram[:, pivot] - factor[:, :step] @ factor[pivot, :step]
+        factor[:, step] = column / math.sqrt(residual_gram[pivot])
+        projection = residual_cross[pivot] / math.sqrt(residual_gram[pivot])
+        residual_cross -= np.outer(factor[:, step], projection)
+        residual_gram -= factor[:, step] ** 2
+        energy -= float(projection @ projection)
+        chosen.append(pivot)
+        energies.append(max(energy, 0.0))
+        pivot = _best_pivot(residual_gram, residual_cross, floor, chosen)
+    return chosen[1:] if intercept else chosen, energies
+
+
+def _best_pivot(residual_gram, residual_cross, floor, chosen):
+    """The column not yet chosen whose residual explains most of `residual_cross` (None
+    when every column left is numerically spanned by those chosen)."""
+    usable = residual_gram > floor
+    usable[chosen] = False
+    if not usable.any():
+        return None
+    score = np.where(usable, (residual_cross**2).sum(axis=1) / np.where(usable, residual_gram, 1.0), -np.inf)
+    return int(np.argmax(score))
+
+
+def refit(gram, cross, columns, ridge=RIDGE, intercept=True):
+    """Ridge least squares of the target on [a_columns, 1] (on a_columns alone without
+    `intercept`, the constant then 0): returns (rows for the columns, constant row)."""
+    chosen = list(columns) + ([gram.shape[0] - 1] if intercept else [])
+    sub = gram[np.ix_(chosen, chosen)]
+    regularizer = ridge * max(float(np.mean(np.diag(sub))), 1e-300) * np.eye(len(chosen))
+    solution = np.linalg.solve(sub + regularizer, cross[chosen])
+    return solution[:len(columns)], solution[len(columns)] if intercept else np.zeros(cross.shape[1])
+
+
+def units_to_keep(energies, width, tolerance=None, keep_ratio=None, base=None):
+    """How many of `width` channels: `keep_ratio` of `base` (default `width`; at most
+    `width`), or the fewest whose residual energy is at most `tolerance` times that of the
+    constant fit alone."""
+    if keep_ratio is not None:
+        return max(1, min(width, math.ceil(keep_ratio * (width if base is None else base))))
+    baseline = energies[0]
+    for count, energy in enumerate(energies[1:], start=1):
+        if energy <= tolerance * baseline:
+            return count
+    return max(1, len(energies) - 1)
+
+
+def group_refit(group, width, stats, weighting, intercept, tolerance=None, keep_ratio=None, base=None):
+    """The `Refit` of one group from its `regression_stats` (`base`: the width `keep_ratio` is of)."""
+    gram, cross = (stats.gram, stats.cross) if intercept else (stats.gram[:-1, :-1], stats.cross[:-1])
+    order, energies = greedy_selection(gram, cross, stats.energy, intercept)
+    count = units_to_keep(energies, width, tolerance, keep_ratio, base)
+    rest = [channel for channel in range(width) if channel not in order]  # explain nothing (e.g. dead on the data)
+    kept = sorted((list(order) + rest)[:count])  # a group keeps at least one channel
+    rows, constant = refit(gram, cross, kept, intercept=intercept)
+    inverse = np.linalg.pinv(weighting)  # (rank, channels): back from what readers see to channels
+    return Refit(group, width, tuple(kept), rows @ inverse, constant @ inverse)
+
+
+def check_refit_memory(graph):
+    """Refuses (`InputError`) a group whose Gram and cross-product exceed `GRAM_BUDGET`: one is held at a time."""
+    for group in graph.editable_groups():
+        columns = min(graph.group_width(group), sum(block.shape[1] for block in _reader_rows(graph, group)) or 1)
+        check_gram_memory({group: graph.group_width(group)}, extra={group: 8 * (graph.group_width(group) + 1) * columns})
+
+
+def compress_groups(graph, data, tolerance=None, keep_ratio=None, batch_size=256, cache=None, widths=None):
+    """Compresses every editable group of `graph`, in graph order.
+
+    Args:
+        graph: the reference `Graph`; the result approximates its outputs on `data`.
+        data: calibration inputs (array, dataset or iterable of batches).
+        tolerance: per group, keep the fewest channels whose refit leaves at most this
+            fraction of what the readers see (centered) unexplained.
+        keep_ratio: instead, keep this fraction of each group's channels (of its width in
+            `widths`, {group: width}, when given: the original model's, say).
+        cache: a dict reused across calls on the same `graph` and `data`: a group's
+            statistics are gathered once for each choice of channels kept before it (the
+            attempts of `search` share most of them).
+
+    Returns:
+        (compressed `Graph`, tuple of `Refit` edits).
+
+    Raises:
+        InputError: a group whose statistics exceed `GRAM_BUDGET` (before any pass).
+    """
+    if (tolerance is None) == (keep_ratio is None):
+        raise ValueError("give exactly one of tolerance and keep_ratio")
+    check_refit_memory(graph)
+    cache = {} if cache is None else cache
+    current, edits = graph, []
+    for group in graph.editable_groups():
+        if not graph.readers_of(group):
+            continue
+        weighting = reader_weighting(current, group)
+        key = (group,) + tuple((edit.group, edit.kept) for edit in edits)
+        if key not in cache:
+            if "reference" not in cache:
+                cache["reference"] = reference_probe(graph)
+            cache[key] = regression_stats(current, cache["reference"], group, data, weighting, batch_size)
+        edit = group_refit(group, graph.group_width(group), cache[key], weighting, fits_constants(current, group),
+                           tolerance, keep_ratio, (widths or {}).get(group))
+        current = apply_round(current, (edit,))
+        edits.append(edit)
+    return current, tuple(edits)
+
+
+def _largest(attempt, low, high, steps):
+    """Bisection for the largest knob in [low, high] whose attempt meets the rule.
+
+    `attempt(knob)` returns (meets rule, result). Returns the result of the largest knob
+    found to meet it, or of `low` when none does (the caller's check then fails honestly).
+    """
+    meets, result = attempt(high)
+    if meets:
+        return result
+    best = None
+    for _ in range(steps):
+        middle = (low + high) / 2
+        meets, candidate = attempt(middle)
+        if meets:
+            low, best = middle, candidate
+        else:
+            high = middle
+    return best if best is not None else attempt(low)[1]
+
+
+def search(compress, rule, judge, narrowest, steps=10):
+    """The compression that meets `rule` on the data `judge` measures on.
+
+    keep_ratio applies directly; target_params bisects the keep ratio (from `narrowest`
+    to 1); accuracy and output-error rules bisect the per-group tolerance (log scale,
+    1e-8 to 1).
+
+    Args:
+        compress: `compress(tolerance=..., keep_ratio=...)` -> a result, e.g.
+            `functools.partial(compress_groups, graph, x)`.
+        judge: maps a result to (figures, params) for `rule.holds`.
+        narrowest: the smallest keep ratio worth trying (one channel of the widest group).
+
+    Returns:
+        the result of `compress` for the largest compression found to meet `rule` (of the
+        smallest when none does: the caller's check then fails honestly).
+    """
+    if rule.kind == "keep_ratio":
+        return compress(keep_ratio=rule.value)
+
+    def attempt(knob):
+        result = compress(keep_ratio=knob) if rule.kind == "target_params" else compress(tolerance=10.0**knob)
+        return rule.holds(*judge(result)), result
+
+    if rule.kind == "target_params":
+        return _largest(attempt, narrowest, 1.0, steps)
+    return _largest(attempt, -8.0, 0.0, steps)
