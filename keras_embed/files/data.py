@@ -1,0 +1,284 @@
+"""Calibration data: files, arrays, tf.data datasets, iterables of batches, bundled datasets.
+
+Everything is checked against the model input before use and streamed in batches, so
+memory does not grow with the number of samples: `.npy` files and the uncompressed
+members of `.npz` files are memory-mapped (read from disk as batches need them), values
+are checked and cast batch by batch, and a compressed `.npz` member is inflated into
+memory only up to `INFLATE_LIMIT`.
+
+Example:
+    >>> x, y = load_data("calib.npz")                 # key x, optional y; else the first array
+    >>> x, y = bundled_dataset("digits")               # scikit-learn's bundled copy, no download
+    >>> for batch in batches(x, batch_size=256): ...
+"""
+
+import errno
+import math
+import zipfile
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from keras_embed.files.archives import member_start
+from keras_embed.errors import InputError
+
+DATASETS = ("digits", "iris", "wine", "breast_cancer", "regression1d")
+INFLATE_LIMIT = 256 * 2**20  # bytes a compressed .npz member may inflate to in memory
+_CHUNK_BYTES = 16 * 2**20  # data is read and checked in pieces of about this size
+_NPY_MAGIC, _ZIP_MAGICS = b"\x93NUMPY", (b"PK\x03\x04", b"PK\x05\x06")  # what np.load looks for, too
+
+
+class LazyCast:
+    """An array (memory-mapped, typically) seen through a cast to `dtype`: every slice is
+    read and cast on its own, so a pass over the rows holds one batch at a time.
+
+    Example:
+        >>> rows = LazyCast(np.load("x.npy", mmap_mode="r"), "float32")
+        >>> rows[:256].dtype, len(rows)
+        (dtype('float32'), 100000)
+    """
+
+    def __init__(self, array, dtype):
+        self.array, self.dtype = array, np.dtype(dtype)
+        self.shape, self.ndim = array.shape, array.ndim
+
+    def __len__(self):
+        return len(self.array)
+
+    def __getitem__(self, key):
+        return np.asarray(self.array[key], dtype=self.dtype)
+
+    def __array__(self, dtype=None, copy=None):  # everything at once: for model.fit and the like
+        return np.asarray(self.array, dtype=dtype or self.dtype)
+
+
+def is_array(data):
+    """Whether `data` is an array (numpy, memory-mapped or a `LazyCast`), not a dataset or an iterable of batches."""
+    return isinstance(data, (np.ndarray, LazyCast))
+
+
+def load_data(path):
+    """Reads (x, y) from `.npy` (y is None) or `.npz` (key `x`, optional `y`; else the first array).
+
+    Arrays stored uncompressed come back memory-mapped (read-only `np.memmap`s); a
+    compressed `.npz` member is inflated into memory.
+
+    Raises:
+        InputError: missing or unreadable files, other extensions, archives without arrays,
+            headers declaring more data than the file holds, compressed members inflating
+            past `INFLATE_LIMIT`, arrays that cannot be memory-mapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"data file '{path}' not found; check the path")
+    if path.suffix not in (".npy", ".npz"):
+        raise InputError(f"unknown data format '{path.suffix}' of '{path}'; pass a .npy or .npz file")
+    try:
+        with open(path, "rb") as stream:
+            magic = stream.read(len(_NPY_MAGIC))
+        if magic.startswith(_ZIP_MAGICS):
+            return _load_npz(path)
+        if magic != _NPY_MAGIC:
+            raise ValueError("neither a .npy nor a .npz file")
+        return _mapped(path, 0, path.stat().st_size), None
+    except InputError:
+        raise
+    except Exception as error:  # numpy, zipfile and the OS raise many types for damaged files
+        raise InputError(f"could not read data file '{path}' ({error}); save it with np.save or np.savez") from None
+
+
+def _npy_header(stream):
+    """(shape, fortran_order, dtype) of the .npy data in `stream`, read up to its values."""
+    major, _ = np.lib.format.read_magic(stream)
+    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read(stream)
+    if dtype.hasobject:
+        raise ValueError("it holds Python objects, which only unpickling could read")
+    return shape, fortran_order, dtype
+
+
+def _check_declared(path, shape, dtype, available):
+    declared = math.prod(shape) * dtype.itemsize
+    if declared > available:
+        raise InputError(f"data file '{path}' declares a {shape} {dtype} array ({declared} bytes) but holds only "
+                         f"{max(available, 0)} bytes of it: it is truncated or tampered with; save it again with "
+                         "np.save or np.savez")
+    return declared
+
+
+def _mapped(path, start, size):
+    """The .npy array at bytes [start, start + size) of the file `path`, memory-mapped read-only."""
+    with open(path, "rb") as stream:
+        stream.seek(start)
+        shape, fortran_order, dtype = _npy_header(stream)
+        offset = stream.tell()
+    declared = _check_declared(path, shape, dtype, start + size - offset)
+    try:
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran_order else "C")
+    except OSError as error:
+        if error.errno != errno.ENOMEM:
+            raise
+        raise InputError(f"data file '{path}' holds {declared} bytes of inputs, which cannot be memory-mapped here "
+                         "(out of address space: see ulimit -v); pass fewer rows") from None
+
+
+def _load_npz(path):
+    with zipfile.ZipFile(path) as archive:
+        arrays = {info.filename[:-4]: info for info in archive.infolist() if info.filename.endswith(".npy")}
+        if not arrays:
+            raise InputError(f"data file '{path}' holds no arrays; save x with np.savez(path, x=x)")
+        key = "x" if "x" in arrays else next(iter(arrays))
+        x = _member_array(path, archive, arrays[key])
+        return x, (_member_array(path, archive, arrays["y"]) if "y" in arrays and key == "x" else None)
+
+
+def _member_array(path, archive, info):
+    """The array of one .npz member: memory-mapped when stored, else inflated (bounded)."""
+    if info.compress_type == zipfile.ZIP_STORED:
+        with archive.open(info) as member:  # checks the local header and, read to the end, the CRC
+            while member.read(_CHUNK_BYTES):
+                pass
+        return _mapped(path, member_start(path, info), min(info.file_size, info.compress_size))
+    with archive.open(info) as member:
+        shape, _, dtype = _npy_header(member)
+        declared = _check_declared(path, shape, dtype, info.file_size - member.tell())
+    if declared > INFLATE_LIMIT:
+        raise InputError(f"data file '{path}' holds '{info.filename}' compressed, inflating to {declared} bytes, more "
+                         f"than the {INFLATE_LIMIT} keras-embed inflates into memory; save it with np.savez or "
+                         "np.save (uncompressed: read from disk as needed)")
+    with archive.open(info) as member:  # zipfile stops at the member's declared size, then checks the CRC
+        return np.lib.format.read_array(member, allow_pickle=False)
+
+
+def load_array(path):
+    """The inputs `x` of a `.npy` or `.npz` file (see `load_data`)."""
+    return load_data(path)[0]
+
+
+def bundled_dataset(name):
+    """(x, y) of one of scikit-learn's bundled datasets, features scaled to [0, 1] (float32),
+    or of `regression1d`, the width paper's kind of synthetic task (see `regression_1d`)."""
+    if name not in DATASETS:
+        raise InputError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
+    if name == "regression1d":
+        return regression_1d()
+    import sklearn.datasets
+
+    bunch = getattr(sklearn.datasets, f"load_{name}")()
+    x = bunch.data.astype(np.float64)
+    span = x.max(axis=0) - x.min(axis=0)
+    x = (x - x.min(axis=0)) / np.where(span > 0, span, 1.0)
+    return x.astype(np.float32), bunch.target.astype(np.int64)
+
+
+def regression_1d(samples=50):
+    """A 1-D regression task like the width paper's: `samples` points on [-1, 1] of a smooth
+    target with two bumps; y has shape (samples, 1). Deterministic (float32).
+
+    Example:
+        >>> x, y = regression_1d()
+        >>> x.shape, y.shape
+        ((50, 1), (50, 1))
+    """
+    x = np.linspace(-1.0, 1.0, samples)[:, None]
+    y = 0.6 * np.tanh(4.0 * x) + 0.3 * np.sin(3.0 * np.pi * x) * np.exp(-2.0 * x**2)
+    return x.astype(np.float32), y.astype(np.float32)
+
+
+def check_inputs(x, model):
+    """Returns `x` as the model input dtype after checking shape and values.
+
+    Values are checked and cast piece by piece: a memory-mapped `x` (from `load_data`)
+    is never read whole, and comes back as it is when it has the model's dtype, else as a
+    `LazyCast`. Any other array comes back cast (a copy unless it has the dtype already).
+
+    Args:
+        x: an array of inputs.
+        model: a Keras model, or its input `InputSpec` (`graph.input`).
+
+    Raises:
+        InputError: empty data, non-numeric or non-finite values, or a shape the model
+            does not take.
+    """
+    source = x.array if isinstance(x, LazyCast) else x if isinstance(x, np.memmap) else np.asarray(x)
+    shape, dtype = _input_shape_and_dtype(model)
+    if source.ndim == 0 or len(source) == 0:
+        raise InputError("data holds no samples; pass at least one input row")
+    if not (np.issubdtype(source.dtype, np.integer) or np.issubdtype(source.dtype, np.floating)
+            or source.dtype == bool):
+        raise InputError(f"data has dtype {source.dtype}; pass real numeric inputs")
+    if source.ndim != len(shape) + 1 or any(want not in (None, got) for want, got in zip(shape, source.shape[1:])):
+        shown = ", ".join("n" if size is None else str(size) for size in (None, *shape))
+        raise InputError(f"data has shape {source.shape} but the model takes ({shown}); pass inputs of that shape")
+    if isinstance(source, np.memmap):
+        checked = source if source.dtype == dtype else LazyCast(source, dtype)
+    else:
+        checked = source.astype(dtype, copy=False)
+    rows = max(1, _CHUNK_BYTES // max(1, source[0].nbytes))
+    if not all(np.all(np.isfinite(piece)) for piece in batches(checked, rows)):
+        raise InputError(f"data holds NaN or infinite values (as {dtype}); clean it before calibrating")
+    return checked
+
+
+def check_labels(y, x):
+    """Returns labels `y` (or None) after checking there is one per input row."""
+    if y is None:
+        return None
+    y = np.asarray(y)
+    if y.ndim == 0 or len(y) != len(x):
+        raise InputError(f"data has {len(x)} inputs but {0 if y.ndim == 0 else len(y)} labels y; give one label per row")
+    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)) or not np.all(np.isfinite(y)):
+        raise InputError(f"labels y have dtype {y.dtype} or non-finite values; give numeric labels")
+    return y
+
+
+def _input_shape_and_dtype(model):
+    if isinstance(model, keras.Model):
+        tensor = model.inputs[0]
+        return tuple(tensor.shape[1:]), keras.backend.standardize_dtype(tensor.dtype)
+    return tuple(model.shape), model.dtype
+
+
+def _first(element):
+    """The inputs of a batch given as x, (x, y[, w]) or {'x': ...}."""
+    if isinstance(element, dict):
+        return element.get("x", next(iter(element.values())))
+    if isinstance(element, (tuple, list)):
+        return element[0]
+    return element
+
+
+def batches(data, batch_size=256):
+    """Yields numpy batches of inputs from an array, a tf.data.Dataset or an iterable of batches.
+
+    An array (numpy, memory-mapped or a `LazyCast`) is sliced into `batch_size` rows; a
+    dataset or iterable is used batch by batch as it comes (elements may be x, (x, y) or
+    {'x': x}).
+    """
+    if batch_size < 1:
+        raise InputError(f"batch size must be at least 1. Received: batch_size={batch_size}")
+    if isinstance(data, (dict, str, bytes)):
+        raise InputError(f"data of type {type(data).__name__}; pass an array, a tf.data.Dataset or an iterable of batches")
+    if is_array(data):
+        for start in range(0, len(data), batch_size):
+            yield np.asarray(data[start:start + batch_size])  # a plain array, even of a memory-mapped one
+        return
+    if hasattr(data, "as_numpy_iterator"):  # tf.data.Dataset
+        data = data.as_numpy_iterator()
+    for element in data:
+        yield np.asarray(_first(element))
+
+
+def require_reusable(data):
+    """Raises unless `data` can be read more than once (a generator cannot)."""
+    if data is not None and not is_array(data) and iter(data) is data:
+        raise InputError(
+            "calibration data is a one-shot iterator but is read twice (statistics, then verification); "
+            "pass an array, a list of batches or a tf.data.Dataset"
+        )
+
+
+def sample_count(data):
+    """Number of samples when known up front (arrays), else None."""
+    return len(data) if is_array(data) else None

@@ -1,0 +1,140 @@
+"""Verified exports: write a model in a deployment format, load it back, compare outputs.
+
+Every format is read back by its own runtime before the file is renamed into place:
+.keras and .h5 by Keras, a SavedModel by `tf.saved_model.load` (serving signature),
+.tflite by `tf.lite.Interpreter`, tf_keras formats by tf_keras (in a child process), .onnx
+by onnxruntime. The largest absolute difference from the Keras model's outputs on the
+check inputs must stay within a tolerance relative to the output scale:
+
+    float32 formats   1e-4 x output scale (or the --atol given)
+    --quantize float16   1e-2 x output scale
+    --quantize int8      1e-1 x output scale (weights and activations in 8 bits, calibrated
+                         on the representative data)
+
+Otherwise `VerificationError` (exit 3) and nothing is written.
+
+Example:
+    >>> figures = export_model(pruned, "out/model.tflite", x, quantize="float16")
+    >>> figures["export_max_abs_diff"] <= figures["export_atol"]
+    True
+"""
+
+
+import numpy as np
+
+from keras_embed.errors import InputError, VerificationError
+from keras_embed.files.load import load_model
+from keras_embed.files.save import output_format, save_model, write_tflite
+from keras_embed.verify import predict
+
+QUANTIZATIONS = ("float16", "int8")
+RELATIVE_TOLERANCES = {None: 1e-4, "float16": 1e-2, "int8": 1e-1}
+CHECK_ROWS = 1024  # the export is compared on at most this many rows of the check inputs
+
+
+
+def check_export_options(format, quantize, has_data):
+    """Refuses a quantization of another format than TFLite, and int8 without data.
+
+    Example:
+        >>> check_export_options("keras", "int8", True)
+        InputError: --quantize int8 applies to .tflite output only, as float16 or int8
+    """
+    if quantize is not None and (format != "tflite" or quantize not in QUANTIZATIONS):
+        raise InputError(f"--quantize {quantize} applies to .tflite output only, as float16 or int8")
+    if quantize == "int8" and not has_data:
+        raise InputError("--quantize int8 needs representative inputs: pass --data or --dataset")
+
+
+
+
+def _tflite_outputs(path, x):
+    import tensorflow as tf
+
+    interpreter = tf.lite.Interpreter(model_path=str(path))
+    source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    interpreter.resize_tensor_input(source["index"], x.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(source["index"], x.astype(source["dtype"]))
+    interpreter.invoke()
+    return interpreter.get_tensor(target["index"])
+
+
+def _savedmodel_outputs(path, x):
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(path))
+    outputs = loaded.signatures["serving_default"](tf.constant(x))
+    return next(iter(outputs.values())).numpy()
+
+
+def _onnx_outputs(path, x):
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def _keras_outputs(path, x):
+    return predict(load_model(path), x)
+
+
+def _tf_keras_outputs(path, x):
+    from keras_embed.files.tf_keras_bridge import predict_tf_keras
+
+    return predict_tf_keras(path, x)
+
+
+_READERS = {"keras": _keras_outputs, "h5": _keras_outputs, "savedmodel": _savedmodel_outputs,
+            "tflite": _tflite_outputs, "onnx": _onnx_outputs}
+
+
+def _writer(format, quantize, representative, tf_keras):
+    if tf_keras:
+        from keras_embed.files.tf_keras_bridge import write_tf_keras
+
+        return lambda model, path: write_tf_keras(model, path, format)
+    if format == "tflite" and quantize is not None:
+        return lambda model, path: write_tflite(model, path, quantize, representative)
+    return None  # the format's own writer in io
+
+
+def export_model(model, path, x, format=None, quantize=None, representative=None, atol=None, force=False,
+                 tf_keras=False):
+    """Writes `model` to `path` atomically after checking the written file's outputs.
+
+    Args:
+        model: the Keras model.
+        path: target; its format from the ending or `format` (see `io.output_format`).
+        x: check inputs (an array); the first `CHECK_ROWS` rows are used.
+        quantize: TFLite only: None, 'float16' or 'int8'.
+        representative: int8 calibration inputs (an array).
+        atol: float32 tolerance instead of 1e-4 x output scale.
+        force: write even when the check fails (the figures say so).
+        tf_keras: write with tf_keras (the `--keep-format` of tf_keras inputs; h5 or savedmodel).
+
+    Returns:
+        dict: export_format, export_quantize, export_max_abs_diff, export_atol, export_verified.
+
+    Raises:
+        InputError: quantization asked of another format, int8 without representative data.
+        VerificationError: the written file's outputs differ by more than the tolerance.
+    """
+    format = output_format(path, format)
+    check_export_options(format, quantize, representative is not None)
+    x = np.asarray(x[:CHECK_ROWS], dtype=np.float32)
+    expected = predict(model, x)
+    scale = float(np.abs(expected).max(initial=0.0)) or 1.0
+    tolerance = atol if atol is not None and quantize is None else RELATIVE_TOLERANCES[quantize] * scale
+    figures = {"export_format": "tf_keras " + format if tf_keras else format, "export_quantize": quantize}
+    read = _tf_keras_outputs if tf_keras else _READERS[format]
+
+    def check(written):
+        actual = np.asarray(read(written, x), dtype=np.float64).reshape(expected.shape)
+        diff = float(np.abs(actual - expected).max(initial=0.0)) if np.all(np.isfinite(actual)) else np.inf
+        figures.update(export_max_abs_diff=diff, export_atol=float(tolerance), export_verified=diff <= tolerance)
+        if not diff <= tolerance and not force:
+            raise VerificationError(diff, tolerance)
+
+    save_model(model, path, format, writer=_writer(format, quantize, representative, tf_keras), check=check)
+    return figures
