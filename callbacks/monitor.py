@@ -7,10 +7,13 @@ import os
 import keras
 import numpy as np
 
-from keras_embed.data import batches, check_inputs, load_array
-from keras_embed.monitoring import layer_redundancy
-from keras_embed.read import read_model
-from keras_embed.stats import check_gram_memory
+from keras_embed.files.data import batches, check_inputs, load_array
+from keras_embed.edit.escape import break_symmetry
+from keras_embed.errors import check_number
+from keras_embed.find.probe import probe_redundancy, probe_requests
+from keras_embed.measure.statistics import check_gram_memory, tensors
+from keras_embed.model.build import Prober, build_model, write_weights
+from keras_embed.model.read import read_model
 from keras_embed.verify import predict
 
 ACTIONS = ("warn", "stop", "escape")
@@ -22,8 +25,10 @@ class EmbeddingMonitor(keras.callbacks.Callback):
 
     Every `every` epochs it adds to `logs` (so History, CSVLogger and TensorBoard record
     them) `embed/<layer>/effective_width`, `embed/<layer>/linear_fraction` and
-    `embed/stalled`. A stall is `monitor` improving by less than `min_delta` (relative)
-    over `patience` epochs while some layer is redundant; on the first one the action runs.
+    `embed/stalled`, per channel group (named after its first layer: a Dense chain's
+    hidden layers, a CNN's convolutions, the layers an Add joins under one name). A stall
+    is `monitor` improving by less than `min_delta` (relative) over `patience` epochs while
+    some group is redundant; on the first one the action runs.
 
     Args:
         x: probe inputs: an array, a `.npy`/`.npz` path, or a dataset; at most
@@ -33,7 +38,7 @@ class EmbeddingMonitor(keras.callbacks.Callback):
         min_delta: relative improvement below which training counts as stalled.
         cos: activation vectors with at least this cosine count as duplicates.
         action: "warn" (one line on the "keras_embed.callbacks" logger), "stop" (`model.stop_training`), "escape" (perturb the
-            duplicated units, outputs kept within `escape_tolerance`, training goes on), or
+            duplicated channels, outputs kept within `escape_tolerance`, training goes on), or
             a callable `action(monitor, summary, epoch)`.
         monitor: the logged quantity to watch ("loss", "val_loss", ...).
         seed: seed of the probe subsample and of the escape perturbation.
@@ -42,7 +47,7 @@ class EmbeddingMonitor(keras.callbacks.Callback):
 
     Raises (at `on_train_begin`, before the first epoch):
         ValueError: a probe set that does not fit the model.
-        InputError: a hidden layer whose Gram matrices exceed `stats.GRAM_BUDGET`.
+        InputError: a group whose Gram matrix exceeds `statistics.GRAM_BUDGET`.
 
     Example:
         >>> history = model.fit(x, y, epochs=50, callbacks=[EmbeddingMonitor(x[:1000])])
@@ -55,18 +60,17 @@ class EmbeddingMonitor(keras.callbacks.Callback):
         super().__init__()
         if not isinstance(x, (str, os.PathLike, np.ndarray)) and not hasattr(x, "__iter__"):
             raise ValueError(f"x must be an array, a .npy/.npz path or a dataset of probe inputs. Received: x={x!r}")
+        if (isinstance(x, np.ndarray) and x.size == 0) or (isinstance(x, (list, tuple)) and not x):
+            raise ValueError(f"x must hold at least one probe input. Received: x={x!r}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer. Received: every={every}")
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ValueError(f"patience must be a positive integer. Received: patience={patience}")
-        if not min_delta >= 0:
-            raise ValueError(f"min_delta must be non-negative. Received: min_delta={min_delta}")
-        if not 0 < cos <= 1:
-            raise ValueError(f"cos must be in (0, 1]. Received: cos={cos}")
+        check_number("min_delta", min_delta, low=0)
+        check_number("cos", cos, 0, 1, low_open=True)
         if not callable(action) and action not in ACTIONS:
             raise ValueError(f"action must be one of {ACTIONS} or a callable. Received: action={action!r}")
-        if not escape_tolerance >= 0:
-            raise ValueError(f"escape_tolerance must be non-negative. Received: escape_tolerance={escape_tolerance}")
+        check_number("escape_tolerance", escape_tolerance, low=0)
         if not isinstance(max_samples, int) or max_samples < 1:
             raise ValueError(f"max_samples must be a positive integer. Received: max_samples={max_samples}")
         self.x, self.every, self.patience, self.min_delta, self.cos = x, every, patience, min_delta, cos
@@ -79,9 +83,10 @@ class EmbeddingMonitor(keras.callbacks.Callback):
         self._stalled = False
         self._missing_warned = False
         self._rng = np.random.default_rng(self.seed)
-        hidden = read_model(self.model).layers[:-1]
-        check_gram_memory(hidden)  # refused before the first epoch, not after it
-        self._layers = [layer.name for layer in hidden]
+        graph = read_model(self.model)
+        self._layers = graph.editable_groups()
+        check_gram_memory({group: graph.group_width(group) for group in self._layers})  # before the first epoch
+        self._probe = Prober(build_model(graph, outputs=tensors(probe_requests(graph))))
         self.summary = None
 
     def _probe_inputs(self):
@@ -110,7 +115,9 @@ class EmbeddingMonitor(keras.callbacks.Callback):
                            "stalls cannot be detected (for val_loss, pass validation data to fit)")
         stalled = False
         if analyse:
-            self.summary = layer_redundancy(read_model(self.model), self._probe_x, self.cos)
+            graph = read_model(self.model)
+            write_weights(self._probe.model, graph)
+            self.summary = probe_redundancy(graph, self._probe_x, self.cos, probe=self._probe)
             stalled = self._plateau() and any(layer.redundant for layer in self.summary.values())
         self._log(logs, stalled)  # every epoch, so CSVLogger's columns and History's lists line up
         if stalled and not self._stalled:
@@ -134,7 +141,7 @@ class EmbeddingMonitor(keras.callbacks.Callback):
 
     def describe(self):
         """One line saying what is redundant."""
-        parts = [f"{name}: {layer.effective_width} of {layer.width} units effective"
+        parts = [f"{name}: {layer.effective_width} of {layer.width} channels effective"
                  + (", linear on the probe set" if layer.linearized else "")
                  for name, layer in self.summary.items() if layer.redundant]
         return f"training stalled near an embedded critical point ({self.monitor} plateau); " + "; ".join(parts)
@@ -146,11 +153,9 @@ class EmbeddingMonitor(keras.callbacks.Callback):
             self.model.stop_training = True
             LOGGER.warning(f"{when}: {type(self).__name__} stops: {self.describe()}")
         elif self.action == "escape":
-            changed = escape(self.model, self.summary, self._probe_x, self._rng, self.escape_tolerance)
-            LOGGER.warning(
-                f"{when}: {type(self).__name__} {'perturbed' if changed else 'could not perturb'} "
-                f"the duplicated units: {self.describe()}"
-            )
+            LOGGER.warning(f"{when}: {type(self).__name__} "
+                           f"{escape(self.model, self.summary, self._probe_x, self._rng, self.escape_tolerance)}: "
+                           f"{self.describe()}")
         else:
             LOGGER.warning(f"{when}: {type(self).__name__}: {self.describe()}")
 
@@ -192,38 +197,24 @@ class BatchEmbeddingMonitor(EmbeddingMonitor):
 
 
 def escape(model, summary, x, rng, tolerance, noise=1e-3, attempts=5):
-    """Breaks the symmetry of duplicated units in place: small noise on their incoming
-    weights and a random re-split of their summed outgoing weights. Halves the noise until
-    the outputs on `x` change by at most `tolerance` (relative); returns False, leaving
-    the model as it was, when no attempt stays within it."""
-    if any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers):
-        return False  # weights are read with BN folded in; writing them back would apply it twice
+    """Breaks the symmetry of the parallel channels of `summary` in place (`break_symmetry`),
+    halving the noise until the outputs on `x` change by at most `tolerance` (relative).
+
+    Returns:
+        What happened, for the log: the sets perturbed, that there was nothing to perturb,
+        or that no attempt stayed within the tolerance (the model is then as it was).
+    """
+    if not any(redundancy.groups for redundancy in summary.values()):
+        return "found nothing to perturb (no duplicated channels)"
+    graph = read_model(model, fold=False)
     original = model.get_weights()
     expected = predict(model, x)
     scale = max(float(np.abs(expected).max(initial=0.0)), 1e-12)
-    names = list(summary)
     for _ in range(attempts):
-        for index, name in enumerate(names):
-            next_name = [layer.name for layer in read_model(model).layers][index + 1]
-            _resplit(model.get_layer(name), model.get_layer(next_name), summary[name], rng, noise)
+        moved, sets = break_symmetry(graph, summary, rng, noise)
+        write_weights(model, moved)
         if np.abs(predict(model, x) - expected).max(initial=0.0) <= tolerance * scale:
-            return True
+            return f"perturbed {sets} set{'s' if sets != 1 else ''} of duplicated channels (noise {noise:.2g})"
         model.set_weights(original)
         noise /= 2
-    return False
-
-
-def _resplit(layer, next_layer, redundancy, rng, noise):
-    """Unit k of a group computes about scale_k times the first unit's activation, so the
-    group's output is first * sum_k scale_k w_k; new shares of that sum keep it."""
-    kernel, *bias = layer.get_weights()
-    next_kernel, *next_bias = next_layer.get_weights()
-    for group, scales in zip(redundancy.groups, redundancy.scales):
-        scales = np.asarray(scales, dtype=next_kernel.dtype)[:, None]
-        total = (scales * next_kernel[list(group)]).sum(axis=0)
-        shares = rng.dirichlet(np.ones(len(group))).astype(next_kernel.dtype)[:, None]
-        next_kernel[list(group)] = shares * total / scales
-        spread = noise * (np.abs(kernel[:, list(group)]).max(initial=0.0) + 1e-12)
-        kernel[:, list(group)] += rng.normal(0.0, spread, (kernel.shape[0], len(group))).astype(kernel.dtype)
-    layer.set_weights([kernel, *bias])
-    next_layer.set_weights([next_kernel, *next_bias])
+    return f"could not perturb the duplicated channels within escape_tolerance={tolerance:g}"

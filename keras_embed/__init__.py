@@ -6,26 +6,31 @@ Example:
     >>> import keras_embed
     >>> pruned, report = keras_embed.prune(model)
     >>> [layer["width_after"] for layer in report.to_dict()["layers"]]
-    [16, 10]
+    [16, 12, 10]
 """
 
 import importlib
 
 _EXPORTS = {
-    "read_model": "keras_embed.read",
-    "build_model": "keras_embed.build",
-    "Graph": "keras_embed.graph",
-    "find_redundancy": "keras_embed.analysis",
-    "plan_exact": "keras_embed.compress",
-    "apply_plan": "keras_embed.surgery",
-    "widen": "keras_embed.operators",
-    "add_null": "keras_embed.operators",
-    "permute": "keras_embed.operators",
-    "prune": "keras_embed.compress",
-    "analyze": "keras_embed.compress",
+    "read_model": "keras_embed.model.read",
+    "build_model": "keras_embed.model.build",
+    "Graph": "keras_embed.model.graph",
+    "collect": "keras_embed.measure.statistics",
+    "find_redundancy": "keras_embed.find.weight_rules",
+    "apply_plan": "keras_embed.edit.surgery",
+    "widen": "keras_embed.edit.operators",
+    "add_null": "keras_embed.edit.operators",
+    "add_constant": "keras_embed.edit.operators",
+    "rescale": "keras_embed.edit.operators",
+    "permute": "keras_embed.edit.operators",
+    "deepen": "keras_embed.edit.operators",
+    "plan_exact": "keras_embed.pipeline",
+    "prune": "keras_embed.pipeline",
+    "analyze": "keras_embed.pipeline",
+    "embed": "keras_embed.pipeline",
     "assert_outputs_preserved": "keras_embed.verify",
-    "load_model": "keras_embed.io",
-    "save_model": "keras_embed.io",
+    "load_model": "keras_embed.files.load",
+    "save_model": "keras_embed.files.save",
     "EmpiricalRisk": "keras_embed.hessian",
     "analyze_hessian": "keras_embed.hessian",
 }

@@ -7,16 +7,21 @@ Example:
 import keras
 import numpy as np
 
-from keras_embed.read import read_model
+from keras_embed.model.read import read_model
+from keras_embed.stopping import class_labels
 
 
 def loss_for(model, y):
-    """Sparse categorical cross-entropy for integer labels (from logits unless the model
-    ends in softmax), else mean squared error."""
-    if np.issubdtype(np.asarray(y).dtype, np.integer):
-        ends_in_softmax = read_model(model).layers[-1].activations[-1] == "softmax"
-        return keras.losses.SparseCategoricalCrossentropy(from_logits=not ends_in_softmax)
-    return keras.losses.MeanSquaredError()
+    """Sparse categorical cross-entropy for integer labels, categorical cross-entropy for
+    one-hot rows (from logits unless the model ends in softmax), else mean squared error."""
+    y = np.asarray(y)
+    if class_labels(y) is None:
+        return keras.losses.MeanSquaredError()
+    graph = read_model(model)
+    from_logits = graph.by_name[graph.outputs[0]].config.get("activation") != "softmax"
+    if np.issubdtype(y.dtype, np.integer):
+        return keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
+    return keras.losses.CategoricalCrossentropy(from_logits=from_logits)
 
 
 def finetune(model, x, y, epochs, batch_size=32, learning_rate=1e-3, seed=0):

@@ -24,8 +24,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_embed.data import check_inputs, check_labels
-from keras_embed.errors import InputError, UnsupportedLayerError
+from keras_embed.files.data import check_inputs, check_labels
+from keras_embed.errors import InputError, UnsupportedLayerError, check_number
+from keras_embed.model.read import check_finite_weights
 
 FULL_HESSIAN_LIMIT = 5000
 ZERO_RTOL = 1e-10
@@ -137,6 +138,7 @@ class EmpiricalRisk:
     def __init__(self, model, x, y, loss, batch_size=1024):
         if batch_size < 1:
             raise InputError(f"batch size must be at least 1. Received: batch_size={batch_size}")
+        check_finite_weights(model)
         self.model = model
         self.loss = get_loss(loss) if isinstance(loss, str) else loss
         self.variables = list(model.trainable_variables)
@@ -339,6 +341,7 @@ def analyze_hessian(risk, top_k=5, full=False, rtol=ZERO_RTOL, trace_samples=100
         Lanczos: the counts are of the computed eigenvalues only), trace, trace_method,
         trace_error.
     """
+    rtol = check_number("rtol", rtol, low=0)
     loss, gradient = risk.value_and_gradient()
     result = {"grad_norm": float(np.linalg.norm(gradient)), "loss": float(loss), "params": risk.size,
               "samples": risk.samples, "dtype": risk.dtype}

@@ -11,7 +11,7 @@ Example:
 import keras
 import numpy as np
 
-from keras_embed.data import batches, check_inputs
+from keras_embed.files.data import batches, check_inputs
 from keras_embed.errors import InputError, VerificationError
 
 DEFAULT_SAMPLES = 1024
@@ -37,13 +37,21 @@ def output_difference(reference, candidate, data, batch_size=256):
 
     Returns:
         (max abs output difference, output scale = max abs reference output); the
-        difference is inf when the output shapes differ or an output is not finite.
+        difference is inf when the output shapes differ or an output of `candidate` is
+        not finite.
+
+    Raises:
+        InputError: no samples, or `reference` itself outputs NaN or infinity (nothing can
+            be verified against it).
     """
     diff = scale = 0.0
     samples = 0
     for batch in batches(data, batch_size):
         batch = check_inputs(batch, reference)
         expected = keras.ops.convert_to_numpy(reference(batch, training=False)).astype(np.float64)
+        if not np.all(np.isfinite(expected)):
+            raise InputError(f"model '{reference.name}' outputs NaN or infinite values on the data it is checked on; "
+                             "check its weights and the data")
         actual = keras.ops.convert_to_numpy(candidate(batch, training=False)).astype(np.float64)
         if expected.shape != actual.shape:
             return np.inf, scale

@@ -9,7 +9,7 @@ import functools
 
 import click
 
-from keras_embed.tools.common import DATASETS, _options, handles_errors, progress
+from keras_embed.tools.common import DATASETS, FiniteFloat, _options, handles_errors, progress
 
 _experiment_options = _options(
     click.option("--dataset", type=click.Choice(DATASETS), help="Bundled training data [default: digits]."),
@@ -20,7 +20,7 @@ _experiment_options = _options(
     click.option("--width", type=int, help="Units per hidden layer [default: 64]."),
     click.option("--activation", help="Hidden activation, any Keras name [default: relu]."),
     click.option("--optimizer", help="Keras optimizer name [default: sgd]."),
-    click.option("--learning-rate", type=float, help="[default: 0.05]"),
+    click.option("--learning-rate", type=FiniteFloat(), help="[default: 0.05]"),
     click.option("--batch-size", type=int, help="[default: 128 on CPU, 512 on GPU]"),
     click.option("--steps", type=int, help="Training steps per run [default: 2000]."),
     click.option("--record-every", type=int, help="Record the mean minibatch loss every K steps [default: 10]."),
@@ -61,6 +61,7 @@ def _run_and_write(options, run, variant_count, label):
     from keras_embed.experiments import report
 
     settings, task = _settings_and_task(options)
+    report.check_folder(options["output_dir"], options["overwrite"])  # before the training, not after it
     with progress(settings.steps * len(settings.seeds) * variant_count, label) as bar:
         comparison = run(task, settings, device=options["device"], on_step=bar.update)
     files = report.write(comparison, options["output_dir"], overwrite=options["overwrite"])

@@ -1,7 +1,7 @@
 """The `keras-embed` command. `--help` stays fast: commands import the library lazily.
 
 Exit codes: 0 ok, 1 internal error, 2 bad usage or input, 3 verification failed,
-4 unsupported model.
+4 unsupported model, 130 interrupted (143 for SIGTERM).
 """
 
 import click
@@ -21,7 +21,7 @@ def main():
     """Find and remove the redundancy the Embedding Principle predicts in Keras networks.
 
     Exit codes: 0 ok, 2 bad usage or input, 3 verification failed, 4 unsupported model,
-    1 internal error.
+    130 interrupted (Ctrl-C; 143 for SIGTERM), 1 internal error.
     """
 
 

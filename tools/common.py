@@ -1,12 +1,16 @@
 """What every command shares: quiet TensorFlow start-up, error-to-exit-code mapping, tables.
 
 Exit codes: 0 ok, 2 bad usage or unreadable input, 3 verification failed,
-4 unsupported model, 1 internal error.
+4 unsupported model, 130 interrupted (Ctrl-C; 143 for SIGTERM), 1 internal error.
 """
 
+import contextlib
 import functools
+import math
 import os
+import signal
 import sys
+import threading
 
 import click
 
@@ -39,28 +43,76 @@ def fail(message, code):
     sys.exit(code)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the command is, so that every `finally` (temporaries, Keras'
+    extraction folders) runs before it exits."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises `Terminated` in the block (main thread only: elsewhere it cannot be caught)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def handles_errors(command):
-    """Turns keras-embed errors into one-line messages and documented exit codes."""
+    """Turns keras-embed errors into one-line messages and documented exit codes; Ctrl-C
+    and SIGTERM stop the command after its clean-up (exit 130 and 143)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        quiet_tensorflow()
-        from keras_embed.errors import KerasEmbedError
+        from keras_embed.errors import KerasEmbedError  # no TensorFlow import
 
         try:
-            return command(*args, **kwargs)
+            with _sigterm_raises():
+                quiet_tensorflow()
+                return command(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit):
             raise  # click prints usage errors itself (exit code 2)
         except KerasEmbedError as error:
             fail(str(error), error.exit_code)
         except ValueError as error:  # argument validation in the library
             fail(str(error), 2)
+        except KeyboardInterrupt:
+            fail("interrupted (Ctrl-C); unfinished outputs were removed", 130)
+        except Terminated:
+            fail("terminated (SIGTERM); unfinished outputs were removed", 128 + signal.SIGTERM)
         except Exception as error:
             if os.environ.get("KERAS_EMBED_DEBUG"):
                 raise
             fail(f"internal error: {type(error).__name__}: {error}; rerun with KERAS_EMBED_DEBUG=1 and report it", 1)
 
     return wrapper
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that refuses NaN and infinities, within optional bounds (click's
+    FloatRange lets NaN through: every comparison with it is false).
+
+    Example:
+        >>> click.option("--rtol", type=FiniteFloat(min=0), default=1e-6)
+    """
+
+    name = "float"  # click's messages: "'abc' is not a valid float."
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+    def _describe_range(self):
+        return "finite" if self.min is None and self.max is None else super()._describe_range()
 
 
 def table(rows, columns):
@@ -84,7 +136,7 @@ def _options(*options):
     return decorate
 
 
-DATASETS = ["digits", "iris", "wine", "breast_cancer", "regression1d"]  # keras_embed.data.DATASETS, without importing keras
+DATASETS = ["digits", "iris", "wine", "breast_cancer", "regression1d"]  # keras_embed.files.data.DATASETS, without importing keras
 
 unsafe_option = click.option("--unsafe", is_flag=True, help=UNSAFE_HELP)
 
@@ -105,7 +157,7 @@ output_options = _options(
                  help="Output format, when the extension does not say."),
     click.option("--overwrite", is_flag=True,
                  help="Replace the output (and report) if it exists; without it an existing one is an error (exit 2)."),
-    click.option("--atol", type=click.FloatRange(min=0),
+    click.option("--atol", type=FiniteFloat(min=0),
                  help="Largest allowed max abs output difference, for embed and exact prune "
                       "[default: 1e-4 times the output scale]."),
     unsafe_option,
@@ -118,7 +170,7 @@ def calibration_data(data, dataset, model):
         raise click.UsageError("give --data or --dataset, not both")
     if data is None and dataset is None:
         return None, None
-    from keras_embed.data import bundled_dataset, check_inputs, check_labels, load_data
+    from keras_embed.files.data import bundled_dataset, check_inputs, check_labels, load_data
 
     x, y = load_data(data) if data is not None else bundled_dataset(dataset)
     x = check_inputs(x, model)

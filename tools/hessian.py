@@ -9,7 +9,7 @@ import json
 
 import click
 
-from keras_embed.tools.common import calibration_data, data_options, handles_errors, unsafe_option
+from keras_embed.tools.common import FiniteFloat, calibration_data, data_options, handles_errors, unsafe_option
 
 
 @click.command()
@@ -23,7 +23,7 @@ from keras_embed.tools.common import calibration_data, data_options, handles_err
               help="Lanczos: eigenvalues computed at each end of the spectrum.")
 @click.option("--full", is_flag=True,
               help="Form the full Hessian (up to 5000 weights) for the whole spectrum, exact counts and trace.")
-@click.option("--zero-rtol", type=click.FloatRange(min=0), default=1e-10, show_default=True,
+@click.option("--zero-rtol", type=FiniteFloat(min=0), default=1e-10, show_default=True,
               help="An eigenvalue counts as zero when |lambda| <= this times the largest |lambda|.")
 @click.option("--trace-samples", type=click.IntRange(min=1), default=100, show_default=True,
               help="Rademacher vectors of the Hutchinson trace estimate (without --full).")
@@ -50,7 +50,8 @@ def hessian(model, data, dataset, batch_size, loss, from_logits, top_k, full, ze
     Exit codes: 0 ok, 2 bad usage or input, 4 unsupported model.
     """
     from keras_embed.hessian import EmpiricalRisk, analyze_hessian, cast_model, get_loss
-    from keras_embed.io import check_side_output, load_model, write_text
+    from keras_embed.files.load import load_model
+    from keras_embed.files.save import check_side_output, write_text
 
     if data is None and dataset is None:
         raise click.UsageError("the loss needs data with labels: give --data (an .npz with x and y) or --dataset")

@@ -4,7 +4,8 @@ import json
 
 import click
 
-from keras_embed.tools.common import calibration_data, data_options, handles_errors, output_options, progress, table
+from keras_embed.tools.common import (FiniteFloat, calibration_data, data_options, handles_errors, output_options,
+                                      progress, table)
 
 
 @click.command()
@@ -15,20 +16,20 @@ from keras_embed.tools.common import calibration_data, data_options, handles_err
               help="Held-out data (.npy, or .npz with x and optional y) the result is checked on as well.")
 @click.option("--mode", type=click.Choice(["exact", "condense", "data"]), default="exact", show_default=True,
               help="exact: outputs kept (within --atol); condense: merge units whose incoming weights have cosine >= --cos; "
-                   "data: keep the units that best reproduce each next layer on the data and refit it (on convolutional models: "
-                   "the channels that best reconstruct their group; needs one stopping rule).")
-@click.option("--max-accuracy-drop", type=float, metavar="PP", help="Data mode: largest accuracy drop, in percentage points (needs labels y).")
-@click.option("--max-output-error", type=float, metavar="E", help="Data mode: largest relative output error ||dY||/||Y||.")
-@click.option("--keep-ratio", type=float, metavar="R", help="Data mode: keep this fraction (0, 1] of every hidden layer's units.")
+                   "data: keep the channels that best reproduce what their readers see on the data and refit the readers "
+                   "(needs one stopping rule).")
+@click.option("--max-accuracy-drop", type=FiniteFloat(), metavar="PP", help="Data mode: largest accuracy drop, in percentage points (needs labels y).")
+@click.option("--max-output-error", type=FiniteFloat(), metavar="E", help="Data mode: largest relative output error ||dY||/||Y||.")
+@click.option("--keep-ratio", type=FiniteFloat(), metavar="R", help="Data mode: keep this fraction (0, 1] of every channel group (of its width in MODEL).")
 @click.option("--target-params", type=int, metavar="N", help="Data mode: at most N parameters.")
-@click.option("--cos", type=click.FloatRange(-1, 1), default=0.99, show_default=True, help="Condense mode: cosine similarity that groups units.")
+@click.option("--cos", type=FiniteFloat(-1, 1), default=0.99, show_default=True, help="Condense mode: cosine similarity that groups units.")
 @click.option("--finetune", type=click.IntRange(min=1), metavar="EPOCHS", help="Train the result this many epochs on the calibration data (needs labels y); reported separately.")
-@click.option("--lin-tol", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+@click.option("--lin-tol", type=FiniteFloat(min=0), default=1e-4, show_default=True,
               help="Affine-fit residual sqrt(1-R^2) below which a smooth unit counts as linear on the data.")
 @click.option("--allow-growth", is_flag=True, help="Collapse linearized layers even when the merged layer has more weights.")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=str), help="Write the JSON report to this path.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout (the table goes to stderr).")
-@click.option("--rtol", type=click.FloatRange(min=0), default=1e-6, show_default=True, help="Relative tolerance for zero and equal weights.")
+@click.option("--rtol", type=FiniteFloat(min=0), default=1e-6, show_default=True, help="Relative tolerance for zero and equal weights.")
 @click.option("--force", is_flag=True, help="Write the model even if verification fails.")
 @click.option("--keep-format", is_flag=True,
               help="Write the input's own format (a tf_keras .h5 or SavedModel is written by tf_keras, "
@@ -65,20 +66,20 @@ def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
     \b
     Exit codes: 0 ok, 2 bad usage or input, 3 verification failed, 4 unsupported model.
     """
-    from keras_embed.compress import prune as prune_model
-    from keras_embed.data import check_inputs, check_labels, load_data
-    from keras_embed.export import check_export_options, export_model
-    from keras_embed.interop import input_kind, load_input, resolve_output, writes_tf_keras
-    from keras_embed.io import check_output, check_side_output, write_text
-    from keras_embed.sparsity import sparsity_figures
+    from keras_embed.pipeline import prune as prune_model
+    from keras_embed.files.data import check_inputs, check_labels, load_data
+    from keras_embed.files.export import check_export_options, export_model
+    from keras_embed.files.inputs import input_kind, load_input, resolve_output, writes_tf_keras
+    from keras_embed.files.save import check_output, check_side_output, published_together, write_text
+    from keras_embed.measure.sparsity import sparsity_figures
     from keras_embed.verify import calibration_inputs
-    from keras_embed.rules import rule_from_options
+    from keras_embed.stopping import stopping_rule_from_options
 
     rules = dict(max_accuracy_drop=max_accuracy_drop, max_output_error=max_output_error,
                  keep_ratio=keep_ratio, target_params=target_params)
     if mode != "data" and any(value is not None for value in rules.values()):
         raise click.UsageError("stopping rules (--max-accuracy-drop, ...) apply to --mode data only")
-    rule = rule_from_options(**rules) if mode == "data" else None
+    rule = stopping_rule_from_options(**rules) if mode == "data" else None
     kind = input_kind(model)
     output, format_ = resolve_output(output, kind, format_, keep_format)
     format_ = check_output(output, model, format_, overwrite)
@@ -107,11 +108,12 @@ def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
     if finetune:
         pruned, figures["finetune"] = _finetune(original, pruned, x, y, finetune, held_out, held_out_y, batch_size)
     check_x = calibration_inputs(pruned) if x is None else x
-    figures.update(export_model(pruned, output, check_x, format_, quantize, x, atol, force,
-                                writes_tf_keras(kind, keep_format)))
-    text = json.dumps(figures, indent=2)
-    if report:
-        write_text(report, text + "\n")
+    with published_together():  # a report that cannot be written leaves no model behind
+        figures.update(export_model(pruned, output, check_x, format_, quantize, x, atol, force,
+                                    writes_tf_keras(kind, keep_format)))
+        text = json.dumps(figures, indent=2)
+        if report:
+            write_text(report, text + "\n")
     click.echo(summary(figures, output), err=as_json)
     if as_json:
         click.echo(text)
@@ -120,7 +122,7 @@ def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
 def _finetune(original, pruned, x, y, epochs, held_out, held_out_y, batch_size):
     """Fine-tunes `pruned` on (x, y); returns it and its figures on the held-out data."""
     from keras_embed.finetune import finetune
-    from keras_embed.rules import measure
+    from keras_embed.stopping import measure
     from keras_embed.verify import predict
 
     tuned = finetune(pruned, x, y, epochs)
@@ -137,7 +139,7 @@ def summary(figures, output):
     """Before/after table and the figures that prove the result, written to `output`."""
     removed = ", ".join(f"{count} {kind.replace('_', '-')}" for kind, count in figures["removed"].items())
     lines = [
-        table(figures["layers"], ("name", "width_before", "width_after", "linearized")),
+        table(figures["layers"], ("name", "width_before", "width_after", "linear_fraction")),
         f"mode: {figures['mode']}   params: {figures['params_before']} -> {figures['params_after']}   "
         f"flops: {figures['flops_before']} -> {figures['flops_after']}   "
         f"depth: {figures['depth_before']} -> {figures['depth_after']}   removed units: {removed}",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from keras_embed.tools.common import handles_errors, table
+from keras_embed.tools.common import FiniteFloat, handles_errors, table
 
 FILES = ("results.json", "table.md", "spectra.png")
 COLUMNS = ("network", "width", "params", "loss", "grad_norm", "negative", "zero", "positive")
@@ -22,7 +22,7 @@ COLUMNS = ("network", "width", "params", "loss", "grad_norm", "negative", "zero"
 @click.option("-o", "--output-dir", default="strict_saddle", show_default=True,
               type=click.Path(file_okay=False, path_type=str), help=f"Folder for {', '.join(FILES)}.")
 @click.option("--overwrite", is_flag=True, help="Replace the files of an earlier run in --output-dir.")
-@click.option("--zero-rtol", type=click.FloatRange(min=0, min_open=True), default=1e-10, show_default=True,
+@click.option("--zero-rtol", type=FiniteFloat(min=0, min_open=True), default=1e-10, show_default=True,
               help="An eigenvalue counts as zero when |lambda| <= this times the network's largest |lambda|.")
 @handles_errors
 def strict_saddle(output_dir, overwrite, zero_rtol):
@@ -49,15 +49,21 @@ def strict_saddle(output_dir, overwrite, zero_rtol):
 
 
 def _check_folder(folder, overwrite):
-    from keras_embed.errors import InputError
+    """Refuses, before the work, a folder whose files cannot be replaced (see `io.check_side_output`)."""
+    import os
 
-    if folder.exists():
-        if not folder.is_dir():
-            raise InputError(f"'{folder}' is a file; give a folder for the results")
+    from keras_embed.errors import InputError
+    from keras_embed.files.save import check_side_output, special_kind
+
+    if folder.is_dir():
         if any(folder.iterdir()) and not overwrite:
             raise InputError(f"output folder '{folder}' is not empty; pass --overwrite to replace an earlier run's files")
-    elif not folder.parent.is_dir():
-        raise InputError(f"folder '{folder.parent}' does not exist; create it first")
+        for name in FILES:
+            check_side_output(folder / name, overwrite=True)
+    elif os.path.lexists(folder) and special_kind(folder) is None:
+        raise InputError(f"'{folder}' is a file; give a folder for the results")
+    else:
+        check_side_output(folder)  # a new folder there: a device or FIFO is refused, its parent must take it
     return folder
 
 
@@ -87,12 +93,24 @@ def markdown(result):
 
 
 def _write(result, folder):
-    from keras_embed.io import write_text
+    import io
 
-    folder.mkdir(exist_ok=True)
-    write_text(folder / "results.json", json.dumps(result, indent=1) + "\n")
-    write_text(folder / "table.md", markdown(result))
-    plot(result).savefig(folder / "spectra.png", dpi=100)
+    from keras_embed.files.save import published_together, write_bytes, write_text, write_errors
+
+    png = io.BytesIO()
+    plot(result).savefig(png, format="png", dpi=100)
+    created = not folder.is_dir()
+    with write_errors(folder):
+        folder.mkdir(exist_ok=True)
+    try:
+        with published_together():
+            write_text(folder / "results.json", json.dumps(result, indent=1) + "\n")
+            write_text(folder / "table.md", markdown(result))
+            write_bytes(folder / "spectra.png", png.getvalue())
+    except BaseException:
+        if created:
+            folder.rmdir()  # nothing was published into it
+        raise
 
 
 def plot(result):

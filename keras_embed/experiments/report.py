@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from keras_embed.errors import InputError
+from keras_embed.files.save import check_side_output, write_errors
 
 LEVELS = (1e-1, 1e-2, 1e-3)
 AT_FRACTIONS = (0.25, 0.5, 1.0)
@@ -88,28 +89,39 @@ def write(comparison, folder, overwrite=False):
             other than an earlier result.
     """
     folder = Path(folder)
-    if folder.exists():
-        if not overwrite:
-            raise InputError(f"output folder '{folder}' exists; pass --overwrite to replace it or choose another")
-        if not folder.is_dir() or not (folder / "results.json").is_file():
-            raise InputError(f"'{folder}' is not an earlier result folder (no results.json); choose another output")
-    if not folder.parent.is_dir():
-        raise InputError(f"folder '{folder.parent}' does not exist; create it first")
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    check_folder(folder, overwrite)
+    staging = None
     try:
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is not
-        summary = summarize(comparison)
-        _write_json(comparison, summary, staging / "results.json")
-        _write_csv(comparison, staging / "curves.csv")
-        (staging / "summary.md").write_text(f"# {comparison.experiment} on {comparison.task}\n\n{summary_table(comparison, summary)}\n")
-        _plot_loss(comparison, staging / "loss.png")
-        _plot_linear_fraction(comparison, staging / "linear_fraction.png")
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
+        with write_errors(folder):
+            staging = Path(tempfile.mkdtemp(prefix=f".ke-{os.getpid()}-", suffix=".tmp", dir=folder.parent))
+            staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is not
+            summary = summarize(comparison)
+            _write_json(comparison, summary, staging / "results.json")
+            _write_csv(comparison, staging / "curves.csv")
+            (staging / "summary.md").write_text(f"# {comparison.experiment} on {comparison.task}\n\n{summary_table(comparison, summary)}\n")
+            _plot_loss(comparison, staging / "loss.png")
+            _plot_linear_fraction(comparison, staging / "linear_fraction.png")
+            if folder.exists():
+                shutil.rmtree(folder)
+            staging.rename(folder)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return list(FILES)
+
+
+def check_folder(folder, overwrite=False):
+    """Refuses, before any work, a result folder `write` could not replace: an existing one
+    without `overwrite`, anything but an earlier result folder, a device or FIFO (as
+    `io.check_side_output`), a missing, read-only or full parent folder.
+    """
+    folder = Path(folder)
+    if not os.path.lexists(folder):
+        check_side_output(folder)  # a new folder there: its parent must take it
+    elif not folder.is_dir() or not (folder / "results.json").is_file():
+        raise InputError(f"'{folder}' is not an earlier result folder (no results.json); choose another output")
+    elif not overwrite:
+        raise InputError(f"output folder '{folder}' exists; pass --overwrite to replace it or choose another")
 
 
 def _umask():

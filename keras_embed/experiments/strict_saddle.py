@@ -35,12 +35,12 @@ import time
 import keras
 import numpy as np
 
-from keras_embed.build import build_model
-from keras_embed.data import bundled_dataset
+from keras_embed.files.data import bundled_dataset
+from keras_embed.edit.operators import widen
 from keras_embed.errors import InputError
 from keras_embed.hessian import ZERO_RTOL, EmpiricalRisk, eigenvalue_counts
-from keras_embed.operators import widen
-from keras_embed.read import read_model
+from keras_embed.model.build import build_model
+from keras_embed.model.read import read_model
 
 CRITICAL_GRADIENT = 1e-8
 COPIES = (1, 2, 3)

@@ -4,7 +4,7 @@ The loop behind the BatchNormalization and data-size experiments: plain minibatc
 (`tf.function` step, seeded shuffling), the training loss every `record_every` steps (the
 mean minibatch loss over those steps) and, at checkpoints, the fraction of units of every
 hidden layer in a linear regime on a fixed probe set, measured by the shared analysis
-code (`read_model`, `stats.collect`, `linearity.unit_regimes`). The probe sees the network
+code (`read_model`, `statistics.collect`, `regimes.producer_regimes`). The probe sees the network
 in inference mode (BatchNormalization folded with its moving statistics; their momentum,
 0.9 by default, makes them trail the batch statistics by about ten steps).
 
@@ -22,11 +22,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_embed.data import DATASETS, bundled_dataset, load_data
+from keras_embed.files.data import DATASETS, bundled_dataset, load_data
 from keras_embed.errors import InputError
-from keras_embed.linearity import unit_regimes
-from keras_embed.read import read_model
-from keras_embed.stats import collect, probe_model, refresh_probe
+from keras_embed.measure.regimes import producer_regimes
+from keras_embed.measure.statistics import collect, producer_requests, tensors
+from keras_embed.model.build import Prober, build_model, write_weights
+from keras_embed.model.read import read_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,10 +158,15 @@ class Run:
         }
 
 
+def _hidden_requests(graph):
+    return producer_requests(graph, graph.producers[:-1])
+
+
 def linear_fractions(graph, x, probe=None):
     """Per hidden layer of `graph`, the share of units in a linear regime on inputs `x`."""
-    stats = collect(graph, x, batch_size=len(x), gram=False, probe=probe)
-    return [float(unit_regimes(layer, stats.layers[layer.name]).linear.mean()) for layer in graph.layers[:-1]]
+    stats = collect(graph, x, _hidden_requests(graph), batch_size=len(x), probe=probe)
+    regimes = producer_regimes(graph, stats)
+    return [float(regimes[node.name].linear.mean()) for node in graph.producers[:-1]]
 
 
 def default_batch_size(device):
@@ -179,7 +185,7 @@ def train(model, task, settings, seed, device="/CPU:0", on_step=None):
     with tf.device(device):
         step = _train_step(model, task.loss, _optimizer(settings))
         graph = read_model(model)
-        probe = probe_model(graph)
+        probe = Prober(build_model(graph, outputs=tensors(_hidden_requests(graph))))
         fractions, losses, block = [linear_fractions(graph, probe_x, probe)], [], []
         order = np.empty(0, dtype=int)
         for done in range(1, settings.steps + 1):
@@ -192,7 +198,8 @@ def train(model, task, settings, seed, device="/CPU:0", on_step=None):
                 block = []
             if done in checkpoints:
                 graph = read_model(model)
-                fractions.append(linear_fractions(graph, probe_x, refresh_probe(probe, graph)))
+                write_weights(probe.model, graph)
+                fractions.append(linear_fractions(graph, probe_x, probe))
             if on_step is not None:
                 on_step(1)
     recorded = np.arange(1, len(losses) + 1) * settings.record_every

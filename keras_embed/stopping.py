@@ -4,13 +4,15 @@ Exactly one rule bounds a `--mode data` compression: an accuracy drop (needs lab
 relative output error, a keep ratio per layer, or a parameter budget.
 
 Example:
-    >>> rule = Rule("max_accuracy_drop", 0.5)            # percentage points
+    >>> rule = StoppingRule("max_accuracy_drop", 0.5)            # percentage points
     >>> figures = measure(reference_outputs, outputs, y)
     >>> rule.holds(figures, params=1234)
     True
 """
 
 import dataclasses
+import math
+import numbers
 
 import numpy as np
 
@@ -20,9 +22,12 @@ KINDS = ("max_accuracy_drop", "max_output_error", "keep_ratio", "target_params")
 
 
 def relative_error(reference, outputs):
-    """||outputs - reference||_F / ||reference||_F (0 when both are zero)."""
+    """||outputs - reference||_F / ||reference||_F (0 when both are zero; inf when an
+    output is NaN or infinite)."""
     norm = float(np.linalg.norm(reference))
     gap = float(np.linalg.norm(np.asarray(outputs) - reference))
+    if not math.isfinite(gap):
+        return math.inf
     return gap / norm if norm > 0 else gap
 
 
@@ -32,18 +37,53 @@ def predicted_classes(outputs):
     return (outputs[..., 0] > 0.5).astype(np.int64) if outputs.shape[-1] == 1 else np.argmax(outputs, axis=-1)
 
 
+def class_labels(y):
+    """Integer class labels of `y`: integers (or one whole number per row) as they are,
+    one-hot rows by their argmax; None for other targets (regression).
+
+    Example:
+        >>> class_labels(np.array([[0.0, 1.0], [1.0, 0.0]]))
+        array([1, 0])
+    """
+    y = np.asarray(y)
+    if np.issubdtype(y.dtype, np.integer) or (y.ndim == 1 and np.all(np.isfinite(y)) and np.all(y == np.round(y))):
+        return y.reshape(len(y)).astype(np.int64)
+    one_hot = y.ndim == 2 and y.shape[1] > 1 and np.all((y == 0) | (y == 1)) and np.all(y.sum(axis=1) == 1)
+    return np.argmax(y, axis=1) if one_hot else None
+
+
+def check_reference(reference):
+    """`reference` outputs as an array, after refusing NaN or infinite ones (InputError):
+    the original model is then broken on these inputs, and nothing can be measured against it."""
+    reference = np.asarray(reference)
+    if not np.all(np.isfinite(reference)):
+        raise InputError("the model's own outputs are NaN or infinite on the data it is checked on; "
+                         "check the model's weights and the data")
+    return reference
+
+
 def measure(reference, outputs, y=None):
     """Figures comparing `outputs` with `reference` outputs on the same inputs.
 
+    A row of `outputs` holding NaN or infinity agrees with nothing and is never right, and
+    makes the output error infinite, so no rule holds for it.
+
     Returns:
         dict with output_error (relative), agreement (share of equal predicted classes),
-        and, with labels `y`, accuracy_before, accuracy_after and accuracy_drop (in
-        percentage points).
+        and, with class labels `y` (integers or one-hot), accuracy_before, accuracy_after
+        and accuracy_drop (in percentage points).
+
+    Raises:
+        InputError: `reference` holds NaN or infinity: the original model is broken on
+            these inputs, and nothing can be measured against it.
     """
-    before, after = predicted_classes(reference), predicted_classes(outputs)
+    reference, outputs = check_reference(reference), np.asarray(outputs)
+    before = predicted_classes(reference)
+    after = np.where(np.isfinite(outputs).all(axis=-1), predicted_classes(outputs), -1)
     figures = {"output_error": relative_error(reference, outputs), "agreement": float(np.mean(before == after))}
-    if y is not None:
-        labels = np.asarray(y).reshape(before.shape)
+    labels = None if y is None else class_labels(y)
+    if labels is not None:
+        labels = labels.reshape(before.shape)
         figures["accuracy_before"] = float(np.mean(before == labels))
         figures["accuracy_after"] = float(np.mean(after == labels))
         figures["accuracy_drop"] = 100.0 * (figures["accuracy_before"] - figures["accuracy_after"])
@@ -51,7 +91,7 @@ def measure(reference, outputs, y=None):
 
 
 @dataclasses.dataclass(frozen=True)
-class Rule:
+class StoppingRule:
     """One stopping rule: `kind` (one of `KINDS`) and its bound."""
 
     kind: str
@@ -60,6 +100,8 @@ class Rule:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise InputError(f"unknown rule '{self.kind}'; choose one of {', '.join(KINDS)}")
+        if isinstance(self.value, bool) or not isinstance(self.value, numbers.Real) or not math.isfinite(self.value):
+            raise InputError(f"--{self.kind.replace('_', '-')} must be a finite number. Received: {self.value!r}")
         if self.kind == "keep_ratio" and not 0 < self.value <= 1:
             raise InputError(f"--keep-ratio must be in (0, 1]. Received: {self.value}")
         if self.value < 0 or (self.kind == "target_params" and self.value < 1):
@@ -70,7 +112,10 @@ class Rule:
         return self.kind == "max_accuracy_drop"
 
     def holds(self, figures, params):
-        """Whether `figures` (from `measure`) and the parameter count meet the rule."""
+        """Whether `figures` (from `measure`) and the parameter count meet the rule (never
+        with NaN or infinite outputs)."""
+        if not math.isfinite(figures["output_error"]):
+            return False
         if self.kind == "max_accuracy_drop":
             return figures["accuracy_drop"] <= self.value + 1e-9
         if self.kind == "max_output_error":
@@ -90,13 +135,23 @@ class Rule:
         return f"keep ratio {self.value:g}"
 
 
-def rule_from_options(**options):
-    """The one `Rule` among keyword options (None values ignored).
+def shortfall(rule, figures, params):
+    """What keeps `figures` (from `measure`) from passing: NaN or infinite outputs (under
+    any rule, or none), else the figure of a `rule` that fails; None when they pass."""
+    if not math.isfinite(figures["output_error"]):
+        return "outputs that are NaN or infinite"
+    if rule is not None and not rule.holds(figures, params):
+        return rule.describe(figures, params)
+    return None
+
+
+def stopping_rule_from_options(**options):
+    """The one `StoppingRule` among keyword options (None values ignored).
 
     Raises:
         InputError: when none or several are given.
     """
-    given = [Rule(kind, float(value)) for kind, value in options.items() if value is not None]
+    given = [StoppingRule(kind, float(value)) for kind, value in options.items() if value is not None]
     if len(given) != 1:
         names = ", ".join(f"--{kind.replace('_', '-')}" for kind in KINDS)
         raise InputError(f"--mode data needs exactly one stopping rule ({names}); got {len(given)}")
