@@ -8,10 +8,9 @@ import numpy as np
 from hypothesis import event
 from hypothesis import strategies as st
 
-from keras_embed.network import PRODUCERS, read_network
-from keras_embed import prune
+from keras_embed import prune, read_model
 from keras_embed.errors import RuleError
-from keras_embed.rules import Rule, measure
+from keras_embed.stopping import StoppingRule, measure
 from keras_embed.verify import predict
 
 
@@ -35,13 +34,14 @@ def rounding_scale(graph, x):
     float32 forward passes of two networks computing the same function differ by about
     1e-7 times this, which exceeds any fixed share of the output when terms cancel.
     """
-    from keras_embed.activations import evaluate
+    from keras_embed.measure.regimes import chain_function
 
     hidden, scale = np.asarray(x, dtype=np.float64), 0.0
-    for layer in graph.layers:
-        terms = np.abs(hidden) @ np.abs(layer.kernel) + (0.0 if layer.bias is None else np.abs(layer.bias))
+    for node in graph.producers:
+        kernel, bias = node.entry.kernel(node), node.entry.bias(node)
+        terms = np.abs(hidden) @ np.abs(kernel) + (0.0 if bias is None else np.abs(bias))
         scale = max(scale, float(terms.max(initial=0.0)))
-        hidden = evaluate(layer.activations, hidden @ layer.kernel + (0.0 if layer.bias is None else layer.bias))
+        hidden = chain_function(graph, node)(hidden @ kernel + (0.0 if bias is None else bias))
     return scale
 
 
@@ -140,8 +140,8 @@ def _build_cnn(choice):
     h = keras.layers.Conv2D(filters, kernel_size, activation=head_activation, name="head")(h)
     h = keras.layers.Flatten(name="flatten")(h) if choice["flatten"] else keras.layers.GlobalAveragePooling2D(name="gap")(h)
     model = randomize_network(keras.Model(image, keras.layers.Dense(3, name="out")(h)), np.random.default_rng(choice["seed"]))
-    network = read_network(model)
-    editable = [node.name for node in network.nodes if node.kind in PRODUCERS and network.groups[node.name] not in network.frozen_groups]
+    graph = read_model(model)
+    editable = [node.name for node in graph.producers if graph.group_of(node.name) in graph.editable_groups()]
     return model, editable
 
 
@@ -155,7 +155,7 @@ def stopping_rules(draw, max_params):
         "max_accuracy_drop": st.floats(0.0, 60.0),
     }
     kind = draw(st.sampled_from(sorted(bounds)))
-    return Rule(kind, float(draw(bounds[kind])))
+    return StoppingRule(kind, float(draw(bounds[kind])))
 
 
 def prune_meeting(rule, model, x, y):

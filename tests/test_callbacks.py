@@ -27,12 +27,14 @@ import pytest
 import scipy.optimize
 import tensorflow as tf
 
+from builders import randomize_network
 from keras_embed import build_model, read_model
-from keras_embed.callbacks import BatchEmbeddingMonitor, EmbeddingMonitor
+from keras_embed.callbacks import BatchEmbeddingMonitor, EmbeddingMonitor, escape
+from keras_embed.edit.operators import deepen, widen
 from keras_embed.errors import InputError
-from keras_embed.monitoring import GraphProbe
-from keras_embed.operators import deepen, widen
-from keras_embed.stats import probe_model
+from keras_embed.find.probe import probe_redundancy, probe_requests
+from keras_embed.measure.statistics import collect
+from keras_embed.verify import predict
 
 NARROW, INPUTS, SAMPLES = 3, 2, 256
 STEPS = 100  # full-batch steps per epoch
@@ -230,6 +232,7 @@ def test_escape_perturbs_the_duplicates_and_keeps_the_outputs(runs, data):
     change = np.abs(forward(new, x.astype(np.float64)) - expected).max() / np.abs(expected).max()
     assert 0 < change <= 1e-2  # the default escape tolerance
     assert len(lines) == 1, lines
+    assert f"perturbed {NARROW} sets of duplicated channels" in lines[0], lines[0]  # what escape says it did
 
 
 def test_stop_ends_training_at_the_first_stall(data, narrow_weights):
@@ -409,24 +412,240 @@ def test_a_layer_too_wide_for_the_gram_budget_is_refused_before_the_first_epoch(
     assert epochs_begun == []
 
 
-def test_graph_probe_computes_what_the_keras_probe_computes():
-    """The monitor's NumPy forward pass (leading activation, BN folded, several activations)
-    against `stats.probe_model`, the Keras probe the other statistics passes use."""
+def _sigmoid(z):
+    return 1 / (1 + np.exp(-z))
+
+
+def _elu(z):
+    return np.where(z > 0, z, np.expm1(np.minimum(z, 0.0)))
+
+
+def test_the_monitors_keras_probe_computes_what_a_numpy_forward_pass_computes():
+    """The probe model the monitor builds (leading activation, BatchNormalization kept,
+    several activations, Dropout) returns the tensors, and gives the statistics, that a
+    direct float64 NumPy forward pass of the same weights gives."""
+    layers = keras.layers
     model = keras.Sequential([
-        keras.Input((4,)), keras.layers.Activation("tanh"), keras.layers.Dense(6, activation="relu"),
-        keras.layers.BatchNormalization(), keras.layers.Dense(5), keras.layers.Activation("sigmoid"),
-        keras.layers.Dropout(0.5), keras.layers.Dense(3, activation="elu"), keras.layers.Dense(2),
+        keras.Input((4,)), layers.Activation("tanh", name="act_in"), layers.Dense(6, activation="relu", name="d1"),
+        layers.BatchNormalization(name="bn"), layers.Dense(5, name="d2"), layers.Activation("sigmoid", name="sig"),
+        layers.Dropout(0.5, name="drop"), layers.Dense(3, activation="elu", name="d3"), layers.Dense(2, name="d4"),
     ])
     rng = np.random.default_rng(0)
     for layer in model.layers:
         layer.set_weights([rng.uniform(0.5, 1.5, w.shape) for w in layer.get_weights()])
-    graph = read_model(model)
     x = rng.normal(size=(32, 4)).astype("float32")
-    expected = probe_model(graph).predict_on_batch(x)
-    actual = GraphProbe(graph).predict_on_batch(x)
-    assert len(actual) == len(expected) == 6
-    for got, want in zip(actual, expected):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    weights = {layer.name: [w.astype(np.float64) for w in layer.get_weights()] for layer in model.layers}
+    gamma, beta, mean, variance = weights["bn"]
+    forward = {"act_in": np.tanh(x.astype(np.float64))}
+    forward["d1/z"] = forward["act_in"] @ weights["d1"][0] + weights["d1"][1]
+    forward["d1"] = np.maximum(forward["d1/z"], 0.0)
+    forward["bn"] = gamma * (forward["d1"] - mean) / np.sqrt(variance + model.get_layer("bn").epsilon) + beta
+    forward["d2/z"] = forward["bn"] @ weights["d2"][0] + weights["d2"][1]
+    forward["drop"] = _sigmoid(forward["d2/z"])
+    forward["d3/z"] = forward["drop"] @ weights["d3"][0] + weights["d3"][1]
+    forward["d3"] = _elu(forward["d3/z"])
+
+    monitor = EmbeddingMonitor(x)
+    monitor.set_model(model)
+    monitor.on_train_begin()
+    graph = read_model(model)  # as the monitor reads it: the BatchNormalization after d1's relu folds into d2
+    assert "bn" not in graph.by_name and graph.editable_groups() == ["d1", "d2", "d3"]
+    requests = probe_requests(graph)
+    names = sorted({name for request in requests.values() for name, _ in request.z + request.a})
+    assert names == ["d1", "d1/z", "d2/z", "d3", "d3/z", "drop"]
+    for name, got in zip(names, monitor._probe(x)):
+        np.testing.assert_allclose(got, forward[name], rtol=1e-5, atol=1e-5, err_msg=name)
+
+    stats = collect(graph, x, requests, batch_size=len(x), probe=monitor._probe)
+    ends = {"d1": ("d1/z", "d1"), "d2": ("d2/z", "drop"), "d3": ("d3/z", "d3")}  # regimes: z, what the reader sees
+    values = {"d1": "d1", "d2": "drop", "d3": "d3"}  # each group where a producer reads it (d2 reads d1 through the folded BN)
+    for group in graph.editable_groups():
+        z, a = forward[ends[group][0]], forward[ends[group][1]]
+        regime = stats[("z", group)]
+        for got, want in ((regime.z_min, z.min(0)), (regime.z_max, z.max(0)), (regime.a_min, a.min(0)),
+                          (regime.a_max, a.max(0)), (regime.z_mean, z.mean(0)), (regime.a_mean, a.mean(0))):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=group)
+        np.testing.assert_array_equal(regime.positive, (z > 0).sum(0))
+        read = forward[values[group]]
+        augmented = np.hstack([read, np.ones((len(read), 1))])
+        np.testing.assert_allclose(stats[("a", group)].gram, augmented.T @ augmented, rtol=1e-5, atol=1e-4, err_msg=group)
+        np.testing.assert_allclose(stats[("a", group)].a_mean, read.mean(0), rtol=1e-5, atol=1e-5, err_msg=group)
+
+
+# ----------------------------------------------------------------------------- CNNs and branches
+
+CNN_GROUPS = ("stem", "res_a")  # the stem's group holds res_b too: the Add joins them
+PRODUCES = {"stem": (1, 4), "res_a": (2, 4), "res_b": (1, 4), "out": None}  # each layer's split output channels
+READS = {"stem": None, "res_a": (1, 4), "res_b": (2, 4), "out": (1, 4)}  # and the split channels it reads
+
+
+@pytest.fixture(scope="module")
+def cnn_data():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(64, 6, 6, 2)).astype("float32")
+    return x, np.tanh(x[..., 0].mean(axis=(1, 2)) - x[..., 1].std(axis=(1, 2)))[:, None].astype("float32")
+
+
+def residual_cnn(x):
+    """image -> stem (relu) -> [res_a -> BatchNormalization -> relu -> res_b (1x1)] + stem
+    -> relu -> global average -> Dense(1), seeded random weights; the BatchNormalization
+    statistics are res_a's on `x` (as after training), so no channel is dead on it."""
+    layers = keras.layers
+    image = keras.Input((6, 6, 2), name="image")
+    stem = layers.Conv2D(4, 3, padding="same", activation="relu", name="stem")(image)
+    res_a = layers.Conv2D(4, 3, padding="same", name="res_a")(stem)
+    branch = layers.Activation("relu", name="res_relu")(layers.BatchNormalization(name="res_bn")(res_a))
+    branch = layers.Conv2D(4, 1, name="res_b")(branch)
+    merged = layers.Activation("relu", name="add_relu")(layers.Add(name="add")([stem, branch]))
+    outputs = layers.Dense(1, name="out")(layers.GlobalAveragePooling2D(name="gap")(merged))
+    model = randomize_network(keras.Model(image, outputs, name="residual_cnn"), np.random.default_rng(0))
+    values = keras.ops.convert_to_numpy(keras.Model(image, res_a)(x)).reshape(-1, 4)
+    rng = np.random.default_rng(1)
+    model.get_layer("res_bn").set_weights([rng.uniform(0.5, 1.5, 4), rng.normal(0, 0.1, 4), values.mean(0), values.var(0)])
+    return model
+
+
+def split_cnn(x, alpha=0.5):
+    """`residual_cnn` with stem channel 1 (so res_b's too) and res_a channel 2 split: 5
+    channels in each group, 4 effective, BatchNormalization kept."""
+    graph = read_model(residual_cnn(x), fold=False)
+    graph = widen(widen(graph, "stem", 1, alpha=alpha), "res_a", 2, alpha=alpha)
+    model = build_model(graph)
+    assert type(model.get_layer("res_bn")) is keras.layers.BatchNormalization
+    return model
+
+
+def fit_cnn(model, x, y, callbacks, epochs):
+    keras.utils.set_random_seed(0)
+    model.compile(keras.optimizers.SGD(0.01, momentum=0.9), "mse", steps_per_execution=10)
+    return model.fit(np.tile(x, (10, 1, 1, 1)), np.tile(y, (10, 1)), batch_size=len(x), epochs=epochs, shuffle=False,
+                     verbose=0, callbacks=list(callbacks))
+
+
+class LayerSnapshots(keras.callbacks.Callback):
+    """Records every layer's weights by name at the end of every epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.weights.append({layer.name: layer.get_weights() for layer in self.model.layers})
+
+
+def _others(width, channels):
+    return [channel for channel in range(width) if channel not in channels]
+
+
+def assert_escaped(old, new):
+    """`new` is `old` ({layer: weights}) after an escape from the split channels of
+    `split_cnn`: noise on the copies' incoming weights in every producer of their group,
+    their reader rows re-split with the same sum, everything else as it was."""
+    for layer in PRODUCES:
+        kernel_old, kernel_new = (np.moveaxis(weights[layer][0], -2, 0) for weights in (old, new))  # (in, ..., out)
+        np.testing.assert_array_equal(old[layer][1], new[layer][1])  # biases stay
+        plain = _others(len(kernel_old), READS[layer] or ())  # input rows no re-split touches
+        if PRODUCES[layer] is not None:
+            first, copy = PRODUCES[layer]
+            np.testing.assert_array_equal(kernel_old[..., first], kernel_old[..., copy])  # exact copies before
+            assert not np.array_equal(kernel_new[..., first], kernel_new[..., copy])      # not after
+            noise = np.abs(kernel_new[plain] - kernel_old[plain])[..., [first, copy]]
+            assert 0 < noise.max() < 1e-2 * np.abs(kernel_old).max(), layer  # small noise
+        untouched = _others(kernel_old.shape[-1], PRODUCES[layer] or ())
+        np.testing.assert_array_equal(kernel_new[plain][..., untouched], kernel_old[plain][..., untouched], err_msg=layer)
+        if READS[layer] is not None:
+            first, copy = READS[layer]
+            assert not np.allclose(kernel_new[first], kernel_old[first]), layer  # the rows are re-split ...
+            total_old, total_new = kernel_old[first] + kernel_old[copy], kernel_new[first] + kernel_new[copy]
+            np.testing.assert_allclose(total_new[..., untouched], total_old[..., untouched], rtol=1e-5, atol=1e-6,
+                                       err_msg=layer)  # ... with the same sum (where no noise is added)
+            assert np.abs(total_new - total_old).max() < 1e-2 * np.abs(kernel_old).max(), layer
+    for weight_old, weight_new in zip(old["res_bn"], new["res_bn"]):
+        np.testing.assert_array_equal(weight_old, weight_new)
+
+
+@pytest.mark.parametrize("action", ["warn", "escape"])
+def test_monitor_reports_the_channel_groups_of_a_residual_cnn(cnn_data, action):
+    """min_delta=1 makes every epoch a plateau: the stall is the redundancy alone."""
+    x, y = cnn_data
+    model, before, after = split_cnn(x), LayerSnapshots(), LayerSnapshots()
+    monitor = EmbeddingMonitor(x, patience=1, min_delta=1.0, action=action)
+    epochs = 3
+    with Messages() as messages:
+        logged = fit_cnn(model, x, y, [before, monitor, after], epochs).history
+    assert {key for key in logged if key.startswith("embed/")} == {
+        f"embed/{group}/{figure}" for group in CNN_GROUPS for figure in ("effective_width", "linear_fraction")
+    } | {"embed/stalled"}
+    assert all(len(values) == epochs for values in logged.values())
+    assert all(0.0 <= value <= 1.0 for group in CNN_GROUPS for value in logged[f"embed/{group}/linear_fraction"])
+    assert logged["embed/stalled"][:2] == [0.0, 1.0]
+    for group in CNN_GROUPS:
+        assert logged[f"embed/{group}/effective_width"][:2] == [4.0, 4.0], group
+    lines = messages.lines
+    assert len(lines) == 1 and "\n" not in lines[0], lines
+    assert "stem: 4 of 5 channels effective" in lines[0] and "res_a: 4 of 5 channels effective" in lines[0], lines[0]
+    for layer in before.weights[0]:  # nothing happens before the stall
+        for weight_old, weight_new in zip(before.weights[0][layer], after.weights[0][layer]):
+            np.testing.assert_array_equal(weight_old, weight_new)
+    if action == "warn":
+        assert logged["embed/stalled"] == [0.0, 1.0, 1.0]
+        for group in CNN_GROUPS:
+            assert logged[f"embed/{group}/effective_width"] == [4.0] * epochs, group
+        for layer in before.weights[1]:
+            for weight_old, weight_new in zip(before.weights[1][layer], after.weights[1][layer]):
+                np.testing.assert_array_equal(weight_old, weight_new)
+    else:
+        assert "perturbed 2 sets of duplicated channels" in lines[0], lines[0]
+        assert_escaped(before.weights[1], after.weights[1])
+
+
+def test_escape_perturbs_the_split_channels_of_a_cnn_within_the_tolerance(cnn_data):
+    x, _ = cnn_data
+    model = split_cnn(x, alpha=0.3)
+    summary = probe_redundancy(read_model(model, fold=False), x)
+    assert {group: [set(members) for members in redundancy.groups] for group, redundancy in summary.items()} == {
+        "stem": [{1, 4}], "res_a": [{2, 4}]}
+    old = {layer.name: layer.get_weights() for layer in model.layers}
+    expected = predict(model, x)
+    message = escape(model, summary, x, np.random.default_rng(0), 1e-2)
+    assert message.startswith("perturbed 2 sets of duplicated channels"), message
+    assert_escaped(old, {layer.name: layer.get_weights() for layer in model.layers})
+    change = np.abs(predict(model, x) - expected).max() / np.abs(expected).max()
+    assert 0 < change <= 1e-2
+
+
+def test_escape_that_cannot_stay_within_the_tolerance_leaves_the_cnn_as_it_was(cnn_data):
+    x, _ = cnn_data
+    model = split_cnn(x)
+    summary = probe_redundancy(read_model(model, fold=False), x)
+    weights = model.get_weights()
+    message = escape(model, summary, x, np.random.default_rng(0), 0.0)
+    assert message == "could not perturb the duplicated channels within escape_tolerance=0", message
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), weights))
+
+
+def test_escape_without_duplicates_says_so_and_changes_nothing(cnn_data):
+    x, _ = cnn_data
+    model = residual_cnn(x)
+    summary = probe_redundancy(read_model(model, fold=False), x)
+    assert all(not redundancy.groups for redundancy in summary.values())
+    weights = model.get_weights()
+    assert escape(model, summary, x, np.random.default_rng(0), 1e-2) == "found nothing to perturb (no duplicated channels)"
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), weights))
+
+
+def test_no_stall_on_a_residual_cnn_without_redundancy(cnn_data):
+    """The CNN's res_a -> BatchNormalization -> relu is not linear on the data (relu clips
+    inside its range): the monitor sees what prune sees from the folded model, and with
+    no redundancy no plateau is a stall."""
+    x, y = cnn_data
+    model = residual_cnn(x)
+    folded = probe_redundancy(read_model(model), x)
+    assert folded["res_a"].linear_fraction < 1.0
+    assert probe_redundancy(read_model(model, fold=False), x)["res_a"].linear_fraction == folded["res_a"].linear_fraction
+    logged = fit_cnn(model, x, y, [EmbeddingMonitor(x, patience=1, min_delta=1.0)], epochs=3).history
+    assert logged["embed/stalled"] == [0.0, 0.0, 0.0]
+    assert logged["embed/res_a/effective_width"] == [4.0] * 3
 
 
 # ----------------------------------------------------------------------------- per-step monitor

@@ -12,6 +12,7 @@ One table, `CATALOGUE`; each case runs under every command in its `commands`.
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -26,7 +27,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+import hostile
+import hostile_savedmodels
+from hostile import device, fifo
 from keras_embed.tools.cli import main
+from model_files import OUTSIDE, build_tf_keras_models, data_from_outside
 
 SAVED_MODELS = Path(__file__).resolve().parents[1] / "saved_models"
 WIDENED = SAVED_MODELS / "digits_widened.keras"
@@ -113,10 +118,31 @@ def file(name, content=None):
     return write
 
 
+def written(make, name):
+    """A data maker from a `hostile` maker of one file."""
+    return lambda folder: make(folder / name) or folder / name
+
+
 def pickled(folder):
     """A .npy of Python objects: loading it would unpickle."""
     np.save(folder / "data.npy", np.array([{"payload": 1}], dtype=object), allow_pickle=True)
     return folder / "data.npy"
+
+
+def symlink_to(name):
+    return lambda path: os.symlink(name, path)
+
+
+def weights_set(value):
+    """The small model of `saved` (5 -> Dense(4, relu) -> Dense(3)) with every weight `value`."""
+
+    def write(path):
+        model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="relu", name="hidden"),
+                                  keras.layers.Dense(3, name="logits")])
+        model.set_weights([np.full(weight.shape, value, "float32") for weight in model.get_weights()])
+        model.save(path)
+
+    return write
 
 
 def digits_like(value=None, rows=20):
@@ -125,6 +151,36 @@ def digits_like(value=None, rows=20):
     if value is not None:
         x[7, 13] = value
     return x
+
+
+@functools.cache
+def _tf_keras_models(folder):
+    """`folder`, holding the models `model_files.TF_KERAS_BUILD` builds (in a child process)."""
+    folder.mkdir()
+    build_tf_keras_models(folder)
+    return folder
+
+
+def tf_keras_built(name):
+    """The model `name` that tf_keras wrote: built once for every case, in a folder beside
+    the cases' models."""
+
+    def write(path):
+        source = _tf_keras_models(path.parent.parent / "tf_keras") / name
+        (shutil.copytree if source.is_dir() else shutil.copyfile)(source, path)
+
+    return write
+
+
+def outside(make, how):
+    """`make`'s .h5 model with its first kernel's data in another file, written beside it
+    (`model_files.data_from_outside`)."""
+
+    def write(path):
+        make(path)
+        data_from_outside(path, how, path.parent)
+
+    return write
 
 
 LAMBDA_MODEL = saved(lambda: [keras.layers.Lambda(lambda t: 2 * t)])
@@ -145,7 +201,7 @@ class Case:
     data: Callable | None = None  # writes the --data file into a folder, returns its path
     args: tuple = ()  # more options: "{folder}" and "{model}" are filled in
     commands: tuple = ("prune", "embed")
-    existing: tuple = ()  # (path in the case folder, bytes) written first, kept as they are
+    existing: tuple = ()  # (path in the case folder, bytes or a function making it) made first, kept as they are
     read_only_output: bool = False
 
 
@@ -223,11 +279,90 @@ CATALOGUE = [
     Case("atol-that-verification-fails", 3, ("above the tolerance", "raise --atol"), args=("--atol", "1e-12")),
     Case("batch-size-zero", 2, ("--batch-size", "x>=1"), args=("--batch-size", "0")),
     *(Case(f"keep-ratio-{value}", 2, ("--keep-ratio", "(0, 1]"), args=("--mode", "data", "--keep-ratio", value),
-           data=npy(digits_like), commands=("prune",)) for value in ("0", "1.5", "-0.5", "nan")),
+           data=npy(digits_like), commands=("prune",)) for value in ("0", "1.5", "-0.5")),
     # resources
     Case("gram-too-large-for-data-mode", 2, ("8192 units", "512 MiB", "--mode exact"), wide_model,
          data=npy(lambda: np.ones((8, 1), "float32")), args=("--mode", "data", "--keep-ratio", "0.5"),
          commands=("prune",)),
+    # issue 15: plain SavedModels that would run something when loaded or served (payload or secret beside them)
+    *(Case(f"savedmodel-{name}", 4, (op, "nothing was run", "pass the .keras or .h5 file"),
+           lambda path, build=build: build(path, path.parent / "payload"), model_name="export", commands=("prune",))
+      for name, (build, op) in hostile_savedmodels.BUILDERS.items()),
+    Case("savedmodel-pbtxt-not-text", 4, ("SavedModel keras-embed cannot read", "pass the .keras or .h5 file"),
+         lambda path: path.mkdir() or (path / "saved_model.pbtxt").write_bytes(b"\xff\xfe not text"),
+         model_name="export", commands=("prune",)),
+    # issue 15: tf_keras inputs (code found on the parsed config), .h5 data from other files
+    Case("tf-keras-lambda-escaped-h5", 2, ("in/model.h5' holds code (a Lambda layer)", "--unsafe"),
+         tf_keras_built("lambda_escaped.h5"), model_name="model.h5", commands=("prune",)),
+    Case("tf-keras-lambda-escaped-savedmodel", 2, ("in/savedmodel' holds code (a Lambda layer)", "--unsafe"),
+         tf_keras_built("lambda_escaped_savedmodel"), model_name="savedmodel", commands=("prune",)),
+    Case("tf-keras-tf-op-lambda", 2, ("in/model.h5' holds code (a TFOpLambda layer)", "--unsafe"),
+         tf_keras_built("tf_op.h5"), model_name="model.h5", commands=("prune",)),
+    *(Case(f"{kind}-h5-data-{how}", 2, ("which keras-embed does not read", "re-save"), outside(make, how),
+           model_name="model.h5", commands=MODEL_COMMANDS)
+      for kind, make in (("keras3", saved(lambda: [])), ("tf-keras", tf_keras_built("legacy.h5"))) for how in OUTSIDE),
+    # issue 15: outputs are regular files or folders, write failures, option values, broken models
+    Case("analysis-json-exists", 2, ("already exists", "--overwrite"), args=("--json", "{folder}/out/analysis.json"),
+         existing=(("out/analysis.json", b'{"an": "unrelated file"}\n'),), commands=("analyze",)),
+    *(Case(f"{side}-is-{kind}", 2, (mentions, "choose another path"), args=(option, "{folder}/out/special", "--overwrite"),
+           existing=(("out/special", make),), commands=(command,))
+      for side, option, command in (("analysis-json", "--json", "analyze"), ("report", "--report", "prune"))
+      for kind, make, mentions in (("a-fifo", fifo, "a FIFO"), ("a-device", device, "a character device"))),
+    Case("output-is-a-fifo-even-with-overwrite", 2, ("a FIFO", "choose another path"), output="out/special.keras",
+         args=("--overwrite",), existing=(("out/special.keras", fifo),)),
+    Case("output-is-a-device-even-with-overwrite", 2, ("a character device", "choose another path"),
+         output="out/special.keras", args=("--overwrite",), existing=(("out/special.keras", device),)),
+    Case("output-is-a-symlink-to-a-fifo", 2, ("a symlink to a FIFO", "choose another path"), output="out/link.keras",
+         args=("--overwrite",), existing=(("out/pipe", fifo), ("out/link.keras", symlink_to("pipe")))),
+    Case("output-name-too-long", 2, ("256-byte name", "shorter name"), output="out/" + "n" * 250 + ".keras"),
+    *(Case(f"option{option}-{value}", 2, (option, "not a finite number"), args=(option, value), commands=commands)
+      for option, commands, values in (("--rtol", ("prune", "analyze"), ("nan", "inf")),
+                                       ("--lin-tol", ("prune", "analyze"), ("nan", "inf")),
+                                       ("--atol", ("prune", "embed"), ("nan", "inf", "1e999")),
+                                       ("--cos", ("prune",), ("nan",)), ("--margin", ("embed",), ("nan", "inf")))
+      for value in values),
+    *(Case(f"option{option}-{value}", 2, (option, "not a finite number"), args=("--mode", "data", option, value),
+           data=npy(digits_like), commands=("prune",))
+      for option in ("--max-output-error", "--keep-ratio", "--max-accuracy-drop") for value in ("nan", "-inf")),
+    *(Case(f"widen-alpha-{value}", 2, ("--widen", "not a finite number"), args=("--widen", f"0:1:{value}"),
+           commands=("embed",)) for value in ("nan", "inf", "-inf")),
+    Case("widen-alpha-overflows-float32", 2, ("too large for its dtype", "smaller --widen ALPHA"),
+         args=("--widen", "0:1:1e300"), commands=("embed",)),
+    Case("null-bias-nan", 2, ("--null", "not a finite number"), args=("--null", "0:nan"), commands=("embed",)),
+    Case("model-nan-weights", 2, ("'hidden'", "NaN or infinite weights", "retrain"), weights_set(np.nan),
+         commands=MODEL_COMMANDS),
+    Case("model-infinite-weights", 2, ("'hidden'", "NaN or infinite weights", "retrain"), weights_set(np.inf)),
+    Case("model-outputs-overflow", 2, ("NaN or infinite", "check its weights and the data"), weights_set(1e30)),
+    Case("model-outputs-overflow-data-mode", 2, ("NaN or infinite", "check the model's weights and the data"),
+         weights_set(1e30), data=npy(lambda: np.ones((8, 5), "float32")), args=("--mode", "data", "--keep-ratio", "0.5"),
+         commands=("prune",)),
+    # issue 15: memory bombs in model and data files (small versions of test_security.py's cases under 4 GB)
+    Case("config-padded-past-the-limit", 2, ("config.json, more than", "re-save"),
+         lambda path: hostile.padded_config(path, gibibytes=0.125), commands=MODEL_COMMANDS),
+    Case("config-given-twice", 2, ("'config.json' twice", "re-save"),
+         lambda path: hostile.second_config(path, gibibytes=0.125), commands=MODEL_COMMANDS),
+    Case("dense-after-flatten-without-build-config", 2, ("no build_config", "re-save"),
+         lambda path: hostile.flattened_unbuilt(path, gibibytes=0.125), commands=MODEL_COMMANDS),
+    Case("h5-dense-after-flatten-declares-too-much", 2, ("declares", "re-save"),
+         lambda path: hostile.flattened_h5(path, gibibytes=0.125), model_name="model.h5", commands=MODEL_COMMANDS),
+    Case("huge-conv2d", 2, ("declares", "re-save"), hostile.huge_conv2d(gibibytes=0.125), commands=MODEL_COMMANDS),
+    Case("huge-embedding", 2, ("declares", "re-save"), hostile.huge_embedding(gibibytes=0.125)),
+    Case("archive-claims-more-than-the-file", 2, ("claim", "re-save"),
+         lambda path: hostile.lying_stored_size(path, gibibytes=0.125)),
+    Case("weights-zip-bomb", 2, ("zip bomb", "re-save"), lambda path: hostile.weights_bomb(path, gibibytes=0.125),
+         commands=MODEL_COMMANDS),
+    Case("weights-store-far-less-than-they-declare", 2, ("more than they store", "re-save"),
+         lambda path: hostile.hollow_weights(path, gibibytes=0.125)),
+    Case("h5-weights-store-far-less-than-they-declare", 2, ("more than they store", "re-save"),
+         lambda path: hostile.hollow_h5(path, gibibytes=0.125), model_name="model.h5"),
+    Case("config-zip-bomb", 2, ("config.json, more than", "re-save"),
+         lambda path: hostile.config_bomb(path, gibibytes=1 / 32)),
+    Case("npz-zip-bomb", 2, ("compressed, inflating to 536870912 bytes", "np.savez"),
+         data=written(lambda path: hostile.npz_bomb(path, gibibytes=0.5), "data.npz"), commands=MODEL_COMMANDS),
+    Case("npz-header-declares-more-than-it-holds", 2, ("declares a (1000000000000, 64)", "np.save"),
+         data=written(hostile.npz_lying_header, "data.npz")),
+    Case("npy-header-declares-more-than-it-holds", 2, ("declares a (1000000000000, 64)", "np.save"),
+         data=written(hostile.npy_lying_header, "data.npy")),
 ]
 RUNS = [pytest.param(case, command, id=f"{case.id}-{command}") for case in CATALOGUE for command in case.commands]
 
@@ -301,7 +436,7 @@ def set_up(case, folder, made_models):
         source = made_models(case)
         (shutil.copytree if source.is_dir() else shutil.copyfile)(source, model)
     for name, content in case.existing:
-        (folder / name).write_bytes(content)
+        content(folder / name) if callable(content) else (folder / name).write_bytes(content)
     output = model if case.output == INPUT else f"{folder}/{case.output}"
     fill = {"model": model, "output": output, "folder": folder}
     data = () if case.data is None else ("--data", case.data(folder / "in"))

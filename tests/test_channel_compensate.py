@@ -1,4 +1,4 @@
-"""`prune --mode data` on convolutional and branching models (`channel_compensate`).
+"""`prune --mode data` on convolutional and branching models (`find.refit.compress_groups`).
 
 A channel that is an affine function of other channels on the data is reconstructed from
 them: removed exactly when its readers can absorb the constant part (no zero padding),
@@ -18,10 +18,12 @@ from hypothesis import strategies as st
 
 from builders import cnns, examples, image_inputs, prune_meeting, stopping_rules
 from keras_embed import prune
-from keras_embed.channel_compensate import compress_channels
-from keras_embed.errors import InputError, RuleError, UnsupportedLayerError
-from keras_embed.network import build_network, read_network
-from keras_embed.rules import Rule
+from keras_embed.errors import InputError, RuleError
+from keras_embed.find.refit import compress_groups
+from keras_embed.find.weight_rules import signatures
+from keras_embed.model.build import build_model
+from keras_embed.model.read import read_model
+from keras_embed.stopping import StoppingRule, measure
 from keras_embed.tools.cli import main
 from keras_embed.verify import predict
 
@@ -43,43 +45,50 @@ def _dependent_cnn(reader_kernel, reader_padding, offset):
     return model
 
 
+def _compress(model, x, **kwargs):
+    """`compress_groups` of `model` on `x`: (graph, {group: Refit})."""
+    graph, edits = compress_groups(read_model(model), x, **kwargs)
+    return graph, {edit.group: edit for edit in edits}
+
+
 @pytest.mark.parametrize("reader_kernel, reader_padding, offset", [(1, "same", 0.7), (3, "valid", 0.7), (3, "same", 0.0)])
 def test_an_affine_dependent_channel_is_removed_without_changing_the_outputs(reader_kernel, reader_padding, offset):
     model = _dependent_cnn(reader_kernel, reader_padding, offset)
     x = image_inputs(model)
-    smaller, maps = compress_channels(read_network(model), x, keep_ratio=0.75)
-    assert smaller.node("stem").width == len(maps["stem"].keep) == 3
-    expected, actual = predict(model, x), predict(build_network(smaller), x)
+    smaller, refits = _compress(model, x, keep_ratio=0.75)
+    assert smaller.node("stem").width == len(refits["stem"].kept) == 3
+    expected, actual = predict(model, x), predict(build_model(smaller), x)
     np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
 
 
 def test_a_group_read_through_zero_padding_is_fitted_without_a_constant():
     model = _dependent_cnn(3, "same", 0.7)  # the constant would be wrong where the reader pads
-    _, maps = compress_channels(read_network(model), image_inputs(model), keep_ratio=0.75)
-    assert not np.any(maps["stem"].shift)
+    _, refits = _compress(model, image_inputs(model), keep_ratio=0.75)
+    assert not np.any(refits["stem"].shift)
 
 
 def test_a_constant_is_folded_where_the_reader_does_not_pad():
     model = _dependent_cnn(1, "same", 0.7)
-    _, maps = compress_channels(read_network(model), image_inputs(model), keep_ratio=0.75)
-    removed = sorted(set(range(4)) - set(maps["stem"].keep))
-    assert len(removed) == 1 and abs(maps["stem"].shift[removed[0]]) > 0.1
+    _, refits = _compress(model, image_inputs(model), keep_ratio=0.75)
+    removed = sorted(set(range(4)) - set(refits["stem"].kept))
+    assert len(removed) == 1 and abs(refits["stem"].shift[removed[0]]) > 0.1
 
 
 def test_tolerance_keeps_every_independent_channel():
     model = _dependent_cnn(1, "same", 0.7)
-    smaller, _ = compress_channels(read_network(model), image_inputs(model), tolerance=1e-9)
+    smaller, _ = _compress(model, image_inputs(model), tolerance=1e-9)
     assert smaller.node("stem").width == 3
 
 
 def test_shared_grams_give_the_same_result_and_are_reused():
     model = _dependent_cnn(3, "valid", 0.7)
-    network, x, grams = read_network(model), image_inputs(model), {}
-    fresh, _ = compress_channels(network, x, tolerance=1e-6)
-    cached, _ = compress_channels(network, x, tolerance=1e-6, grams=grams)
-    passes = len(grams)
-    again, _ = compress_channels(network, x, tolerance=1e-7, grams=grams)  # the same channels: no new pass
-    assert len(grams) == passes == len(network.editable_groups())
+    graph, x, cache = read_model(model), image_inputs(model), {}
+    fresh, _ = compress_groups(graph, x, tolerance=1e-6)
+    cached, _ = compress_groups(graph, x, tolerance=1e-6, cache=cache)
+    passes = len(cache)
+    again, _ = compress_groups(graph, x, tolerance=1e-7, cache=cache)  # the same channels: no new pass
+    grams = [key for key in cache if key != "reference"]  # the cache also keeps the reference network's probe
+    assert len(cache) == passes == len(grams) + 1 and len(grams) == len(graph.editable_groups())
     for node in fresh.nodes:
         for weight, cached_weight, again_weight in zip(node.weights, cached.by_name[node.name].weights,
                                                       again.by_name[node.name].weights):
@@ -90,7 +99,7 @@ def test_shared_grams_give_the_same_result_and_are_reused():
 def test_prune_in_data_mode_reports_channels_and_meets_the_rule():
     model = _dependent_cnn(3, "valid", 0.7)  # a linear stem before a 1x1 reader would be folded into it
     x = image_inputs(model, samples=128)
-    rule = Rule("max_output_error", 1e-4)
+    rule = StoppingRule("max_output_error", 1e-4)
     pruned, report = prune(model, data=x, mode="data", rule=rule)
     figures = report.to_dict()
     assert figures["mode"] == "data" and figures["rule"] == {"kind": "max_output_error", "value": 1e-4}
@@ -102,13 +111,34 @@ def test_a_rule_that_cannot_be_met_raises():
     model = _dependent_cnn(1, "same", 0.7)
     x = image_inputs(model)
     with pytest.raises(RuleError, match="nothing was written"):
-        prune(model, data=x, mode="data", rule=Rule("target_params", 1))
+        prune(model, data=x, mode="data", rule=StoppingRule("target_params", 1))
 
 
-def test_condense_mode_is_still_refused_for_networks():
-    model = _dependent_cnn(1, "same", 0.7)
-    with pytest.raises(UnsupportedLayerError, match="--mode data"):
-        prune(model, data=image_inputs(model), mode="condense")
+def test_condense_mode_merges_near_copies_in_a_network_within_its_rule():
+    """Condense mode was refused for networks; it runs on every model now. The reader's
+    channel 2 is 1.5 times channel 0 plus noise (cosine about 0.9999, no exact copy): the
+    merge removes it, the result meets the rule on the data, and a rule it cannot meet
+    raises."""
+    model = _dependent_cnn(3, "valid", 0.7)  # the stem stays: it pads, so it does not compose with the reader
+    kernel, bias = model.get_layer("reader").get_weights()
+    noise = np.random.default_rng(1).normal(0, 1e-3 * np.abs(kernel).max(), kernel[..., 0].shape)
+    kernel[..., 2], bias[2] = 1.5 * kernel[..., 0] + noise, 1.5 * bias[0]
+    model.get_layer("reader").set_weights([kernel, bias])
+    x = image_inputs(model, samples=128)
+    rule = StoppingRule("max_output_error", 1e-2)
+    pruned, report = prune(model, data=x, mode="condense", rule=rule)
+    figures = report.to_dict()
+    assert figures["mode"] == "condense" and figures["rule"] == {"kind": "max_output_error", "value": 1e-2}
+    assert {row["name"]: row["width_after"] for row in figures["layers"]} == {"stem": 4, "reader": 2, "out": 2}
+    assert figures["params_after"] == pruned.count_params() < model.count_params()
+    assert 0 < figures["output_error"] <= 1e-2  # measured: 6.5e-4
+    assert rule.holds(measure(predict(model, x), predict(pruned, x)), pruned.count_params())
+    graph = read_model(pruned)  # what is left has no two channels the rule (cos 0.99) would merge
+    incoming = signatures(graph, graph.group_of("reader"))[0]
+    unit = incoming / np.linalg.norm(incoming, axis=1, keepdims=True)
+    assert (unit @ unit.T)[~np.eye(len(unit), dtype=bool)].max() < 0.99
+    with pytest.raises(RuleError, match="nothing was written"):
+        prune(model, data=x, mode="condense", rule=StoppingRule("max_output_error", 0.0))
 
 
 def test_a_group_too_wide_for_the_gram_budget_is_refused_before_any_pass():
@@ -122,7 +152,7 @@ def test_a_group_too_wide_for_the_gram_budget_is_refused_before_any_pass():
         yield np.ones((2, 2, 2, 1), "float32")
 
     with pytest.raises(InputError, match="6000 units"):
-        compress_channels(read_network(model), data(), keep_ratio=0.5)
+        compress_groups(read_model(model), data(), keep_ratio=0.5)
     assert batches_seen == []
 
 
@@ -137,7 +167,7 @@ def test_property_channel_data_mode_meets_its_stopping_rule_or_raises(cnn, data)
     if result is None:
         return
     pruned, report = result
-    assert all(node.width >= 1 for node in read_network(pruned).nodes)
+    assert all(node.width >= 1 for node in read_model(pruned).nodes)
     widths = {row["name"]: (row["width_before"], row["width_after"]) for row in report.to_dict()["layers"]}
     if rule.kind == "keep_ratio":  # fewer when a channel is constant or an affine function of others on the data
         assert all(widths[name][1] <= math.ceil(rule.value * widths[name][0]) for name in editable)

@@ -9,12 +9,15 @@ has its own table in test_catalogue.py.
 
 The committed digits models are the main fixtures: `digits_widened.keras` (64-48-36-10)
 is `digits_narrow.keras` (64-16-12-10) grown by function-preserving embeddings, so
-pruning the first must give back the widths and the outputs of the second.
+pruning the first must give back the widths and the outputs of the second. The residual
+CNN (`digits_cnn.keras`, its widened and perturbed copies, `digits_images_heldout.npz`) checks
+that condense mode, --null and data mode with --finetune work on a CNN too.
 
 """
 
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -26,7 +29,7 @@ import pytest
 from click.testing import CliRunner
 
 import keras_embed
-from keras_embed.operators import widen
+from keras_embed.edit.operators import widen
 from keras_embed.tools.cli import main
 
 SAVED_MODELS = Path(__file__).resolve().parents[1] / "saved_models"
@@ -127,13 +130,15 @@ def near_duplicate_model(tmp_path_factory):
     are each off by 1e-5 relative (random signs, so not a positive multiple, which relu would
     allow): a duplicate at --rtol 1e-3 but not at 1e-6, and merging it changes the outputs."""
     graph = widen(keras_embed.read_model(keras.saving.load_model(NARROW)), "hidden_relu", unit=0, alpha=0.5)
-    hidden = graph.layers[0]
-    kernel, bias = np.array(hidden.kernel), np.array(hidden.bias)
+    hidden = graph.node("hidden_relu")
+    kernel, bias = np.array(hidden.entry.kernel(hidden)), np.array(hidden.entry.bias(hidden))
     signs = np.random.default_rng(0).choice([-1.0, 1.0], size=kernel.shape[0] + 1)
     kernel[:, -1] *= 1 + 1e-5 * signs[:-1]
     bias[-1] *= 1 + 1e-5 * signs[-1]
     path = tmp_path_factory.mktemp("near") / "near_duplicate.keras"
-    keras_embed.build_model(graph.replace_layers({0: hidden.with_weights(kernel, bias)})).save(path)
+    near = hidden.entry.with_weights(hidden, kernel, bias)
+    nodes = [near if node.name == hidden.name else node for node in graph.nodes]
+    keras_embed.build_model(graph.with_nodes(nodes)).save(path)
     return path
 
 
@@ -190,7 +195,7 @@ def test_analyze_table_shows_the_narrow_widths_as_effective_widths():
     result = invoke("analyze", WIDENED)
     assert_ok(result)
     rows = table_rows(result.stdout)
-    assert {name: (row["width"], row["effective_width"]) for name, row in rows.items()} == {
+    assert {name: (row["width_before"], row["effective_width"]) for name, row in rows.items()} == {
         "hidden_relu": ("48", "16"), "hidden_tanh": ("36", "12"), "logits": ("10", "10"),
     }
 
@@ -201,7 +206,7 @@ def test_analyze_json_path_writes_the_layers(tmp_path):
     assert_ok(result)
     assert "effective_width" in result.stdout  # the table still goes to stdout
     layers = json.loads(path.read_text())["layers"]
-    assert [row["layer"] for row in layers] == ["hidden_relu", "hidden_tanh", "logits"]
+    assert [row["name"] for row in layers] == ["hidden_relu", "hidden_tanh", "logits"]
     assert [row["effective_width"] for row in layers] == NARROW_WIDTHS
     assert listing(tmp_path) == ["analysis.json"]
 
@@ -385,3 +390,136 @@ def test_embed_bad_spec_is_a_usage_error_and_writes_nothing(tmp_path, specs, men
     message = assert_clean_error(result, 2)
     assert mentions in message
     assert listing(tmp_path) == []
+
+
+# ---------------------------------------------------------------- the residual CNN: condense, null, data + finetune
+# Issue 16: these ran on Dense chains only (the CLI refused them on CNNs with exit 4 or 2);
+# on the one graph they work on every model.
+
+CNN = SAVED_MODELS / "digits_cnn.keras"  # stem 8 + res_b 8 (joined by an Add), res_a 8 (BN, relu), head 12
+CNN_WIDENED = SAVED_MODELS / "digits_cnn_widened.keras"  # the same function, channels split to 14-13-14-18
+CNN_PERTURBED = SAVED_MODELS / "digits_cnn_perturbed.keras"  # the widened one, every weight moved by N(0, 1e-3)
+CNN_HELDOUT = SAVED_MODELS / "digits_images_heldout.npz"  # x (297, 8, 8, 1), integer labels y
+CNN_WIDTHS = {"stem": 8, "res_a": 8, "res_b": 8, "head": 12, "logits": 10}
+
+
+def channel_widths(model):
+    """Output channels of every Conv2D and Dense layer, by name."""
+    return {layer.name: layer.filters if isinstance(layer, keras.layers.Conv2D) else layer.units
+            for layer in model.layers if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense))}
+
+
+def images():
+    data = np.load(CNN_HELDOUT)
+    return data["x"], data["y"]
+
+
+def assert_same_cnn_outputs(reference, candidate, x, rtol=1e-5):
+    """Outputs equal within `rtol` times the output scale (float32 sums of a conv net, BN folded)."""
+    expected = outputs(reference, x)
+    atol = rtol * max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(outputs(candidate, x), expected, rtol=0, atol=atol)
+
+
+def assert_figures_of(report, reference, written, x, y):
+    """The `rules.measure` figures in `report` are those of the written model on (x, y)."""
+    before, after = outputs(reference, x), outputs(written, x)
+    classes_before, classes_after = before.argmax(axis=-1), after.argmax(axis=-1)
+    assert report["agreement"] == float(np.mean(classes_before == classes_after))
+    assert report["accuracy_before"] == float(np.mean(classes_before == y))
+    assert report["accuracy_after"] == float(np.mean(classes_after == y))
+    assert report["accuracy_drop"] == pytest.approx(100 * (report["accuracy_before"] - report["accuracy_after"]))
+    error = np.linalg.norm(after - before) / np.linalg.norm(before)
+    assert report["output_error"] == pytest.approx(error, rel=1e-3, abs=1e-6)
+
+
+@pytest.mark.parametrize("source", [CNN_WIDENED, CNN_PERTURBED], ids=["widened", "perturbed"])
+def test_prune_condense_on_the_residual_cnn_writes_a_verified_model(tmp_path, source):
+    """Condense mode on the CNN (it used to exit 4): the widened copy's split channels are
+    exact duplicates, the perturbed copy's near ones (cosine close to 1); both go back to the
+    trained widths, the Add keeping stem and res_b equal, and the written model is the one
+    the report describes on the validation data."""
+    output, report_path = tmp_path / "condensed.keras", tmp_path / "report.json"
+    result = invoke("prune", source, "-o", output, "--mode", "condense", "--validation", CNN_HELDOUT,
+                    "--report", report_path)
+    assert_ok(result)
+    assert listing(tmp_path) == ["condensed.keras", "report.json"]
+    report = json.loads(report_path.read_text())
+    assert report["mode"] == "condense" and report["checked_on"] == "validation data"
+    assert report["export_verified"] is True and report["export_max_abs_diff"] <= report["export_atol"]
+    original, condensed = keras.saving.load_model(source), keras.saving.load_model(output)
+    assert channel_widths(condensed) == CNN_WIDTHS
+    assert {row["name"]: row["width_after"] for row in report["layers"]} == CNN_WIDTHS
+    assert report["removed"]["duplicate"] == 17  # 6 + 5 + 6 split copies (stem and res_b share their 6)
+    assert report["params_after"] == condensed.count_params() < report["params_before"] == original.count_params()
+    x, y = images()
+    assert_figures_of(report, original, condensed, x, y)
+    if source == CNN_WIDENED:  # exact copies: the trained CNN's function
+        assert_same_cnn_outputs(keras.saving.load_model(CNN), condensed, x)
+    else:  # merged near copies: close to the perturbed CNN, the same classes
+        assert report["output_error"] < 0.05 and report["agreement"] >= 0.99
+
+
+def test_embed_null_on_the_residual_cnn_adds_channels_no_layer_reads(tmp_path):
+    """--null on the CNN (it used to be refused, exit 2): a null channel in the stem's group
+    (stem and res_b, joined by the Add), in res_a (bias 0.5, behind BN and relu) and in the
+    head (bias -1); the outputs stay those of the CNN and exact prune removes the three
+    channels again."""
+    output = tmp_path / "grown.keras"
+    result = invoke("embed", CNN, "-o", output, "--null", "stem", "--null", "res_a:0.5", "--null", "head:-1",
+                    "--data", CNN_HELDOUT)
+    assert_ok(result)
+    assert listing(tmp_path) == ["grown.keras"]
+    rows = table_rows(result.stdout)
+    assert {name: (row["width_before"], row["width_after"]) for name, row in rows.items()} == {
+        "stem": ("8", "9"), "res_a": ("8", "9"), "res_b": ("8", "9"), "head": ("12", "13"), "logits": ("10", "10"),
+    }
+    grown = keras.saving.load_model(output)
+    assert channel_widths(grown) == {**CNN_WIDTHS, "stem": 9, "res_a": 9, "res_b": 9, "head": 13}
+    weights = {name: grown.get_layer(name).get_weights() for name in CNN_WIDTHS}
+    for name, bias in (("stem", 0.0), ("res_a", 0.5), ("head", -1.0)):  # zero incoming weights, the bias asked for
+        np.testing.assert_array_equal(weights[name][0][..., -1], 0.0)
+        assert weights[name][1][-1] == np.float32(bias)
+    np.testing.assert_array_equal(weights["res_b"][0][..., -1], 0.0)  # res_b adds nothing to the stem's new channel
+    for reader in ("res_a", "head", "res_b"):  # stem's, the merged stem+res_b's and res_a's new channel: read by zeros
+        np.testing.assert_array_equal(weights[reader][0][:, :, -1, :], 0.0)
+    positions = weights["logits"][0].reshape(-1, 13, 10)  # Flatten of head: 13 channels at every position
+    np.testing.assert_array_equal(positions[:, -1, :], 0.0)
+    x, _ = images()
+    assert_same_cnn_outputs(keras.saving.load_model(CNN), grown, x)
+
+    back = invoke("prune", output, "-o", tmp_path / "back.keras", "--json")
+    assert_ok(back)
+    report = json.loads(back.stdout)
+    assert {row["name"]: row["width_after"] for row in report["layers"]} == CNN_WIDTHS
+    assert report["removed"] == {"zero_out": 3, "dead": 0, "constant": 0, "duplicate": 0}
+    assert report["verified"] is True
+
+
+def test_prune_data_mode_with_finetune_on_the_residual_cnn_reports_the_tuned_figures(tmp_path):
+    """--mode data --keep-ratio 0.5 --finetune 2 on the CNN with integer labels (it used to
+    exit 4): every group keeps at most half its channels (rounded up), and the written model
+    is the fine-tuned one whose figures the report and the summary give."""
+    output, report_path = tmp_path / "small.keras", tmp_path / "report.json"
+    result = invoke("prune", CNN, "-o", output, "--mode", "data", "--keep-ratio", "0.5", "--finetune", "2",
+                    "--data", CNN_HELDOUT, "--report", report_path)
+    assert_ok(result)
+    assert listing(tmp_path) == ["report.json", "small.keras"]
+    report = json.loads(report_path.read_text())
+    assert report["mode"] == "data" and report["rule"] == {"kind": "keep_ratio", "value": 0.5}
+    assert report["export_verified"] is True
+    tuned = keras.saving.load_model(output)
+    widths = channel_widths(tuned)
+    assert widths["stem"] == widths["res_b"]
+    assert all(widths[name] <= math.ceil(0.5 * CNN_WIDTHS[name]) for name in ("stem", "res_a", "head"))
+    assert widths["logits"] == 10
+    assert {row["name"]: row["width_after"] for row in report["layers"]} == widths
+    assert report["removed"]["refit"] > 0 and report["params_after"] == tuned.count_params()
+    figures = report["finetune"]
+    assert set(figures) == {"epochs", "output_error", "agreement", "accuracy_before", "accuracy_after", "accuracy_drop"}
+    assert figures["epochs"] == 2
+    x, y = images()
+    assert_figures_of(figures, keras.saving.load_model(CNN), tuned, x, y)
+    assert figures["accuracy_after"] > report["accuracy_after"]  # training on the labels helped the refit model
+    assert (f"after 2 epochs of fine-tuning: agreement {100 * figures['agreement']:.2f}%, "
+            f"accuracy {100 * figures['accuracy_after']:.2f}%") in result.stdout

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from keras_embed.data import bundled_dataset
+from keras_embed.files.data import bundled_dataset
 from keras_embed.tools.cli import main
 
 SAVED_MODELS = Path(__file__).resolve().parents[1] / "saved_models"
@@ -138,7 +138,7 @@ def test_prune_collapses_both_lifts_back_to_the_narrow_depth_and_size(pruned_bac
 
 def test_prune_report_gives_the_linearized_fraction_of_every_hidden_layer(pruned_back):
     _, _, report = pruned_back
-    linearized = {row["name"]: row["linearized"] for row in report["layers"]}
+    linearized = {row["name"]: row["linear_fraction"] for row in report["layers"]}
     assert list(linearized) == DEEP_NAMES
     assert linearized["hidden_relu_lift"] == linearized["hidden_tanh_lift"] == 1.0
     for name in ("hidden_relu", "hidden_tanh"):
@@ -153,8 +153,8 @@ def test_prune_summary_names_the_collapsed_layers_and_the_depth(pruned_back):
     assert f"collapsed linearized layers: {', '.join(LIFTS)}" in result.stdout
     assert "on validation data" in result.stdout
     rows = table_rows(result.stdout)
-    assert rows["hidden_relu_lift"]["linearized"] == "1.0"
-    assert rows["logits"]["linearized"] == "-"
+    assert rows["hidden_relu_lift"]["linear_fraction"] == "1.0"
+    assert rows["logits"]["linear_fraction"] == "-"
 
 
 def test_pruned_model_is_the_narrow_network_again(pruned_back, narrow, heldout, digits):
@@ -181,7 +181,7 @@ def test_analyze_with_data_shows_the_linear_fraction_and_the_collapses(deepened)
 def test_analyze_json_with_dataset_gives_linear_fractions(deepened):
     result = invoke("analyze", deepened[1], "--dataset", "digits", "--json", "-")
     assert_ok(result)
-    layers = {row["layer"]: row for row in json.loads(result.stdout)["layers"]}
+    layers = {row["name"]: row for row in json.loads(result.stdout)["layers"]}
     assert [layers[lift]["linear_fraction"] for lift in LIFTS] == [1.0, 1.0]
     assert [layers[name]["effective_width"] for name in DEEP_NAMES] == [16, 0, 12, 0, 10]
 

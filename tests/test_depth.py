@@ -17,11 +17,12 @@ from hypothesis import strategies as st
 
 from builders import examples, inputs_for, make_mlp
 from keras_embed import build_model, prune, read_model
+from keras_embed.edit.operators import deepen
 from keras_embed.errors import InputError, VerificationError
-from keras_embed.graph import DenseLayer
-from keras_embed.linearity import unit_regimes
-from keras_embed.operators import deepen
-from keras_embed.stats import LayerStats, collect
+from keras_embed.measure.regimes import chain_function, unit_regimes
+from keras_embed.measure.statistics import LayerStats, collect, producer_requests
+from keras_embed.model.activations import of_name
+from keras_embed.pipeline import lower_bounds
 
 MIXED = ("relu", "tanh", "sigmoid", "gelu", "leaky_relu", "elu")
 
@@ -32,6 +33,15 @@ def outputs(model, x):
 
 def dense_layers(model):
     return [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+
+
+def producer_names(graph):
+    return [node.name for node in graph.producers]
+
+
+def hidden_names(graph):
+    """The producers of editable groups: for a Dense chain, the hidden layers."""
+    return [node.name for node in graph.producers if graph.group_of(node.name) in graph.editable_groups()]
 
 
 def set_weights(model, weights):
@@ -58,11 +68,13 @@ def test_property_prune_collapses_every_critical_lift_and_gives_back_the_narrow_
     x = inputs_for(narrow, samples=200, seed=data.draw(st.integers(0, 2**16), label="data seed"))
     graph, inserted = read_model(narrow), []
     for _ in range(data.draw(st.integers(1, 3), label="lifts")):
-        hidden = [layer.name for layer in graph.layers[:-1]]
+        hidden = hidden_names(graph)
+        assert hidden == producer_names(graph)[:-1]
         name = data.draw(st.sampled_from(hidden), label="lift after")
-        lower = collect(graph, x, gram=False).layers[name].a_min
+        lower = lower_bounds(graph, name, x)
         graph = deepen(graph, name, lower, margin=data.draw(st.floats(0.1, 2.0), label="margin"))
-        inserted.append(graph.layers[graph.hidden_index(name) + 1].name)
+        names = producer_names(graph)
+        inserted.append(names[names.index(name) + 1])
     deep = build_model(graph)
     assert len(dense_layers(deep)) == depth + 1 + len(inserted)
 
@@ -75,7 +87,8 @@ def test_property_prune_collapses_every_critical_lift_and_gives_back_the_narrow_
     # A lift can only be kept when the layer before it was itself linear on the data and was
     # composed into it first (then the two are interchangeable; see the test below).
     collapsed = report.to_dict()["collapsed_layers"]
-    before = {layer.name: graph.layers[index - 1].name for index, layer in enumerate(graph.layers) if index}
+    names = producer_names(graph)
+    before = {name: names[index - 1] for index, name in enumerate(names) if index}
     kept = [name for name in inserted if name not in collapsed and before[name] not in collapsed]
     assert not kept, f"lifts {inserted}, collapsed {collapsed}"
     assert len(collapsed) >= len(set(inserted))
@@ -88,8 +101,8 @@ def test_lift_after_a_layer_dead_on_the_data_takes_the_place_of_that_layer():
     narrow = make_mlp([4, 1, 3], "relu", inputs=1, seed=0)
     x = inputs_for(narrow, samples=200, seed=0)
     graph = read_model(narrow)
-    assert collect(graph, x).layers["hidden_1"].z_max < 0
-    deep = build_model(deepen(graph, "hidden_1", collect(graph, x).layers["hidden_1"].a_min))
+    assert collect(graph, x, producer_requests(graph))["hidden_1"].z_max < 0
+    deep = build_model(deepen(graph, "hidden_1", lower_bounds(graph, "hidden_1", x)))
 
     pruned, report = prune(deep, data=x)
 
@@ -129,8 +142,10 @@ def test_tanh_layer_in_its_near_linear_range_is_collapsed_within_the_verificatio
     assert report.to_dict()["collapsed_layers"] == ["smooth"]
     assert [layer.name for layer in dense_layers(pruned)] == ["output"]
     assert report.analysis.linear_fraction("smooth") == 1.0
-    assert report.max_abs_diff <= report.atol
-    np.testing.assert_allclose(outputs(pruned, calibration), outputs(model, calibration), rtol=0, atol=report.atol)
+    figures = report.to_dict()
+    assert figures["layers"][0]["linear_fraction"] == 1.0
+    assert figures["max_abs_diff"] <= figures["atol"]
+    np.testing.assert_allclose(outputs(pruned, calibration), outputs(model, calibration), rtol=0, atol=figures["atol"])
 
 
 def test_tanh_layer_with_order_one_pre_activations_is_not_collapsed(calibration):
@@ -141,7 +156,7 @@ def test_tanh_layer_with_order_one_pre_activations_is_not_collapsed(calibration)
     figures = report.to_dict()
     assert figures["collapsed_layers"] == []
     assert [layer.units for layer in dense_layers(pruned)] == [8, 3]
-    assert figures["layers"][0]["linearized"] < 0.5
+    assert figures["layers"][0]["linear_fraction"] < 0.5
 
 
 def test_hidden_layer_with_linear_activation_is_collapsed_even_without_data():
@@ -153,8 +168,8 @@ def test_hidden_layer_with_linear_activation_is_collapsed_even_without_data():
     figures = report.to_dict()
     assert figures["collapsed_layers"] == ["hidden_1"]
     assert [layer.name for layer in dense_layers(pruned)] == ["hidden_0", "output"]
-    assert figures["layers"][1]["linearized"] == 1.0
-    assert figures["layers"][0]["linearized"] is None  # unknown without data
+    assert figures["layers"][1]["linear_fraction"] == 1.0
+    assert figures["layers"][0]["linear_fraction"] is None  # unknown without data
     np.testing.assert_allclose(outputs(pruned, x), outputs(model, x), rtol=1e-5, atol=1e-5)
 
 
@@ -283,7 +298,7 @@ def small_graph():
     ("hidden_0", np.array([0.0, np.inf, 0.0, 0.0]), 1.0, "finite"),
     ("hidden_0", np.zeros(4), 0.0, "margin=0.0"),
     ("hidden_1", np.zeros(3), -0.5, "margin=-0.5"),
-    ("output", np.zeros(2), 1.0, "no hidden Dense layer"),
+    ("output", np.zeros(2), 1.0, "produces channels that cannot change"),
     ("nosuchlayer", np.zeros(4), 1.0, "nosuchlayer"),
 ], ids=["too-few-bounds", "2d-bounds", "nan-bound", "inf-bound", "zero-margin", "negative-margin", "output-layer",
         "unknown-layer"])
@@ -295,20 +310,22 @@ def test_deepen_refuses_bad_arguments_with_a_value_error(small_graph, layer, low
 
 def test_deepen_inserts_an_identity_relu_layer_that_keeps_outputs_on_the_data(small_graph):
     x = np.random.default_rng(16).standard_normal((100, 3)).astype("float32")
-    lower = collect(small_graph, x).layers["hidden_1"].a_min
+    lower = lower_bounds(small_graph, "hidden_1", x)
+    np.testing.assert_array_equal(lower, collect(small_graph, x, producer_requests(small_graph))["hidden_1"].a_min)
 
     deep = deepen(small_graph, "hidden_1", lower, margin=0.5)
 
-    lift = deep.layers[2]
-    assert [layer.name for layer in deep.layers] == ["hidden_0", "hidden_1", "hidden_1_lift", "output"]
-    assert lift.activations == ("relu",)
-    np.testing.assert_array_equal(lift.kernel, np.eye(3))
-    np.testing.assert_allclose(lift.bias, 0.5 - lower)
-    lift_stats = collect(deep, x).layers["hidden_1_lift"]
+    lift = deep.producers[2]
+    assert producer_names(deep) == ["hidden_0", "hidden_1", "hidden_1_lift", "output"]
+    assert lift.kind == "Dense" and lift.inputs == ("hidden_1",) and deep.node("output").inputs == ("hidden_1_lift",)
+    assert chain_function(deep, lift).name == "relu"
+    np.testing.assert_array_equal(lift.entry.kernel(lift), np.eye(3))
+    np.testing.assert_allclose(lift.entry.bias(lift), 0.5 - lower)
+    lift_stats = collect(deep, x, producer_requests(deep))["hidden_1_lift"]
     np.testing.assert_allclose(lift_stats.z_min, 0.5, rtol=1e-5)  # the margin, reached at the data's minimum
     np.testing.assert_allclose(outputs(build_model(deep), x), outputs(build_model(small_graph), x), rtol=1e-5, atol=1e-5)
     # the names stay unique when the same layer is lifted again
-    assert deepen(deep, "hidden_1", lower, 0.5).layers[2].name == "hidden_1_lift2"
+    assert deepen(deep, "hidden_1", lower, 0.5).producers[2].name == "hidden_1_lift2"
 
 
 # ---------------------------------------------------------------- the exact sign rule of piecewise-linear units
@@ -316,13 +333,11 @@ def test_deepen_inserts_an_identity_relu_layer_that_keeps_outputs_on_the_data(sm
 
 def regimes_of(activation, z):
     """`unit_regimes` of a one-unit layer whose pre-activations on the data are `z`."""
-    from keras_embed.activations import evaluate
-
-    layer = DenseLayer("unit", np.ones((1, 1)), np.zeros(1), (activation,))
+    function = of_name(activation)
     layer_stats = LayerStats(1, None)
     z = np.asarray(z, dtype=np.float64).reshape(-1, 1)
-    layer_stats.update(z, evaluate((activation,), z))
-    return unit_regimes(layer, layer_stats)
+    layer_stats.update(z, function(z))
+    return unit_regimes(function, 1, layer_stats)
 
 
 # a few barely negative samples among many positive ones: the affine-fit residual is far
@@ -360,6 +375,7 @@ def test_relu_layer_with_one_barely_negative_pre_activation_is_not_collapsed_by_
 
     pruned, report = prune(model, data=x, atol=0.0)
 
-    assert report.to_dict()["collapsed_layers"] == []
+    figures = report.to_dict()
+    assert figures["collapsed_layers"] == []
     assert len(dense_layers(pruned)) == 2
-    assert report.max_abs_diff == 0.0
+    assert figures["max_abs_diff"] == 0.0

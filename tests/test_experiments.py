@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from keras_embed.experiments import report
 from keras_embed.experiments.bn_ablation import Comparison, bn_ablation, resolve_device
 from keras_embed.experiments.training import Run, Settings, build_mlp, linear_fractions, load_task, train
-from keras_embed.read import read_model
+from keras_embed.model.read import read_model
 from keras_embed.tools.cli import main
 
 RESULT_KEYS = {"experiment", "task", "config", "versions", "device", "details", "runs", "summary"}
@@ -216,8 +216,8 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path, digits):
 
 
 def test_cli_dataset_choices_match_the_library():
-    """tools/common.py repeats keras_embed.data.DATASETS so --help needs no keras import."""
-    from keras_embed.data import DATASETS as library
+    """tools/common.py repeats keras_embed.files.data.DATASETS so --help needs no keras import."""
+    from keras_embed.files.data import DATASETS as library
     from keras_embed.tools.common import DATASETS as cli
 
     assert list(library) == list(cli)

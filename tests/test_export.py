@@ -1,4 +1,4 @@
-"""Verified exports (`keras_embed.export`): every format is written, loaded back by its own
+"""Verified exports (`keras_embed.files.export`): every format is written, loaded back by its own
 runtime and compared on the check inputs; a failed check writes nothing.
 
 The outputs are compared here once more, independently of the check inside
@@ -14,9 +14,9 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-from keras_embed import export
+from keras_embed.files import export
 from keras_embed.errors import InputError, VerificationError
-from keras_embed.export import RELATIVE_TOLERANCES, export_model
+from keras_embed.files.export import RELATIVE_TOLERANCES, export_model
 from keras_embed.tools.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore")

@@ -1,17 +1,21 @@
-"""Every input kind `keras-embed prune` reads (`keras_embed.interop`).
+"""Every input kind `keras-embed prune` reads (`keras_embed.files.inputs`).
 
 tf_keras (Keras 2) .h5 files and SavedModels and a tfmot-pruned model are built by
-tf_keras and tensorflow-model-optimization in one child process (importing them here would
-switch this process to legacy Keras); plain SavedModels come from Keras 3 `model.export`
-and `tf.saved_model.save`. Each is pruned through the CLI and the result compared with
-the original; the last test checks that this process never imported tf_keras or tfmot.
+tf_keras and tensorflow-model-optimization in one child process (`model_files`: importing
+them here would switch this process to legacy Keras); plain SavedModels come from Keras 3
+`model.export`, `tf.saved_model.save` and TF1's `SavedModelBuilder`. Each is pruned through
+the CLI and the result compared with the original. Hostile tf_keras files (code respelled
+past a text search, weights read from other files) are refused before their code runs or
+the other file is read; the last test checks that this process never imported tf_keras or tfmot.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -19,68 +23,25 @@ import tensorflow as tf
 from click.testing import CliRunner
 
 from keras_embed.errors import InputError
-from keras_embed.interop import input_kind, load_input, resolve_output
-from keras_embed.tf_keras_bridge import tf_keras_installed
+from keras_embed.files.inputs import input_kind, load_input, resolve_output
+from keras_embed.files.tf_keras_bridge import CHILD, tf_keras_installed
 from keras_embed.tools.cli import main
+from model_files import (OUTSIDE, PAYLOAD, PAYLOAD_MODELS, SECRET, build_tf_keras_models, data_from_outside,
+                         first_kernel)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 needs_tf_keras = pytest.mark.skipif(not tf_keras_installed(), reason="tf_keras is not installed (the tf_keras extra)")
 
-# Builds the tf_keras models in WORKDIR; prints the zero rows tfmot left in the pruned kernel.
-BUILD = r"""
-import json, os, sys
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
-import numpy as np, tf_keras as K
-work = sys.argv[1]
-rng = np.random.default_rng(0)
-def chain():
-    inputs = K.Input((6,), name="features")
-    hidden = K.layers.Dense(8, activation="relu", name="hidden")(inputs)
-    hidden = K.layers.BatchNormalization(name="norm")(hidden)
-    model = K.Model(inputs, K.layers.Dense(3, name="scores")(hidden))
-    model.set_weights([rng.normal(size=w.shape).astype("float32") for w in model.get_weights()])
-    kernel, bias = model.get_layer("scores").get_weights()
-    kernel[:3] = 0  # three null units: no outgoing weights
-    model.get_layer("scores").set_weights([kernel, bias])
-    variance = model.get_layer("norm").get_weights()
-    variance[3] = np.abs(variance[3]) + 0.5
-    model.get_layer("norm").set_weights(variance)
-    return model
-model = chain()
-model.save(f"{work}/legacy.h5")
-model.save(f"{work}/legacy_savedmodel", save_format="tf")
-K.Sequential([K.Input((2,)), K.layers.Lambda(lambda x: x * 2)]).save(f"{work}/lambda.h5")
-import tensorflow_model_optimization as tfmot
-schedule = tfmot.sparsity.keras.ConstantSparsity(0.5, begin_step=0, end_step=1, frequency=1)
-wrapped = K.Sequential([K.Input((6,)), K.layers.Dense(8, activation="tanh"),
-    tfmot.sparsity.keras.prune_low_magnitude(K.layers.Dense(3), pruning_schedule=schedule)])
-kernel = rng.normal(size=(8, 3)).astype("float32")
-kernel[:4] = np.sign(kernel[:4]) * 1e-3  # the 12 smallest magnitudes (50%) fill four whole rows
-kernel[4:] = np.sign(kernel[4:]) * (1 + np.abs(kernel[4:]))
-wrapped.layers[-1].layer.kernel.assign(kernel)
-x = rng.normal(size=(32, 6)).astype("float32")
-wrapped.compile(K.optimizers.SGD(0.0), "mse")
-wrapped.fit(x, np.zeros((32, 3), "float32"), epochs=1, batch_size=32, verbose=0,
-            callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
-stripped = tfmot.sparsity.keras.strip_pruning(wrapped)
-stripped.save(f"{work}/tfmot.h5")
-kernel = stripped.layers[-1].get_weights()[0]
-print(json.dumps({"zero_rows": int((np.abs(kernel).sum(axis=1) == 0).sum()), "zeros": int((kernel == 0).sum())}))
-"""
-
 
 @pytest.fixture(scope="module")
 def legacy(tmp_path_factory):
-    """Folder of the tf_keras models, and what the child says about the tfmot one."""
+    """Folder of the tf_keras models (`model_files.TF_KERAS_BUILD`), and what the child says
+    about the tfmot one."""
     if not tf_keras_installed():
         pytest.skip("tf_keras is not installed (the tf_keras extra)")
     work = tmp_path_factory.mktemp("legacy")
-    done = subprocess.run([sys.executable, "-c", BUILD, str(work)], capture_output=True, text=True, timeout=600)
-    if "No module named 'tensorflow_model_optimization'" in done.stderr:
-        pytest.skip("tensorflow-model-optimization is not installed (the bench extra)")
-    assert done.returncode == 0, done.stderr[-2000:]
-    return work, json.loads(done.stdout.strip().splitlines()[-1])
+    return work, build_tf_keras_models(work)
 
 
 def invoke(*args):
@@ -99,6 +60,15 @@ def outputs(model, x):
 
 def widths(figures):
     return [layer["width_after"] for layer in figures["layers"]]
+
+
+def refusal(result):
+    """The one line of a command refused as bad input (exit 2), checked: no traceback, nothing
+    on stdout."""
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and result.stdout == "" and len(lines) == 1, result.output
+    assert "Traceback" not in result.stderr
+    return lines[0]
 
 
 @needs_tf_keras
@@ -151,9 +121,115 @@ def test_tf_keras_lambda_layer_is_refused_in_safe_mode_before_tf_keras_runs_it(l
     assert list(tmp_path.iterdir()) == []
 
 
+@needs_tf_keras
+@pytest.mark.parametrize("name", PAYLOAD_MODELS)
+def test_a_respelled_tf_keras_lambda_is_refused_before_its_code_runs(legacy, tmp_path, name):
+    """The class name spelled as a JSON escape ("\\u004cambda"), in an .h5 config or every
+    node of a SavedModel's keras_metadata.pb, flat, in a Sequential inside a functional
+    model, inside a TimeDistributed wrapper: the decision is made on the parsed config."""
+    work, _ = legacy
+    line = refusal(invoke("prune", work / name, "-o", tmp_path / "out.keras"))
+    assert line == (f"keras-embed: error: model '{work / name}' holds code (a Lambda layer) that safe mode refuses "
+                    "to run; pass --unsafe only if you trust the file")
+    assert not (work / PAYLOAD).exists()  # the Lambda would have created it
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_tf_keras
+@pytest.mark.parametrize("name, what", [("payload_escaped.h5", "a Lambda layer"),
+                                        ("payload_wrapped.h5", "a Lambda layer"), ("tf_op.h5", "a TFOpLambda layer")])
+def test_the_child_refuses_code_itself_when_the_parent_check_is_skipped(legacy, tmp_path, name, what):
+    """Started directly, as the bridge would be without its check: exit 6, the class named."""
+    work, _ = legacy
+    done = subprocess.run([sys.executable, str(CHILD), "read", str(work / name), str(tmp_path / "read.h5")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 6 and done.stderr.strip().splitlines()[-1] == what, done.stderr[-2000:]
+    assert not (work / PAYLOAD).exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_tf_keras
+def test_with_the_parent_check_skipped_the_childs_refusal_names_the_users_file(legacy, tmp_path, monkeypatch):
+    """A SavedModel: tf_keras falls back to a layer's traced graph when building it from its
+    config fails, so the child's refusal must not be an exception tf_keras catches."""
+    work, _ = legacy
+    model = work / "payload_escaped_savedmodel"
+    monkeypatch.setattr("keras_embed.files.tf_keras_bridge.refuse_code", lambda path, unsafe: None)
+    line = refusal(invoke("prune", model, "-o", tmp_path / "out.keras"))
+    assert line.startswith(f"keras-embed: error: model '{model}' holds code (a Lambda layer)")
+    assert "--unsafe" in line
+    assert not (work / PAYLOAD).exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_tf_keras
+def test_a_tf_op_lambda_is_refused_and_with_unsafe_keras3_s_refusal_names_the_users_file(legacy, tmp_path):
+    """A TFOpLambda runs the TensorFlow function its config names: code, like a Lambda."""
+    work, _ = legacy
+    line = refusal(invoke("prune", work / "tf_op.h5", "-o", tmp_path / "out.keras"))
+    assert f"model '{work / 'tf_op.h5'}' holds code (a TFOpLambda layer)" in line
+    result = invoke("prune", work / "tf_op.h5", "-o", tmp_path / "out.keras", "--unsafe")
+    assert result.exit_code == 4 and f"model '{work / 'tf_op.h5'}' uses a custom class" in result.stderr
+    assert "keras-embed-" not in result.stderr  # not the temporary copy the child wrote
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_tf_keras
+def test_a_tf_keras_savedmodel_whose_graph_holds_side_effects_is_refused_before_the_child_loads_it(
+        legacy, tmp_path, monkeypatch):
+    """TensorFlow loads a tf_keras SavedModel's graph in the child: it is checked like a
+    plain one first (issue 15: a file-writing op anywhere in it, nothing runs)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    from keras_embed.files import tf_keras_bridge
+
+    work, _ = legacy
+    model = tmp_path / "legacy_savedmodel"
+    shutil.copytree(work / "legacy_savedmodel", model)
+    saved_model = saved_model_pb2.SavedModel.FromString((model / "saved_model.pb").read_bytes())
+    saved_model.meta_graphs[0].graph_def.node.add(name="payload", op="WriteFile")
+    (model / "saved_model.pb").write_bytes(saved_model.SerializeToString())
+    monkeypatch.setattr(tf_keras_bridge, "_run", lambda *args: pytest.fail("the tf_keras child was started"))
+
+    result = invoke("prune", model, "-o", tmp_path / "out.keras")
+
+    assert result.exit_code == 4 and "WriteFile" in result.stderr and "nothing was run" in result.stderr, result.output
+    assert not (tmp_path / "out.keras").exists()
+
+
+@needs_tf_keras
+@pytest.mark.parametrize("how", OUTSIDE)
+def test_a_tf_keras_h5_whose_weights_live_in_another_file_is_refused(legacy, tmp_path, how):
+    work, _ = legacy
+    model, secrets = tmp_path / "legacy.h5", tmp_path / "secrets"
+    secrets.mkdir()
+    shutil.copyfile(work / "legacy.h5", model)
+    kernel = data_from_outside(model, how, secrets)
+    before = sorted(tmp_path.rglob("*"))
+
+    result = invoke("prune", model, "-o", tmp_path / "out.keras", "--json")
+
+    line = refusal(result)
+    assert f"model file '{model}' holds " in line and f"'{kernel}'" in line and "tampered with" in line
+    assert SECRET.decode() not in result.output
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written
+
+
+@needs_tf_keras
+def test_a_tf_keras_h5_with_a_soft_link_inside_the_file_is_not_refused(legacy, tmp_path):
+    work, _ = legacy
+    model = tmp_path / "legacy.h5"
+    shutil.copyfile(work / "legacy.h5", model)
+    with h5py.File(model, "r+") as file:
+        kernel = first_kernel(file)
+        file.move(kernel, "/moved_kernel")
+        file[kernel] = h5py.SoftLink("/moved_kernel")
+    assert input_kind(model) == "tf_keras_h5"  # the metadata read that refuses data from other files passed
+
+
 def test_without_tf_keras_the_inputs_are_read_by_keras3_and_the_serving_graph(legacy, monkeypatch):
     work, _ = legacy
-    monkeypatch.setattr("keras_embed.tf_keras_bridge.tf_keras_installed", lambda: False)
+    monkeypatch.setattr("keras_embed.files.tf_keras_bridge.tf_keras_installed", lambda: False)
     h5, h5_notes = load_input(work / "legacy.h5", "tf_keras_h5")
     graph, graph_notes = load_input(work / "legacy_savedmodel", "tf_keras_savedmodel")
     assert "legacy .h5 loader" in h5_notes["read_with"] and "serving graph" in graph_notes["read_with"]
@@ -198,6 +274,34 @@ def test_plain_savedmodel_is_rebuilt_from_its_graph_pruned_and_exported_as_saved
     written = tf.saved_model.load(str(tmp_path / "pruned")).signatures["serving_default"]
     x = tf.constant(np.random.default_rng(5).normal(size=(32, *shape)).astype("float32"))
     np.testing.assert_allclose(next(iter(written(x).values())), next(iter(reference(x).values())), atol=1e-5)
+
+
+@pytest.mark.parametrize("resource", [False, True], ids=["reference-variables", "resource-variables"])
+def test_tf1_savedmodel_is_read_from_its_graph_and_checkpoint_pruned_and_exported(tmp_path, resource):
+    """A TF1 SavedModelBuilder export with its training ops (Adam) in the graph and a main_op."""
+    v1 = tf.compat.v1
+    rng = np.random.default_rng(6)
+    weights = [rng.normal(size=shape).astype("float32") for shape in ((4, 5), (5,), (5, 2), (2,))]
+    weights[0][:, 1], weights[1][1] = weights[0][:, 0], weights[1][0]  # a duplicate hidden unit
+    with tf.Graph().as_default(), v1.Session() as session:
+        x = v1.placeholder(tf.float32, (None, 4), name="features")
+        w1, b1, w2, b2 = [v1.get_variable(name, initializer=value, use_resource=resource)
+                          for name, value in zip(("hidden/kernel", "hidden/bias", "out/kernel", "out/bias"), weights)]
+        y = tf.matmul(tf.nn.relu(tf.matmul(x, w1) + b1), w2) + b2
+        v1.train.AdamOptimizer(0.1).minimize(tf.reduce_mean(tf.square(y)))
+        session.run(v1.global_variables_initializer())
+        builder = v1.saved_model.Builder(str(tmp_path / "tf1"))
+        builder.add_meta_graph_and_variables(
+            session, ["serve"], main_op=v1.tables_initializer(),
+            signature_def_map={"serving_default": v1.saved_model.predict_signature_def({"x": x}, {"y": y})})
+        builder.save()
+    figures = prune_json(tmp_path / "tf1", "-o", tmp_path / "pruned")
+    assert figures["input"] == {"kind": "savedmodel", "read_with": "serving graph"}
+    assert widths(figures)[0] == 4  # the duplicate merged
+    reference = tf.saved_model.load(str(tmp_path / "tf1")).signatures["serving_default"]
+    written = tf.saved_model.load(str(tmp_path / "pruned")).signatures["serving_default"]
+    x = tf.constant(np.random.default_rng(7).normal(size=(32, 4)).astype("float32"))
+    np.testing.assert_allclose(next(iter(written(x).values())), reference(x)["y"], atol=1e-5)
 
 
 def test_savedmodel_with_unsupported_ops_is_refused_listing_them(tmp_path):

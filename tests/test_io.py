@@ -1,4 +1,4 @@
-"""Unit tests of model files (`keras_embed.io`) and calibration arrays (`keras_embed.data`).
+"""Unit tests of model files (`keras_embed.files.load`, `files.save`) and calibration arrays (`keras_embed.files.data`).
 
 Loading: .keras and .h5 round trips, and Keras safe mode refusing a Lambda layer in both
 formats. Writing: the format comes from the path, writes are atomic (no temporary file
@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from builders import inputs_for
-from keras_embed.data import check_inputs, load_array
+from keras_embed.files.data import check_inputs, load_array
 from keras_embed.errors import InputError
-from keras_embed.io import _WRITERS, check_output, load_model, output_format, save_model
+from keras_embed.files.load import load_model
+from keras_embed.files.save import _WRITERS, check_output, output_format, save_model
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,13 @@
-"""The streaming statistics pass (`keras_embed.stats.collect`) against a one-shot float64 oracle.
+"""The streaming statistics pass (`keras_embed.measure.statistics.collect`) against a one-shot float64 oracle.
 
-Every per-unit figure `collect` accumulates batch by batch (extremes, positive counts,
-means, centered second and cross moments, the Gram matrix of [a, 1]) must equal what
-numpy computes in float64 over all samples at once from the graph's own weights, for
-any batch size; the data sources `collect` accepts must give identical statistics; and
-data it cannot use must be refused with `InputError`.
+Every per-unit figure `collect` accumulates batch by batch for the requests of every
+producer (extremes, positive counts, means, centered second and cross moments, the Gram
+matrix of [a, 1]) must equal what numpy computes in float64 over all samples at once
+from the graph's own weights, for any batch size; the data sources `collect` accepts
+must give identical statistics; and data it cannot use must be refused with `InputError`.
 """
+
+import dataclasses
 
 import keras
 import numpy as np
@@ -18,8 +20,8 @@ from hypothesis import strategies as st
 from builders import examples, make_mlp
 from keras_embed import read_model
 from keras_embed.errors import InputError
-from keras_embed.linearity import unit_regimes
-from keras_embed.stats import LayerStats, collect
+from keras_embed.measure.regimes import chain_function, producer_regimes, unit_regimes
+from keras_embed.measure.statistics import LayerStats, collect, producer_requests
 
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "leaky_relu", "elu", "linear", "softplus")
 RTOL = 1e-5  # float32 forward pass against a float64 oracle, relative to the scale of the values
@@ -47,20 +49,42 @@ def softmax(z):
 NUMPY_ACTIVATIONS["softmax"] = softmax
 
 
+def activation_chain(graph, node):
+    """The activation names from producer `node`'s pre-activation to what its reader sees:
+    its own activation, then those of the Activation layers after it (Dropout is the
+    identity at inference)."""
+    found = graph.elementwise_chain(node)
+    following = found[0] if found else ()
+    return (node.config.get("activation", "linear"),) + tuple(
+        layer.config["activation"] for layer in following if layer.kind == "Activation")
+
+
 def oracle(graph, x, leading=()):
-    """(z, a) of every hidden layer, by name, computed in one shot in float64 numpy from the
+    """(z, a) of every producer, by name, computed in one shot in float64 numpy from the
     graph's weights; `leading` names the activations applied to the input first."""
     hidden, result = np.asarray(x, dtype=np.float64), {}
     for name in leading:
         hidden = NUMPY_ACTIVATIONS[name](hidden)
-    for layer in graph.layers[:-1]:
-        z = hidden @ layer.kernel + (0.0 if layer.bias is None else layer.bias)
+    for node in graph.producers:
+        bias = node.entry.bias(node)
+        z = hidden @ node.entry.kernel(node) + (0.0 if bias is None else bias)
         a = z
-        for name in layer.activations:
+        for name in activation_chain(graph, node):
             a = NUMPY_ACTIVATIONS[name](a)
-        result[layer.name] = (z, a)
+        result[node.name] = (z, a)
         hidden = a
     return result
+
+
+def with_gram(requests):
+    """The same requests, each also accumulating the Gram matrix of [a, 1]."""
+    return {key: dataclasses.replace(request, gram=True) for key, request in requests.items()}
+
+
+def collect_all(graph, data, batch_size=256, gram=True, **options):
+    """`collect` of every producer's pre-activation z and of what its reader sees, a."""
+    requests = producer_requests(graph)
+    return collect(graph, data, with_gram(requests) if gram else requests, batch_size=batch_size, **options)
 
 
 def assert_close(actual, expected, scale, what):
@@ -136,14 +160,14 @@ def test_property_collect_matches_a_one_shot_float64_computation_for_any_batch_s
          + data.draw(st.floats(-2.0, 2.0), label="offset")).astype("float32")
     batch_size = data.draw(st.integers(1, samples), label="batch size")
     graph = read_model(model)
-    assert [layer.activations for layer in graph.layers[:-1]] == chains
+    assert [activation_chain(graph, node) for node in graph.producers[:-1]] == chains
 
-    stats = collect(graph, x, batch_size=batch_size)
+    stats = collect_all(graph, x, batch_size=batch_size)
 
-    assert stats.samples == samples
-    assert list(stats.layers) == [layer.name for layer in graph.layers[:-1]]
+    assert {name: layer_stats.count for name, layer_stats in stats.items()} == dict.fromkeys(stats, samples)
+    assert list(stats) == [node.name for node in graph.producers]  # the hidden layers and the output
     for name, (z, a) in oracle(graph, x, leading).items():
-        assert_matches_oracle(stats.layers[name], z, a)
+        assert_matches_oracle(stats[name], z, a)
 
 
 def test_collect_keeps_a_float64_model_in_float64():
@@ -156,7 +180,7 @@ def test_collect_keeps_a_float64_model_in_float64():
     x = rng.normal(size=(50, 3))
     graph = read_model(model)
 
-    layer_stats = collect(graph, x).layers["hidden"]
+    layer_stats = collect_all(graph, x)["hidden"]
 
     z, a = oracle(graph, x)["hidden"]
     np.testing.assert_allclose(layer_stats.z_min, z.min(axis=0), rtol=1e-12, atol=1e-12)
@@ -225,15 +249,15 @@ def test_collect_fits_slope_one_and_zero_residual_on_linear_and_positive_relu_la
     model.layers[2].set_weights([rng.normal(size=(3, 2)).astype("float32"), np.zeros(2, "float32")])
     x = rng.standard_normal((200, 3)).astype("float32")
 
-    stats = collect(read_model(model), x, batch_size=33)
+    stats = collect_all(read_model(model), x, batch_size=33)
 
     for name in ("linear_layer", "relu_layer"):
-        slope, intercept, residual = stats.layers[name].slope_intercept_residual()
+        slope, intercept, residual = stats[name].slope_intercept_residual()
         np.testing.assert_allclose(slope, 1.0, rtol=1e-6)
         np.testing.assert_allclose(intercept, 0.0, atol=1e-4)
         assert residual.max() <= 1e-6
-    assert stats.layers["relu_layer"].z_min.min() > 0
-    np.testing.assert_array_equal(stats.layers["relu_layer"].active_fraction, 1.0)
+    assert stats["relu_layer"].z_min.min() > 0
+    np.testing.assert_array_equal(stats["relu_layer"].active_fraction, 1.0)
 
 
 def test_gram_is_skipped_when_not_asked_and_on_batch_sees_every_sample():
@@ -241,11 +265,11 @@ def test_gram_is_skipped_when_not_asked_and_on_batch_sees_every_sample():
     x = np.random.default_rng(4).standard_normal((23, 3)).astype("float32")
     seen = []
 
-    stats = collect(read_model(model), x, batch_size=5, gram=False, on_batch=seen.append)
+    stats = collect(read_model(model), x, producer_requests(read_model(model)), batch_size=5, on_batch=seen.append)
 
-    assert stats.layers["hidden_0"].gram is None
+    assert stats["hidden_0"].gram is None
     assert seen == [5, 5, 5, 5, 3]
-    assert stats.samples == 23
+    assert stats["hidden_0"].count == 23
 
 
 # ---------------------------------------------------------------- data sources
@@ -285,17 +309,18 @@ FIELDS = ("z_min", "z_max", "a_min", "a_max", "positive", "z_mean", "a_mean", "z
 
 @pytest.fixture(scope="module")
 def reference_stats(source_model, source_data):
-    return collect(read_model(source_model), source_data[0], batch_size=BATCH)
+    return collect_all(read_model(source_model), source_data[0], batch_size=BATCH)
 
 
 @pytest.mark.parametrize("source", SOURCES, ids=SOURCES.keys())
 def test_every_data_source_gives_identical_statistics(source_model, source_data, reference_stats, source):
-    stats = collect(read_model(source_model), SOURCES[source](*source_data), batch_size=BATCH)
+    stats = collect_all(read_model(source_model), SOURCES[source](*source_data), batch_size=BATCH)
 
-    assert stats.samples == reference_stats.samples == 50
-    for name, expected in reference_stats.layers.items():
+    assert list(stats) == list(reference_stats) == ["hidden_0", "hidden_1", "output"]
+    assert stats["hidden_0"].count == reference_stats["hidden_0"].count == 50
+    for name, expected in reference_stats.items():
         for field in FIELDS:
-            np.testing.assert_array_equal(getattr(stats.layers[name], field), getattr(expected, field),
+            np.testing.assert_array_equal(getattr(stats[name], field), getattr(expected, field),
                                           err_msg=f"{source}: {name}.{field}")
 
 
@@ -323,14 +348,18 @@ BAD_DATA = {
 @pytest.mark.parametrize("make, mentions", BAD_DATA.values(), ids=BAD_DATA.keys())
 def test_collect_refuses_unusable_data_with_input_error(source_model, source_data, make, mentions):
     with pytest.raises(InputError, match=mentions):
-        collect(read_model(source_model), make(source_data[0]), batch_size=BATCH)
+        collect_all(read_model(source_model), make(source_data[0]), batch_size=BATCH)
 
 
 def test_unit_regimes_of_collected_stats_mark_a_linear_layer_linear():
     """The statistics feed the linearity rule: an affine layer is linear with slope 1."""
     model = make_mlp([3, 2], "linear", inputs=2, seed=7)
     graph = read_model(model)
-    stats = collect(graph, np.random.default_rng(8).standard_normal((64, 2)).astype("float32"))
-    regime = unit_regimes(graph.layers[0], stats.layers["hidden_0"])
+    stats = collect_all(graph, np.random.default_rng(8).standard_normal((64, 2)).astype("float32"))
+    hidden = graph.node("hidden_0")
+    regime = unit_regimes(chain_function(graph, hidden), hidden.width, stats["hidden_0"])
     assert regime.linear.all()
     np.testing.assert_allclose(regime.slope, 1.0, rtol=1e-12)
+    from_graph = producer_regimes(graph, stats)["hidden_0"]  # the same rule, reached from the graph
+    for field in dataclasses.fields(regime):
+        np.testing.assert_array_equal(getattr(from_graph, field.name), getattr(regime, field.name))
