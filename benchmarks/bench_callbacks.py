@@ -10,7 +10,7 @@ What is measured, all in one process: the architecture of saved_models/digits_na
 (64-16-12-10, hidden relu 16 and tanh 12, linear logits), rebuilt and initialised from seed 0,
 so every fit starts from the same weights, compiled with Adam and sparse categorical
 cross-entropy from logits, fitted for 100 epochs with batch size 64 on the 1797 rows of
-`keras_embed.data.bundled_dataset("digits")` (29 steps per epoch, verbose=0), with
+`keras_embed.files.data.bundled_dataset("digits")` (29 steps per epoch, verbose=0), with
     plain      no callback
     probe 512  EmbeddingMonitor(probe, every=1) on 512 training rows (seeded choice, no repeats)
     probe 2048 the same on 2048 rows: digits has only 1797, so these are drawn with replacement
@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 import pstats  # noqa: E402
 
 from keras_embed.callbacks import EmbeddingMonitor  # noqa: E402
-from keras_embed.data import bundled_dataset  # noqa: E402
+from keras_embed.files.data import bundled_dataset  # noqa: E402
 from results import load, machine, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,13 +57,13 @@ CONFIGS = ("plain", *(f"probe {size}" for size in PROBES))
 PROFILED = 50
 PARTS = {  # function name in the profile -> what it is
     "read_model": "read the weights (`read_model`)",
-    "predict_on_batch": "the forward pass in NumPy (`GraphProbe.predict_on_batch`)",
-    "evaluate": "activation functions (`activations.evaluate`)",
+    "write_weights": "copy them into the probe model (`write_weights`)",
+    "__call__": "the probe's forward pass (`Prober`: eager, then traced)",
     "update": "accumulate statistics and Gram matrices (`LayerStats.update`)",
     "one_blas_thread": "limit BLAS to one thread (`threadpoolctl`)",
-    "find_redundancy": "weight rules (`find_redundancy`)",
-    "unit_regimes": "linear regimes (`unit_regimes`)",
-    "activation_groups": "cosine groups (`activation_groups`)",
+    "zero_out_channels": "zero-out channels (`zero_out_channels`)",
+    "producer_regimes": "linear regimes (`producer_regimes`)",
+    "parallel_sets": "cosine groups (`parallel_sets`)",
 }
 
 
@@ -151,7 +151,7 @@ def profile(config, x, y, probe):
     total = (time.perf_counter() - start) / PROFILED
     parts = {}
     for (filename, _, name), (_, _, _, cumulative, _) in pstats.Stats(profiler).stats.items():
-        if name in PARTS and (name == "predict_on_batch" or "keras_embed" in filename):
+        if name in PARTS and "keras_embed" in filename:
             parts[name] = parts.get(name, 0.0) + cumulative / PROFILED
     return total, parts
 

@@ -3,7 +3,7 @@
 Run with `make bench` (after benchmarks/bench_stats.py); it prints the tables and rewrites
 the `compression` section of benchmarks/RESULTS.md.
 
-Data: scikit-learn's digits (`keras_embed.data.bundled_dataset("digits")`: 1797 rows, 64
+Data: scikit-learn's digits (`keras_embed.files.data.bundled_dataset("digits")`: 1797 rows, 64
 features scaled to [0, 1]). order = np.random.default_rng(0).permutation(1797); the first
 70% (1257 rows) are the training split, the rest (540 rows) the test split, which no
 compression step ever sees. The last 20% of the training split (252 rows) is the
@@ -20,10 +20,10 @@ Rows, all made and measured in one run:
     condense cos 0.9           prune(model, mode="condense", cos=0.9, data=x_train)
     condense cos C             the same at the cosine (grid 0.8 .. 0.1) whose widths come
                                closest to the 10x data row's
-    data, accuracy rule        prune(model, mode="data", rule=Rule("max_accuracy_drop", 0.5),
+    data, accuracy rule        prune(model, mode="data", rule=StoppingRule("max_accuracy_drop", 0.5),
                                data=first 80% of the training split, validation=last 20%),
                                force=True so a failed rule is reported instead of raised
-    data 10x                   prune(model, mode="data", rule=Rule("keep_ratio", 0.1),
+    data 10x                   prune(model, mode="data", rule=StoppingRule("keep_ratio", 0.1),
                                data=x_train)
     data 10x + fine-tune       keras_embed.finetune.finetune(that, x_train, y_train, 20)
     L1 structured (+ fine-tune) per hidden layer, keep the units with the largest L1 norm of
@@ -63,15 +63,15 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from keras_embed.compress import prune  # noqa: E402
-from keras_embed.condense import plan_condense  # noqa: E402
-from keras_embed.data import bundled_dataset  # noqa: E402
+from keras_embed.files.data import bundled_dataset  # noqa: E402
+from keras_embed.edit.plan import Plan  # noqa: E402
+from keras_embed.edit.surgery import apply_plan  # noqa: E402
+from keras_embed.find.condense import plan_condense  # noqa: E402
 from keras_embed.finetune import finetune  # noqa: E402
-from keras_embed.io import save_model  # noqa: E402
-from keras_embed.plan import Plan  # noqa: E402
-from keras_embed.read import read_model  # noqa: E402
-from keras_embed.rules import Rule  # noqa: E402
-from keras_embed.surgery import apply_plan  # noqa: E402
+from keras_embed.files.save import save_model  # noqa: E402
+from keras_embed.model.read import read_model  # noqa: E402
+from keras_embed.pipeline import prune  # noqa: E402
+from keras_embed.stopping import StoppingRule  # noqa: E402
 from results import load, machine, write_section  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -214,7 +214,7 @@ def keras_embed_rows(model, split):
     _, figures = add(f"keras-embed condense cos {COS}", mode="condense", cos=COS, data=x, labels=y)
     rows[-1].note = f"removed {figures['removed']}"
 
-    accuracy_rule = Rule("max_accuracy_drop", ACCURACY_DROP)
+    accuracy_rule = StoppingRule("max_accuracy_drop", ACCURACY_DROP)
     row, figures = add(f"keras-embed data, accuracy rule {ACCURACY_DROP} pp", mode="data", rule=accuracy_rule,
                        data=x[:cut], labels=y[:cut], validation=x[cut:], validation_labels=y[cut:], force=True)
     held = accuracy_rule.holds(figures, figures["params_after"])
@@ -225,7 +225,7 @@ def keras_embed_rows(model, split):
     row.rule_held = held
     row.validation_drop = figures["accuracy_drop"]
 
-    ten, figures = add("keras-embed data 10x (keep ratio 0.1)", mode="data", rule=Rule("keep_ratio", KEEP_RATIO),
+    ten, figures = add("keras-embed data 10x (keep ratio 0.1)", mode="data", rule=StoppingRule("keep_ratio", KEEP_RATIO),
                        data=x, labels=y)
     ten.note = (f"calibration: the training split; there accuracy drop {figures['accuracy_drop']:.2f} pp, "
                 f"agreement {100 * figures['agreement']:.1f}%")
@@ -559,7 +559,7 @@ def interpretation(results):
         f"{1 / ten.ratios['single']:.2f}x in Keras (all overhead) and {1 / ten.ratios['tflite']:.2f}x in TFLite "
         f"({1e6 * base.medians['tflite']:.1f} us -> {1e6 * ten.medians['tflite']:.1f} us per invoke, where the "
         "interpreter's own per-invoke cost is the floor).",
-        f"- **Stopping rule**: `Rule('max_accuracy_drop', {ACCURACY_DROP})` picked {units(rule_row)} units; on the "
+        f"- **Stopping rule**: `StoppingRule('max_accuracy_drop', {ACCURACY_DROP})` picked {units(rule_row)} units; on the "
         f"held-out validation part ({len(SPLIT.x_train) - SPLIT.cut} training rows, where one row is "
         f"{100 / (len(SPLIT.x_train) - SPLIT.cut):.2f} pp) the drop is {rule_row.validation_drop:.2f} pp, so the rule "
         + ("holds" if rule_row.rule_held else "fails there and `prune` raises RuleError without `force=True`")
@@ -657,11 +657,11 @@ split, seed 0); tfmot is trained with the same recipe.
 - **exact + data rules**: `prune(model, data=x_train)`: also units dead or constant on the training inputs.
 - **condense cos {COS}**: `prune(model, mode="condense", cos={COS}, data=x_train, labels=y_train)`; the same at the
   cosine of the grid {COS_GRID[0]} .. {COS_GRID[-1]} (step 0.1) whose total width comes closest to the 10x data row's.
-- **data, accuracy rule**: `prune(model, mode="data", rule=Rule("max_accuracy_drop", {ACCURACY_DROP}),
+- **data, accuracy rule**: `prune(model, mode="data", rule=StoppingRule("max_accuracy_drop", {ACCURACY_DROP}),
   data=x_train[:{cut}], labels=y_train[:{cut}], validation=x_train[{cut}:], validation_labels=y_train[{cut}:],
   force=True)`: the last 20% of the training split is held out from calibration and judges the rule; `force=True`
   so that a failed rule is shown rather than raised (the notes say whether it held).
-- **data 10x**: `prune(model, mode="data", rule=Rule("keep_ratio", {KEEP_RATIO}), data=x_train, labels=y_train)`;
+- **data 10x**: `prune(model, mode="data", rule=StoppingRule("keep_ratio", {KEEP_RATIO}), data=x_train, labels=y_train)`;
   **+ fine-tune**: that model fine-tuned.
 - **L1 structured**: per hidden layer keep the units with the largest L1 norm of outgoing weights (the next kernel's
   rows in the original network), as many as the 10x data row keeps; a Dense model of those columns and rows;
@@ -688,7 +688,7 @@ split, seed 0); tfmot is trained with the same recipe.
   spec `(None, 64)` float32) on all {len(SPLIT.x_test)} test rows as one tensor (mean of {FORWARD_CALLS} calls), and
   on the test rows tiled {LARGE_REPEATS} times (mean of {LARGE_CALLS} calls). *1-sample*: the same function on one
   row (mean of {SINGLE_CALLS} calls).
-- **TFLite**: `keras_embed.io.save_model(model, "....tflite")` (tfmot: its subprocess's converter output), file size
+- **TFLite**: `keras_embed.files.save.save_model(model, "....tflite")` (tfmot: its subprocess's converter output), file size
   and `gzip -9` size in bytes; latency: `tf.lite.Interpreter(num_threads=1)`, `invoke()` on one row set beforehand
   (mean of {TFLITE_CALLS} calls), ratio as above.
 - **compression s**: wall time of making the row: `report.seconds` of `prune` (planning, rebuild, verification);

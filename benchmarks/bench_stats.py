@@ -1,4 +1,4 @@
-"""Benchmark of the statistics pass (`keras_embed.stats.collect`) against its baseline.
+"""Benchmark of the statistics pass (`keras_embed.measure.statistics.collect`) against its baseline.
 
 Requirement: one pass of statistics over N samples costs no more than
 1.5 x (the model's own `predict` over the same samples + one float32 matmul per hidden
@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import threadpoolctl  # noqa: E402
 
 from keras_embed import read_model  # noqa: E402
-from keras_embed.stats import collect  # noqa: E402
+from keras_embed.measure.statistics import Request, collect  # noqa: E402
 from results import load, machine, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +78,13 @@ def tasks(model, x, batch_size):
     augmented = gram_inputs(model, x)
 
     def stats_pass(gram):
-        return lambda: collect(read_model(model), x, batch_size=batch_size, gram=gram)
+        def run():
+            graph = read_model(model)
+            hidden = graph.producers[:-1]
+            requests = {node.name: Request(((f"{node.name}/z", None),), ((node.name, None),), node.width, gram)
+                        for node in hidden}
+            return collect(graph, x, requests, batch_size=batch_size)
+        return run
 
     return {
         "collect": stats_pass(True),

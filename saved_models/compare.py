@@ -13,15 +13,15 @@ from keras_embed.tools.common import quiet_tensorflow
 
 quiet_tensorflow()
 
-from keras_embed.data import check_inputs, load_array  # noqa: E402
-from keras_embed.io import load_model  # noqa: E402
-from keras_embed.network import PRODUCERS, read_network  # noqa: E402
+from keras_embed.files.data import check_inputs, load_array  # noqa: E402
+from keras_embed.files.load import load_model  # noqa: E402
+from keras_embed.model.read import read_model  # noqa: E402
 from keras_embed.verify import predict  # noqa: E402
 
 
 def widths(model):
-    """Units or channels of every Dense and Conv2D layer."""
-    return [node.width for node in read_network(model).nodes if node.kind in PRODUCERS]
+    """Units or channels of every Dense and convolution layer."""
+    return read_model(model).widths
 
 
 def main():

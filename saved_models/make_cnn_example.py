@@ -17,9 +17,10 @@ Writes, beside this script:
 import keras
 import numpy as np
 
-from keras_embed.channel_operators import widen_channel
-from keras_embed.data import bundled_dataset
-from keras_embed.network import build_network, read_network
+from keras_embed.edit.operators import widen
+from keras_embed.files.data import bundled_dataset
+from keras_embed.model.build import build_model
+from keras_embed.model.read import read_model
 from make_examples import HERE, save_examples, split  # the same split and files as the MLP examples
 
 
@@ -48,7 +49,7 @@ def grow(network, rng):
     for layer, extra in (("stem", 6), ("res_a", 5), ("head", 6)):
         for _ in range(extra):
             width = network.node(layer).width
-            network = widen_channel(network, layer, int(rng.integers(width)), alpha=float(rng.uniform(-1.0, 2.0)))
+            network = widen(network, layer, int(rng.integers(width)), alpha=float(rng.uniform(-1.0, 2.0)))
     return network
 
 
@@ -66,9 +67,9 @@ def main():
     x = x.reshape(-1, 8, 8, 1)
     train = split(x)[0]
     narrow = train_cnn(x[train], y[train])
-    wide = build_network(grow(read_network(narrow), np.random.default_rng(1)))
+    wide = build_model(grow(read_model(narrow), np.random.default_rng(1)))
     accuracy, gap = save_examples(narrow, wide, x, y, ("digits_cnn.keras", "digits_cnn_widened.keras", "digits_images_heldout.npz"))
-    perturb(build_network(read_network(wide))).save(HERE / "digits_cnn_perturbed.keras")
+    perturb(build_model(read_model(wide))).save(HERE / "digits_cnn_perturbed.keras")
     print(f"params {narrow.count_params()} -> widened {wide.count_params()}, held-out accuracy {accuracy:.3f}, "
           f"max abs difference narrow vs widened {gap:.2e}")
 

@@ -17,8 +17,8 @@ import keras
 import numpy as np
 
 from keras_embed import build_model, read_model
-from keras_embed.data import bundled_dataset
-from keras_embed.operators import add_constant, add_null, permute, rescale, widen
+from keras_embed.files.data import bundled_dataset
+from keras_embed.edit.operators import add_constant, add_null, permute, rescale, widen
 
 HERE = Path(__file__).parent
 
@@ -38,8 +38,8 @@ def train_narrow(x, y):
 
 def grow(graph, rng):
     """16 -> 48 and 12 -> 36 units, every step function-preserving."""
-    def width(layer, offset=0):
-        return graph.layers[graph.hidden_index(layer) + offset].width
+    def width(layer):
+        return graph.node(layer).width
 
     for layer, extra in (("hidden_relu", 26), ("hidden_tanh", 20)):
         for _ in range(extra):
@@ -51,7 +51,7 @@ def grow(graph, rng):
     graph = add_null(graph, "hidden_relu", bias=-0.1, incoming=rng.standard_normal(64))
     graph = add_null(graph, "hidden_tanh", bias=0.2)
     for _ in range(4):
-        graph = add_constant(graph, "hidden_relu", bias=float(rng.uniform(0.1, 1.0)), outgoing=rng.standard_normal(width("hidden_relu", 1)))
+        graph = add_constant(graph, "hidden_relu", bias=float(rng.uniform(0.1, 1.0)), outgoing=rng.standard_normal(width("hidden_tanh")))
     for _ in range(3):
         graph = add_constant(graph, "hidden_tanh", bias=float(rng.uniform(-1.0, 1.0)), outgoing=rng.standard_normal(10))
     for layer in ("hidden_relu", "hidden_tanh"):
