@@ -48,7 +48,7 @@ demo: $(INSTALLED)
 		--data saved_models/digits_images_heldout.npz
 
 test: $(INSTALLED)
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 tests
 
 # tensorflow-model-optimization and tf_keras (the `bench` extra) serve only benchmarks/tfmot_baseline.py,
 # which bench_compression.py runs in its own process.
