@@ -10,7 +10,8 @@ Keras gave it before export:
   affine map before it, when nothing else reads that layer; otherwise it stays an
   `Affine`, built as an inference-only BatchNormalization layer;
 - an activation goes into the Dense or convolution before it on the same condition;
-- `relu6(x + 3) / 6` becomes `hard_sigmoid(x)`, `x * sigmoid(x)` becomes `silu(x)` and
+- `relu6(x + 3) / 6` becomes `hard_sigmoid(x)` (also when the 3 went into a bias),
+  `x * sigmoid(x)` becomes `silu(x)` and
   `x * hard_sigmoid(x)` becomes `hard_silu(x)` (Keras' own definitions) when their inner
   values have no other reader.
 
@@ -112,13 +113,17 @@ class LayerGraph:
         return self.add("Multiply", {}, (), [first, second])
 
     def _hard_sigmoid(self, layer, scale, shift):
-        """hard_sigmoid(x) when `layer` is relu6(x + 3) read once and the affine map divides by 6."""
-        if not (layer.is_activation("relu6") and layer.readers == 1 and _is_constant(scale, _HARD_SIGMOID_SCALE)
-                and _is_constant(shift, 0.0)):
+        """hard_sigmoid(z - 3) for relu6(z) / 6 where `layer` is relu6(z) read once: a Dense or
+        convolution with relu6 (its bias moves by -3), or relu6 of an affine map adding 3."""
+        if not (layer.readers == 1 and _is_constant(scale, _HARD_SIGMOID_SCALE) and _is_constant(shift, 0.0)):
             return None
-        shifted = layer.inputs[0]
-        if not (shifted.kind == "Affine" and shifted.readers == 1 and _is_constant(shifted.weights[0], 1.0)
-                and _is_constant(shifted.weights[1], _HARD_SIGMOID_SHIFT)):
+        if layer.kind in LINEAR and layer.config.get("activation") == "relu6":
+            kernel, bias = layer.weights
+            layer.weights, layer.config["activation"] = [kernel, bias - _HARD_SIGMOID_SHIFT], "hard_sigmoid"
+            return layer
+        shifted = layer.inputs[0] if layer.is_activation("relu6") else None
+        if not (shifted is not None and shifted.kind == "Affine" and shifted.readers == 1
+                and _is_constant(shifted.weights[0], 1.0) and _is_constant(shifted.weights[1], _HARD_SIGMOID_SHIFT)):
             return None
         return self.activation(shifted.inputs[0], "hard_sigmoid")
 
