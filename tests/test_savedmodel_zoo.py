@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 
+from keras_embed.errors import UnsupportedLayerError
 from keras_embed.files.savedmodel import read_savedmodel
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -148,6 +149,34 @@ def test_a_tf_module_of_raw_ops_reads_back(tmp_path):
     expected = module(tf.constant(x)).numpy()
     assert np.max(np.abs(keras.ops.convert_to_numpy(rebuilt(x)) - expected)) < 1e-5
     assert {"ZeroPadding2D", "Conv2D", "GlobalAveragePooling2D", "Flatten", "Dense"} <= classes(rebuilt)
+
+
+def test_a_branching_export_is_pruned_through_the_cli_and_computes_the_same(tmp_path):
+    from click.testing import CliRunner
+
+    from keras_embed.tools.cli import main
+
+    model = _randomized(depthwise_separable(), 6)
+    model.export(str(tmp_path / "exported"), verbose=False)
+    result = CliRunner().invoke(main, ["prune", str(tmp_path / "exported"), "-o", str(tmp_path / "pruned.keras")])
+    assert result.exit_code == 0, result.stderr
+    pruned = keras.models.load_model(tmp_path / "pruned.keras")
+    x = np.random.default_rng(7).normal(size=(8, 9, 9, 4)).astype("float32")
+    assert np.max(np.abs(keras.ops.convert_to_numpy(pruned(x)) - keras.ops.convert_to_numpy(model(x)))) < 1e-4
+
+
+def test_an_unsupported_op_on_a_branch_is_refused_naming_it(tmp_path):
+    import tensorflow as tf
+
+    class Branching(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec((None, 3), tf.float32)])
+        def __call__(self, x):
+            return tf.nn.relu(x) + tf.math.cos(x) * tf.math.square(x)
+
+    module = Branching()
+    tf.saved_model.save(module, str(tmp_path / "odd"), signatures=module.__call__)
+    with pytest.raises(UnsupportedLayerError, match="as Keras layers: Cos, Square; supported ops: MatMul"):
+        read_savedmodel(str(tmp_path / "odd"))
 
 
 APPLICATIONS = {

@@ -23,7 +23,6 @@ from keras_embed.files.savedmodel_layers import LayerGraph, build_model
 from keras_embed.files.savedmodel_ops import OPS, Op, translate, unsupported
 from keras_embed.files.savedmodel_read import read_serving_graph
 
-SUPPORTED_OPS = tuple(OPS)
 _SHAPE_OPS = ("Shape", "StridedSlice", "Pack", "Cast", "Prod", "ConcatV2")  # compute a Reshape's target shape
 
 
@@ -97,7 +96,7 @@ def read_savedmodel(path):
     Raises:
         UnsupportedLayerError: what `read_serving_graph` refuses (ops with side effects,
             unreadable folders, several inputs or outputs), and ops outside
-            `SUPPORTED_OPS` or in a form they cannot be rebuilt in (all of them are listed).
+            `savedmodel_ops.OPS` or in a form they cannot be rebuilt in (all of them are listed).
         InputError: a damaged checkpoint.
     """
     serving = read_serving_graph(path)

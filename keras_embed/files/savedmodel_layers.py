@@ -77,6 +77,9 @@ class LayerGraph:
 
     def affine(self, layer, scale, shift):
         """`layer`'s value times `scale` plus `shift` (scalars or one per channel)."""
+        if layer.width is None:
+            raise UnsupportedLayerError("the SavedModel's serving graph scales or shifts a tensor whose number of "
+                                        "channels is not static, which keras-embed cannot rebuild as Keras layers")
         scale = np.broadcast_to(np.asarray(scale, np.float64), (layer.width,))
         shift = np.broadcast_to(np.asarray(shift, np.float64), (layer.width,))
         if np.all(scale == 1.0) and np.all(shift == 0.0):  # silu's x * beta with beta 1

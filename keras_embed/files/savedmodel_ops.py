@@ -133,8 +133,7 @@ def _space_to_batch(op):
 
 def _batch_to_space(op):
     """Finishes a dilated convolution: the block is its dilation, and the padding
-    SpaceToBatchND added less what this op crops is its padding (SAME, VALID or a
-    ZeroPadding2D before it)."""
+    SpaceToBatchND added less what this op crops is its padding (SAME or VALID)."""
     conv, block, crops = op.only_first_is_data(), op.constants[1], op.constants[2]
     space = conv.inputs[0] if conv.inputs else None
     if not (conv.kind in ("Conv2D", "DepthwiseConv2D") and space.kind == "SpaceToBatch" and conv.readers == 1
@@ -143,13 +142,10 @@ def _batch_to_space(op):
     padding = (space.config["paddings"] - crops).astype(int)
     reach = (np.asarray(conv.config["kernel_size"]) - 1) * np.asarray(space.config["block"])
     same = np.stack([reach // 2, reach - reach // 2], axis=1)
-    if np.any(padding < 0):
-        raise op.refuse("that crops more than its convolution was padded")
-    conv.config.update(dilation_rate=space.config["block"], padding="same" if np.array_equal(padding, same) else "valid")
+    if np.any(padding) and not np.array_equal(padding, same):
+        raise op.refuse("whose convolution is padded other than SAME or VALID")
+    conv.config.update(dilation_rate=space.config["block"], padding="same" if np.any(padding) else "valid")
     conv.inputs = [space.inputs[0]]
-    if conv.config["padding"] == "valid" and np.any(padding):
-        conv.inputs = [op.graph.add("ZeroPadding2D", {"padding": tuple(map(tuple, padding.tolist()))}, (),
-                                    [space.inputs[0]])]
     return conv
 
 
