@@ -11,12 +11,11 @@ Keras gave it before export:
   `Affine`, built as an inference-only BatchNormalization layer;
 - an activation goes into the Dense or convolution before it on the same condition;
 - `relu6(x + 3) / 6` becomes `hard_sigmoid(x)` (also when the 3 went into a bias),
-  `x * sigmoid(x)` becomes `silu(x)` and
-  `x * hard_sigmoid(x)` becomes `hard_silu(x)` (Keras' own definitions) when their inner
-  values have no other reader.
+  `x * sigmoid(x)` becomes `silu(x)` and `x * hard_sigmoid(x)` becomes `hard_silu(x)`
+  (Keras' own definitions) when their inner values have no other reader.
 
-`Layer.readers` counts the ops still to read a layer's value; a fold or a pattern only
-ever replaces a layer read once.
+`Layer.readers` counts the reads of a layer's value (by ops, and by the signature's
+output); a fold or a pattern only ever replaces a layer read once.
 
 Example:
     >>> graph = LayerGraph()
@@ -46,7 +45,7 @@ _UNFINISHED = {"SpaceToBatch": "dilated convolution (SpaceToBatchND without its 
 class Layer:
     """A Keras layer to build: `kind` (a `keras.layers` class name, or 'Affine', 'Input'),
     its `config`, `weights`, the `inputs` it reads, the `width` of its output's last axis
-    (None when unknown) and how many ops are still to read it (`readers`)."""
+    (None when unknown) and how many times it is read (`readers`)."""
 
     kind: str
     config: dict
