@@ -1,4 +1,4 @@
-# make demo | make test | make bench | make fuzz — each sets itself up from nothing.
+# make demo | make test | make zoo | make bench | make fuzz — each sets itself up from nothing.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.installed
 BENCH_INSTALLED := $(VENV)/.installed-bench
 DEMO := build/demo
 
-.PHONY: demo test bench fuzz install clean
+.PHONY: demo test zoo bench fuzz install clean
 
 install: $(INSTALLED)
 
@@ -49,6 +49,10 @@ demo: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 tests
+
+# keras.applications models exported and read back from their graphs (tens of seconds each; `make test` skips them)
+zoo: $(INSTALLED)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests -m zoo
 
 # tensorflow-model-optimization and tf_keras (the `bench` extra) serve only benchmarks/tfmot_baseline.py,
 # which bench_compression.py runs in its own process.

@@ -1,0 +1,282 @@
+"""What each TensorFlow op of a plain SavedModel's serving graph becomes in Keras layers.
+
+One entry per op type in `OPS`; each reads an `Op` (the op, the layer or constant value
+of each of its inputs) and returns the `Layer` of its output (`savedmodel_layers`):
+
+    MatMul, Conv2D, DepthwiseConv2dNative   Dense, Conv2D, DepthwiseConv2D (constant kernel;
+                                            strides, dilations, SAME or VALID padding)
+    SpaceToBatchND, conv, BatchToSpaceND    a dilated Conv2D or DepthwiseConv2D (how TensorFlow
+                                            writes one with SAME padding)
+    BiasAdd, AddV2, Add, Sub, Mul, RealDiv, Neg, FusedBatchNorm(V2, V3)
+                                            by constants: a per-channel affine map
+    AddV2, Add / Mul of two layers          Add / Multiply (silu, hard_silu when they are)
+    ConcatV2                                Concatenate
+    Relu, Relu6, Elu, Selu, Tanh, Sigmoid, Softplus, Softmax, LeakyRelu (alpha 0.2)
+                                            the activation (Activation, or folded)
+    MaxPool, AvgPool, Pad                   MaxPooling2D, AveragePooling2D, ZeroPadding2D
+    Mean, Max over height and width         GlobalAveragePooling2D, GlobalMaxPooling2D (keepdims)
+    Reshape, Squeeze                        Flatten (to rows) or Reshape (static shapes)
+    Identity, IdentityN                     nothing
+
+Anything else, or an entry's op in a form it cannot rebuild exactly, raises
+`UnsupportedLayerError` naming the op.
+
+Example:
+    >>> translate(Op(relu6_op, [conv_layer], [None], graph)).config["activation"]
+    'relu6'
+"""
+
+import dataclasses
+
+import numpy as np
+
+from keras_embed.errors import UnsupportedLayerError
+
+ACTIVATIONS = {"Relu": "relu", "Relu6": "relu6", "Elu": "elu", "Selu": "selu", "Tanh": "tanh",
+               "Sigmoid": "sigmoid", "Softplus": "softplus", "Softmax": "softmax", "LeakyRelu": "leaky_relu"}
+BATCHNORMS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
+POOLING = {"MaxPool": "MaxPooling2D", "AvgPool": "AveragePooling2D"}
+GLOBAL_POOLING = {"Mean": "GlobalAveragePooling2D", "Max": "GlobalMaxPooling2D"}
+_LEAKY_SLOPE = 0.2  # keras.activations.leaky_relu's slope
+
+
+def unsupported(ops, why="ops keras-embed cannot rebuild as Keras layers"):
+    """The error for `ops` of a serving graph that cannot be rebuilt, listing what can."""
+    return UnsupportedLayerError(
+        f"the SavedModel's serving graph holds {why}: {', '.join(sorted(set(ops)))}; "
+        f"supported ops: {', '.join(OPS)}"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """One op of the path: the `tf.Operation`, for each of its inputs the `Layer` computing
+    it (None for a constant) and its constant value (None for a layer), and the
+    `LayerGraph` the result goes into."""
+
+    op: object
+    layers: list
+    constants: list
+    graph: object
+
+    @property
+    def kind(self):
+        return self.op.type
+
+    @property
+    def data(self):
+        """The layers among the inputs, in input order."""
+        return [layer for layer in self.layers if layer is not None]
+
+    def attr(self, name):
+        value = self.op.get_attr(name)
+        return value.decode() if isinstance(value, bytes) else value
+
+    def refuse(self, why):
+        return unsupported([self.kind], f"a {self.kind} {why}")
+
+    def only_first_is_data(self):
+        """The one layer input, which must come first with constants after it."""
+        if len(self.data) != 1 or self.layers[0] is None:
+            raise self.refuse("whose input is not its first operand or whose weights are not constants")
+        return self.layers[0]
+
+
+def _window(op):
+    """Strides, padding and dilation of a convolution or pooling op, as Keras config."""
+    if op.attr("data_format") != "NHWC" or op.attr("padding") not in ("SAME", "VALID"):
+        raise op.refuse("that is not NHWC with SAME or VALID padding")
+    config = {"strides": tuple(op.attr("strides")[1:3]), "padding": op.attr("padding").lower()}
+    if "dilations" in op.op.node_def.attr:
+        config["dilation_rate"] = tuple(op.attr("dilations")[1:3])
+    return config
+
+
+def _matmul(op):
+    data = op.only_first_is_data()
+    if op.attr("transpose_a"):
+        raise op.refuse("whose input is transposed")
+    kernel = op.constants[1].T if op.attr("transpose_b") else op.constants[1]
+    units = kernel.shape[1]
+    return op.graph.add("Dense", {"units": units, "activation": "linear"}, [kernel, np.zeros(units)], [data])
+
+
+def _convolution(op, kind, config, bias_width):
+    """A Conv2D or DepthwiseConv2D layer; on a SpaceToBatchND (TensorFlow's dilated
+    convolution) it stays unfinished until the BatchToSpaceND after it."""
+    data = op.only_first_is_data()
+    config = {**config, "activation": "linear", **_window(op)}
+    if data.kind == "SpaceToBatch" and (config["padding"] != "valid" or config["strides"] != (1, 1)):
+        raise op.refuse("with strides or padding inside a dilated convolution")
+    return op.graph.add(kind, config, [op.constants[1], np.zeros(bias_width)], [data])
+
+
+def _conv2d(op):
+    kernel = op.constants[1]
+    return _convolution(op, "Conv2D", {"filters": kernel.shape[-1], "kernel_size": kernel.shape[:2]},
+                        kernel.shape[-1])
+
+
+def _depthwise(op):
+    kernel = op.constants[1]  # (height, width, channels, multiplier)
+    return _convolution(op, "DepthwiseConv2D", {"kernel_size": kernel.shape[:2], "depth_multiplier": kernel.shape[3]},
+                        kernel.shape[2] * kernel.shape[3])
+
+
+def _space_to_batch(op):
+    data, block, paddings = op.only_first_is_data(), op.constants[1], op.constants[2]
+    if np.shape(block) != (2,) or np.shape(paddings) != (2, 2):
+        raise op.refuse("of other than height and width")
+    return op.graph.add("SpaceToBatch", {"block": tuple(int(size) for size in block), "paddings": paddings}, (),
+                        [data])
+
+
+def _batch_to_space(op):
+    """Finishes a dilated convolution: the block is its dilation, and the padding
+    SpaceToBatchND added less what this op crops is its padding (SAME or VALID)."""
+    conv, block, crops = op.only_first_is_data(), op.constants[1], op.constants[2]
+    space = conv.inputs[0] if conv.inputs else None
+    if not (conv.kind in ("Conv2D", "DepthwiseConv2D") and space.kind == "SpaceToBatch" and conv.readers == 1
+            and tuple(int(size) for size in block) == space.config["block"] and np.shape(crops) == (2, 2)):
+        raise op.refuse("that does not end a dilated convolution")
+    padding = (space.config["paddings"] - crops).astype(int)
+    reach = (np.asarray(conv.config["kernel_size"]) - 1) * np.asarray(space.config["block"])
+    same = np.stack([reach // 2, reach - reach // 2], axis=1)
+    if np.any(padding) and not np.array_equal(padding, same):
+        raise op.refuse("whose convolution is padded other than SAME or VALID")
+    conv.config.update(dilation_rate=space.config["block"], padding="same" if np.any(padding) else "valid")
+    conv.inputs = [space.inputs[0]]
+    return conv
+
+
+def _per_channel(op, value, layer):
+    """A constant operand as a scalar or one value per channel of `layer`, else unsupported."""
+    shape = np.shape(value)
+    if (layer.width is not None and len(shape) <= len(op.op.outputs[0].shape) and all(size == 1 for size in shape[:-1])
+            and (not shape or shape[-1] in (1, layer.width))):
+        return np.reshape(value, -1) if shape and shape[-1] == layer.width else np.reshape(value, ())
+    raise op.refuse(f"with a constant that is not one value per channel (shape {shape})")
+
+
+def _operands(op):
+    """(the layer, the per-channel constant, whether the layer is the first operand) of a
+    binary op with one constant operand."""
+    if len(op.data) != 1:
+        raise op.refuse("of these operands")
+    first = op.layers[0] is not None
+    layer, value = (op.layers[0], op.constants[1]) if first else (op.layers[1], op.constants[0])
+    return layer, _per_channel(op, value, layer), first
+
+
+def _add(op):
+    if len(op.data) == 2:
+        return op.graph.add("Add", {}, (), op.data)
+    layer, value, _ = _operands(op)
+    return op.graph.affine(layer, 1.0, value)
+
+
+def _sub(op):
+    layer, value, first = _operands(op)
+    return op.graph.affine(layer, 1.0, -value) if first else op.graph.affine(layer, -1.0, value)
+
+
+def _mul(op):
+    if len(op.data) == 2:
+        return op.graph.multiply(*op.data)
+    layer, value, _ = _operands(op)
+    return op.graph.affine(layer, value, 0.0)
+
+
+def _real_div(op):
+    layer, value, first = _operands(op)
+    if not first:
+        raise op.refuse("of a constant by a layer (a reciprocal)")
+    return op.graph.affine(layer, 1.0 / value, 0.0)
+
+
+def _neg(op):
+    return op.graph.affine(op.only_first_is_data(), -1.0, 0.0)
+
+
+def _batchnorm(op):
+    data = op.only_first_is_data()
+    if op.attr("is_training") or op.attr("data_format") not in ("NHWC", "NDHWC"):
+        raise op.refuse("in training mode or not channels-last")
+    gamma, beta, mean, variance = op.constants[1:5]
+    scale = gamma / np.sqrt(variance + op.attr("epsilon"))
+    return op.graph.affine(data, scale, beta - mean * scale)
+
+
+def _activation(op):
+    if op.kind == "LeakyRelu" and not np.isclose(op.attr("alpha"), _LEAKY_SLOPE):
+        raise op.refuse(f"with alpha {op.attr('alpha'):g} (only {_LEAKY_SLOPE})")
+    return op.graph.activation(op.only_first_is_data(), ACTIVATIONS[op.kind])
+
+
+def _pool(op):
+    config = {"pool_size": tuple(op.attr("ksize")[1:3]), **_window(op)}
+    return op.graph.add(POOLING[op.kind], config, (), [op.only_first_is_data()])
+
+
+def _global_pool(op):
+    data = op.only_first_is_data()
+    axes = sorted(int(axis) % 4 for axis in np.atleast_1d(op.constants[1]))
+    if axes != [1, 2] or len(op.op.inputs[0].shape) != 4:
+        raise op.refuse("over axes other than height and width")
+    return op.graph.add(GLOBAL_POOLING[op.kind], {"keepdims": bool(op.attr("keep_dims"))}, (), [data])
+
+
+def _reshape(op):
+    """Reshape and Squeeze to a static shape: Flatten to rows, else a Keras Reshape."""
+    data, shape = op.only_first_is_data(), op.op.outputs[0].shape
+    if len(shape) < 2 or not shape[1:].is_fully_defined():
+        raise op.refuse("to a shape that is not static, or without a batch axis")
+    if len(shape) == 2:
+        return op.graph.add("Flatten", {}, (), [data])
+    return op.graph.add("Reshape", {"target_shape": tuple(shape[1:])}, (), [data])
+
+
+def _concat(op):
+    if any(layer is None for layer in op.layers[:-1]) or op.constants[-1] is None:
+        raise op.refuse("of constants with layers")
+    axis = int(op.constants[-1]) % len(op.op.outputs[0].shape)
+    if axis == 0:
+        raise op.refuse("along the batch axis")
+    return op.graph.add("Concatenate", {"axis": axis - len(op.op.outputs[0].shape)}, (), op.layers[:-1])
+
+
+def _pad(op):
+    data, paddings = op.only_first_is_data(), np.asarray(op.constants[1])
+    if op.kind == "PadV2" and np.any(op.constants[2] != 0):
+        raise op.refuse("with a value other than zero")
+    if paddings.shape != (4, 2) or np.any(paddings[[0, 3]] != 0):
+        raise op.refuse("of other than height and width")
+    return op.graph.add("ZeroPadding2D", {"padding": tuple(tuple(int(side) for side in pair)
+                                                           for pair in paddings[1:3])}, (), [data])
+
+
+def _identity(op):
+    """Its inputs; an IdentityN passes constants on too (None: the input's constant)."""
+    return op.only_first_is_data() if op.kind == "Identity" else list(op.layers)
+
+
+OPS = {
+    "MatMul": _matmul, "Conv2D": _conv2d, "DepthwiseConv2dNative": _depthwise,
+    "BiasAdd": _add, "AddV2": _add, "Add": _add, "Sub": _sub, "Mul": _mul, "RealDiv": _real_div, "Neg": _neg,
+    **dict.fromkeys(BATCHNORMS, _batchnorm), **dict.fromkeys(ACTIVATIONS, _activation),
+    **dict.fromkeys(POOLING, _pool), **dict.fromkeys(GLOBAL_POOLING, _global_pool),
+    "Reshape": _reshape, "Squeeze": _reshape, "ConcatV2": _concat, "Pad": _pad, "PadV2": _pad,
+    "SpaceToBatchND": _space_to_batch, "BatchToSpaceND": _batch_to_space, "Identity": _identity,
+    "IdentityN": _identity,
+}
+_UNFINISHED = {"SpaceToBatch": ("Conv2D", "DepthwiseConv2dNative")}  # layers only these ops may read
+
+
+def translate(op):
+    """The `Layer` (a list for IdentityN) of what `op` computes."""
+    for layer in op.data:
+        unfinished = layer.kind in _UNFINISHED or any(reader.kind in _UNFINISHED for reader in layer.inputs)
+        allowed = _UNFINISHED.get(layer.kind, ("BatchToSpaceND",))
+        if unfinished and op.kind not in allowed:
+            raise op.refuse("inside a dilated convolution (SpaceToBatchND ... BatchToSpaceND)")
+    return OPS[op.kind](op)
