@@ -3,20 +3,25 @@
 An entry says the layer's channel role, how to read it and rebuild it with other
 channel counts (stock Keras layers only), and what the rules may assume about it:
 
-    produces       makes a new channel space from weights (Dense, Conv2D); its kernel in the
-                   canonical form (*spatial, inputs, outputs), whether it reads zero padding
-                   (then a constant input cannot fold into its bias)
+    produces       makes a new channel space from weights (Dense, Conv2D, Conv2DTranspose, the
+                   pointwise part of a SeparableConv2D); its kernel in the canonical form
+                   (*spatial, inputs, outputs), whether it reads zero padding (then a
+                   constant input cannot fold into its bias)
     keeps          keeps channel identity: elementwise (Activation, Dropout), per channel
                    with weights (BatchNormalization, DepthwiseConv2D), spatial (pooling,
-                   padding)
+                   padding, cropping, upsampling)
     merges         joins the groups of its inputs channel by channel (Add)
     concatenates   lays its inputs' channels side by side (Concatenate on the last axis)
     reshapes       repeats its input's channels once per spatial position (Flatten)
     input          a model input: its channels never change
 
-Any entry may *freeze* the groups it sees when it mixes their channels (a softmax).
-Rules and edits ask the entry; they never test a layer's class. Adding a layer type is
-one entry here plus its tests.
+Any entry may *freeze* the groups it sees when it mixes their channels (a softmax), and a
+producer those it reads when it ties their channels together (a grouped convolution).
+An entry may pick a *variant* by config (Conv2D with groups > 1, DepthwiseConv2D with
+depth_multiplier > 1: block-diagonal producers), read a layer into several nodes in a row
+(SeparableConv2D: a depthwise node, then a pointwise producer) and *fuse* them back into
+one layer on build. Rules and edits ask the entry; they never test a layer's class.
+Adding a layer type is one entry here plus its tests.
 
 Example:
     >>> entry("Conv2D").role
