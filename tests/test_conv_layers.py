@@ -8,6 +8,8 @@ convolutions; a U-Net and an Xception block grown by the embeddings and pruned b
 Xception and NASNetMobile applications read and analyzed.
 """
 
+import dataclasses
+
 import keras
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ import keras_embed
 from keras_embed.errors import UnsupportedLayerError
 from keras_embed.edit.operators import add_constant, editable_layer, widen
 from keras_embed.find.weight_rules import find_redundancy
-from keras_embed.model.build import build_model
+from keras_embed.model.build import build_model, write_weights
 from keras_embed.model.read import read_model
 from keras_embed.stopping import StoppingRule
 from keras_embed.verify import predict
@@ -276,6 +278,21 @@ def test_dilated_convolutions_and_separable_ones_are_widened_and_pruned_back():
     pruned, report = keras_embed.prune(grown)
     assert report.to_dict()["verified"] and pruned.count_params() <= model.count_params()
     assert_same_function(model, pruned, data)
+
+
+def test_a_sequential_model_with_a_separable_convolution_comes_back_sequential_and_takes_its_graph_weights():
+    model = randomized(keras.Sequential([keras.Input((7, 7, 2)), L.SeparableConv2D(4, 3, activation="relu", name="sep"),
+                                         L.Flatten(), L.Dense(2)]), seed=7)
+    graph = read_model(model, fold=False)
+    rebuilt = build_model(graph)
+    assert type(rebuilt) is keras.Sequential and type(rebuilt.get_layer("sep")) is L.SeparableConv2D
+    moved = graph.with_nodes(dataclasses.replace(node, weights=tuple(weight + 1.0 for weight in node.weights))
+                             for node in graph.nodes)
+    write_weights(model, moved)  # what the monitor's escape does: both parts land in the one layer
+    layer = model.get_layer("sep")
+    np.testing.assert_array_equal(layer.depthwise_kernel.numpy(), moved.node("sep_depthwise").weights[0].astype("float32"))
+    np.testing.assert_array_equal(layer.pointwise_kernel.numpy(), moved.node("sep").weights[0].astype("float32"))
+    np.testing.assert_array_equal(layer.bias.numpy(), moved.node("sep").weights[1].astype("float32"))
 
 
 def test_a_name_that_a_separable_convolution_reads_as_is_refused_when_taken():

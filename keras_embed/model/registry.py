@@ -366,7 +366,7 @@ class SeparableConv(Conv):
     input channels, then `NAME`, of this kind: a 1x1 Conv2D producing the new channels, with
     the layer's activation and bias. So every rule and edit sees a depthwise layer and a
     producer. Built back as one SeparableConv2D while its depthwise part is read by it alone
-    (`fuse`; a depthwise bias folds into its bias), else as DepthwiseConv2D and Conv2D."""
+    and still has no bias and no activation (`fuse`), else as DepthwiseConv2D and Conv2D."""
 
     DEPTHWISE = ("kernel_size", "strides", "padding", "data_format", "dilation_rate", "depth_multiplier",
                  "depthwise_initializer", "depthwise_regularizer", "depthwise_constraint")
@@ -394,18 +394,13 @@ class SeparableConv(Conv):
 
     def fuse(self, node, source):
         if source.kind != "DepthwiseConv2D" or source.config.get("activation", "linear") != "linear" \
-                or not self.geometry(node).pointwise:
+                or len(source.weights) != 1 or not self.geometry(node).pointwise:
             return None
-        depthwise, *depthwise_bias = source.weights
-        pointwise, bias = node.weights[0], self.bias(node)
-        if depthwise_bias:
-            shift = depthwise_bias[0] @ pointwise.reshape(pointwise.shape[-2:])
-            bias = shift if bias is None else bias + shift
         config = {"name": node.name, "trainable": node.config["trainable"], "dtype": node.config["dtype"],
                   **{key: source.config[key] for key in self.DEPTHWISE},
-                  **{key: node.config[key] for key in self.POINTWISE}, "filters": node.width, "use_bias": bias is not None,
+                  **{key: node.config[key] for key in self.POINTWISE}, "filters": node.width, "use_bias": len(node.weights) > 1,
                   **{key: node.config[own] for own, key in self.RENAMED.items()}}
-        return "SeparableConv2D", config, [depthwise, pointwise] + ([] if bias is None else [bias])
+        return "SeparableConv2D", config, [*source.weights, *node.weights]
 
     def pointwise_identity(self, node, name, source, bias):
         return _conv2d_lift(node, name, source, bias)
