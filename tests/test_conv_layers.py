@@ -312,7 +312,8 @@ def test_upsampling_with_another_interpolation_is_refused_naming_it():
 # ---------------------------------------------------------------- a U-Net and an Xception block
 
 
-CASES = {"unet": (unet, ["enc1", "up2", "dec2"], "dec2"), "xception": (xception_block, ["stem", "sep1", "res"], "sep3")}
+CASES = {"unet": (unet, ["enc1", "up2", "dec2"], ["dec2", "up2"]),
+         "xception": (xception_block, ["stem", "sep1", "res"], ["sep3"])}  # groups to widen, layers to deepen
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -337,12 +338,13 @@ def test_three_groups_widened_then_pruned_give_back_no_more_parameters_and_the_s
         [type(layer).__name__ for layer in model.layers].count("SeparableConv2D")
 
 
-def test_a_lift_read_through_upsampling_or_pooling_prunes_back(case):
+def test_lifts_after_transposed_and_separable_convolutions_read_through_upsampling_or_pooling_prune_back(case):
     model, _, deepened, x = case
-    grown, _ = keras_embed.embed(model, deepen_layers=[deepened], data=x)
-    assert len(read_model(grown).producers) == len(read_model(model).producers) + 1
+    grown, _ = keras_embed.embed(model, deepen_layers=deepened, data=x)
+    assert len(read_model(grown).producers) == len(read_model(model).producers) + len(deepened)
+    assert {type(grown.get_layer(f"{name}_lift")).__name__ for name in deepened} == {"Conv2D"}
     pruned, report = keras_embed.prune(grown, data=x)
-    assert f"{deepened}_lift" in report.to_dict()["collapsed_layers"]
+    assert {f"{name}_lift" for name in deepened} <= set(report.to_dict()["collapsed_layers"])
     assert pruned.count_params() <= model.count_params()
     assert_same_function(model, pruned, x)
 

@@ -316,9 +316,6 @@ class GroupedConv(Conv):
     def freezes_inputs(self, node):
         return True
 
-    def pointwise_identity(self, node, name, source, bias):
-        return _conv2d_lift(node, name, source, bias)
-
 
 class ConvTranspose(Conv):
     """Conv2DTranspose: Keras stores its kernel (*spatial, outputs, inputs), transposed here
