@@ -6,8 +6,8 @@ outputs) the two make one layer when:
 - P is pointwise (Dense, or a 1x1 convolution of stride 1): B's kernel absorbs P's, B's
   bias the constant part; exact when B does not pad with zeros or the constant part is 0;
 - B is pointwise: P's kernel, strides and padding with B's outputs;
-- both are `valid`, P of stride 1: one `valid` layer whose kernel spans both (usually
-  larger than the two together).
+- both are `valid` (not transposed), P of stride 1: one `valid` layer whose kernel spans
+  both (usually larger than the two together).
 The merged layer keeps B's name and activation. A pointwise P may also be read through
 layers that commute with its map (Flatten, Concatenate, average pooling; max pooling when
 the map scales each channel by a positive factor, as a lift does), by one producer or
@@ -59,7 +59,7 @@ def compose_layers(producer, reader, slope, intercept):
         config = {**producer.config, "activation": reader.config.get("activation", "linear")}
         template = dataclasses.replace(producer, name=reader.name, inputs=reader.inputs, config=config, shape=reader.shape)
         return p_entry.with_weights(template, kernel, absorbed)
-    unpadded = p_geometry.padding == b_geometry.padding == "valid"
+    unpadded = p_geometry.padding == b_geometry.padding == "valid" and not (p_geometry.transposed or b_geometry.transposed)
     plain = all(step == 1 for step in p_geometry.strides) and all(rate == 1 for rate in p_geometry.dilation + b_geometry.dilation)
     if unpadded and plain and len(p_geometry.kernel_size) == len(b_geometry.kernel_size):
         kernel = _full(scaled, b_kernel)

@@ -1,7 +1,9 @@
 """Builds a stock Keras model from a `Graph`: it loads without keras-embed installed.
 
 Layers keep their names and configs, inputs their names, shapes and dtypes; a graph read
-from a Sequential model that is still a chain comes back Sequential. A *probe* returns
+from a Sequential model that is still a chain comes back Sequential. Nodes read from one
+layer come back as that layer while they still fit in it (`fusions`: a SeparableConv2D);
+a probe builds every node as its own layer. A *probe* returns
 chosen tensors instead of the outputs: node outputs by name, and "NAME/z" for the
 pre-activation of a producer with a fused activation.
 
@@ -31,32 +33,59 @@ def _split(node):
     return dataclasses.replace(node, config={**node.config, "activation": "linear"}), activation
 
 
-def _tensors(graph, probed):
+def fusions(graph):
+    """Node name -> (Keras class, config, weights) of the one layer it is built as together
+    with the node it reads (its registry entry's `fuse`: a SeparableConv2D's two parts), where
+    nothing else reads that node and it is no output."""
+    found = {}
+    for node in graph.nodes:
+        if len(node.inputs) == 1:
+            source = graph.by_name[node.inputs[0]]
+            if graph.readers[source.name] == [node.name] and source.name not in graph.outputs:
+                fused = node.entry.fuse(node, source)
+                if fused is not None:
+                    found[node.name] = fused
+    return found
+
+
+def _layers(graph, fused, probed=()):
+    """(node, Keras layer, weights, names of the nodes it reads, activation split off for a
+    probe or None) of every node but the inputs and those built into their reader's layer
+    (`fused`, from `fusions`); the producers in `probed` without their activation (`_split`)."""
+    absorbed = {graph.by_name[name].inputs[0] for name in fused}
+    for node in graph.nodes:
+        if node.role == "input" or node.name in absorbed:
+            continue
+        if node.name in fused:
+            kind, config, weights = fused[node.name]
+            yield node, getattr(keras.layers, kind).from_config(config), weights, graph.by_name[node.inputs[0]].inputs, None
+        else:
+            built, activation = _split(node) if node.name in probed else (node, None)
+            yield node, built.entry.layer(built), node.weights, node.inputs, activation
+
+
+def _tensors(graph, probed, fused):
     """Node name -> output tensor (and "NAME/z" for the producers in `probed`), with the
-    (layer, node) pairs whose weights to load."""
+    (layer, weights) pairs to load."""
     tensors = {node.name: keras.Input(shape=node.shape, dtype=node.config.get("dtype"), name=node.name)
                for node in graph.inputs}
     layers = []
-    for node in graph.nodes:
-        if node.role == "input":
-            continue
-        built, activation = _split(node) if node.name in probed else (node, None)
-        layer = built.entry.layer(built)
-        arguments = [tensors[source] for source in node.inputs]
+    for node, layer, weights, inputs, activation in _layers(graph, fused, probed):
+        arguments = [tensors[source] for source in inputs]
         tensors[node.name] = tensors[f"{node.name}/z"] = layer(arguments if len(arguments) > 1 else arguments[0])
         if activation is not None:
             tensors[node.name] = keras.layers.Activation(activation, name=f"{node.name}_probe_activation",
                                                          dtype=node.config.get("dtype"))(tensors[node.name])
-        layers.append((layer, node))
+        layers.append((layer, weights))
     return tensors, layers
 
 
 def load_weights(layers):
-    """Sets the graph weights of each (Keras layer, node) pair, in the layer's dtypes."""
-    for layer, node in layers:
-        if node.weights:
+    """Sets the weights of each (Keras layer, float64 weights) pair, in the layer's dtypes."""
+    for layer, weights in layers:
+        if len(weights):
             dtypes = [keras.backend.standardize_dtype(weight.dtype) for weight in layer.weights]
-            layer.set_weights([np.asarray(weight, dtype=dtype) for weight, dtype in zip(node.weights, dtypes)])
+            layer.set_weights([np.asarray(weight, dtype=dtype) for weight, dtype in zip(weights, dtypes)])
 
 
 def build_model(graph, outputs=None):
@@ -67,13 +96,14 @@ def build_model(graph, outputs=None):
         outputs: for a probe, the tensors to return (node names, "NAME/z" for a
             producer's pre-activation); default: the graph's outputs.
     """
+    fused = fusions(graph) if outputs is None else {}  # a probe may return any node's output
     if outputs is None and graph.sequential and _is_chain(graph):
         source = graph.inputs[0]
-        layers = [(node.entry.layer(node), node) for node in graph.nodes if node.role != "input"]
+        layers = [(layer, weights) for _, layer, weights, _, _ in _layers(graph, fused)]
         inputs = keras.Input(shape=source.shape, dtype=source.config.get("dtype"), name=source.name)
         model = keras.Sequential([inputs, *(layer for layer, _ in layers)], name=graph.name)
     else:
-        tensors, layers = _tensors(graph, {name[:-2] for name in outputs or () if name.endswith("/z")})
+        tensors, layers = _tensors(graph, {name[:-2] for name in outputs or () if name.endswith("/z")}, fused)
         result = [tensors[name] for name in (graph.outputs if outputs is None else outputs)]
         inputs = [tensors[node.name] for node in graph.inputs]
         model = keras.Model(inputs if len(inputs) > 1 else inputs[0], result if len(result) > 1 else result[0],
@@ -109,6 +139,12 @@ class Prober:
 
 def write_weights(model, graph):
     """Sets the weights of every layer of `model` that `graph` has a node of the same name
-    for (a graph read with `fold=False` from that model, or a probe built from its graph)."""
-    nodes = graph.by_name
-    load_weights([(layer, nodes[layer.name]) for layer in model.layers if layer.name in nodes])
+    for (a graph read with `fold=False` from that model, or a probe built from its graph);
+    a layer built from two nodes (`fusions`) gets their weights together."""
+    nodes, fused = graph.by_name, fusions(graph)
+
+    def weights(layer):
+        found = fused.get(layer.name)
+        return found[2] if found is not None and found[0] == type(layer).__name__ else nodes[layer.name].weights
+
+    load_weights([(layer, weights(layer)) for layer in model.layers if layer.name in nodes])

@@ -63,7 +63,7 @@ class Node:
     @property
     def entry(self):
         """The registry entry of this node's layer class."""
-        return registry.entry(self.kind)
+        return registry.entry(self.kind, self.config)
 
     @property
     def role(self):
@@ -160,6 +160,8 @@ class Graph:
                 layouts[node.name] = [Segment(node.name, node.width)]
                 if role == "input" or entry.freezes(node):
                     frozen.add(node.name)
+                if entry.freezes_inputs(node):
+                    frozen.update(segment.group for layout in sources for segment in layout)
                 continue
             if role == "concatenates":
                 layouts[node.name] = [segment for layout in sources for segment in layout]

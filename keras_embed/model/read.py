@@ -1,7 +1,8 @@
 """Reads a Keras model into the one `Graph`, and folds BatchNormalization where it is exact.
 
 Sequential and functional models of the layers in `registry.REGISTRY` are read alike;
-each layer's registry entry reads its config and weights. `fold_batchnorm` then moves
+each layer's registry entry reads its config and weights, into one node or a few in a row
+(a SeparableConv2D: its depthwise part, then its pointwise part). `fold_batchnorm` then moves
 each inference-mode BatchNormalization into a neighbouring producer when that computes
 the same: into the Dense/Conv2D before it (no activation between, only identity layers
 such as Dropout, no other reader), or into every producer reading it (through identity
@@ -113,9 +114,15 @@ def read_model(model, fold=True):
         entry = registry.entry_of(layer)
         if entry.role == "input":
             continue
-        config, weights = entry.read(layer)
-        nodes.append(Node(layer.name, type(layer).__name__, tuple(sources[layer.name]), config, tuple(weights),
-                          tuple(layer.output.shape[1:])))
+        inputs = tuple(sources[layer.name])
+        for name, kind, config, weights, shape in entry.read_nodes(layer):
+            nodes.append(Node(name, kind, inputs, config, tuple(weights), shape))
+            inputs = (name,)
+    names = [node.name for node in nodes]
+    if len(set(names)) != len(names):
+        twice = next(name for name in names if names.count(name) > 1)
+        raise UnsupportedLayerError(f"model '{model.name}' has two layers that read as '{twice}' (a SeparableConv2D "
+                                    "is read as NAME_depthwise and NAME); rename one")
     graph = Graph(model.name, tuple(nodes), tuple(outputs), sequential=type(model) is keras.Sequential)
     return fold_batchnorm(graph) if fold else graph
 

@@ -3,20 +3,25 @@
 An entry says the layer's channel role, how to read it and rebuild it with other
 channel counts (stock Keras layers only), and what the rules may assume about it:
 
-    produces       makes a new channel space from weights (Dense, Conv2D); its kernel in the
-                   canonical form (*spatial, inputs, outputs), whether it reads zero padding
-                   (then a constant input cannot fold into its bias)
+    produces       makes a new channel space from weights (Dense, Conv2D, Conv2DTranspose, the
+                   pointwise part of a SeparableConv2D); its kernel in the canonical form
+                   (*spatial, inputs, outputs), whether it reads zero padding (then a
+                   constant input cannot fold into its bias)
     keeps          keeps channel identity: elementwise (Activation, Dropout), per channel
                    with weights (BatchNormalization, DepthwiseConv2D), spatial (pooling,
-                   padding)
+                   padding, cropping, upsampling)
     merges         joins the groups of its inputs channel by channel (Add)
     concatenates   lays its inputs' channels side by side (Concatenate on the last axis)
     reshapes       repeats its input's channels once per spatial position (Flatten)
     input          a model input: its channels never change
 
-Any entry may *freeze* the groups it sees when it mixes their channels (a softmax).
-Rules and edits ask the entry; they never test a layer's class. Adding a layer type is
-one entry here plus its tests.
+Any entry may *freeze* the groups it sees when it mixes their channels (a softmax), and a
+producer those it reads when it ties their channels together (a grouped convolution).
+An entry may pick a *variant* by config (Conv2D with groups > 1, DepthwiseConv2D with
+depth_multiplier > 1: block-diagonal producers), read a layer into several nodes in a row
+(SeparableConv2D: a depthwise node, then a pointwise producer) and *fuse* them back into
+one layer on build. Rules and edits ask the entry; they never test a layer's class.
+Adding a layer type is one entry here plus its tests.
 
 Example:
     >>> entry("Conv2D").role
@@ -38,12 +43,14 @@ from keras_embed.model import activations
 @dataclasses.dataclass(frozen=True)
 class Geometry:
     """Where a producer's kernel reads: spatial `kernel_size`, `strides`, `padding`,
-    `dilation` (all () for Dense, which acts on the last axis at every position)."""
+    `dilation` (all () for Dense, which acts on the last axis at every position); `transposed`
+    for a transposed convolution (it composes with others only where it is pointwise)."""
 
     kernel_size: tuple = ()
     strides: tuple = ()
     padding: str = "valid"
     dilation: tuple = ()
+    transposed: bool = False  # Conv2DTranspose: each output position reads the input unevenly
 
     @property
     def pointwise(self):
@@ -83,6 +90,10 @@ class LayerType:
     def check(self, layer, config):
         """Raises `UnsupportedLayerError` for a configuration the entry cannot handle."""
 
+    def variant(self, config):
+        """The entry for a layer of this class with `config` (a grouped Conv2D, say, has its own)."""
+        return self
+
     def read(self, layer):
         """(config, float64 weights) of a built Keras layer."""
         config = layer.get_config()
@@ -90,6 +101,13 @@ class LayerType:
             config["activation"] = _activation_name(layer)
         self.check(layer, config)
         return config, [np.asarray(weight, dtype=np.float64) for weight in layer.get_weights()]
+
+    def read_nodes(self, layer):
+        """The graph nodes of a built Keras layer, each reading the one before (the first
+        reads the layer's inputs, the last is the layer's output and has its name):
+        [(name, kind, config, weights, output shape)]."""
+        config, weights = self.read(layer)
+        return [(layer.name, type(layer).__name__, config, weights, tuple(layer.output.shape[1:]))]
 
     def config(self, node):
         """The Keras config that rebuilds `node` at its current shape."""
@@ -106,6 +124,16 @@ class LayerType:
     def freezes(self, node):
         """Whether the node mixes the channels of the groups it holds."""
         return False
+
+    def freezes_inputs(self, node):
+        """Whether a producer ties the channels of the groups it reads together (a grouped
+        convolution), so they cannot change."""
+        return False
+
+    def fuse(self, node, source):
+        """(Keras class name, config, weights) of one stock layer computing `node` on what
+        `source` (the node it reads, read by nothing else) reads, or None."""
+        return None
 
     def homogeneous(self, node):
         """Whether the node commutes with scaling its input by a positive factor (a producer:
@@ -158,14 +186,22 @@ class Producer(LayerType):
     def bias(self, node):
         return node.weights[1] if len(node.weights) > 1 else None
 
+    def stored_kernel(self, node, kernel):
+        """A canonical kernel in the layout the Keras layer stores (the same for Dense, Conv2D)."""
+        return kernel
+
     def with_weights(self, node, kernel, bias, **config):
         """A copy with a new canonical kernel and bias (None: no bias); `config` changes too."""
-        weights = (kernel,) if bias is None else (kernel, bias)
-        config = {**node.config, **config, self.width_key: kernel.shape[-1], "use_bias": bias is not None}
+        stored = self.stored_kernel(node, kernel)
+        weights = (stored,) if bias is None else (stored, bias)
+        config = {**node.config, **config, **self._width(kernel.shape[-1]), "use_bias": bias is not None}
         return dataclasses.replace(node, weights=weights, config=config, shape=node.shape[:-1] + (kernel.shape[-1],))
 
+    def _width(self, width):
+        return {} if self.width_key is None else {self.width_key: width}
+
     def config(self, node):
-        return dict(node.config, name=node.name, **{self.width_key: node.width, "use_bias": len(node.weights) > 1})
+        return dict(node.config, name=node.name, **self._width(node.width), use_bias=len(node.weights) > 1)
 
     def function(self, node):
         return activations.of_name(node.config.get("activation", "linear"))
@@ -189,10 +225,15 @@ class Producer(LayerType):
     def flops(self, node):
         positions = math.prod(node.shape[:-1])
         bias = self.bias(node)
-        return positions * (2 * self.kernel(node).size + (0 if bias is None else bias.size))
+        return positions * (2 * node.weights[0].size + (0 if bias is None else bias.size))
+
+    def output_columns(self, node):
+        """Every kernel weight, its last axis the output channels (the canonical kernel, or
+        a smaller array holding the same weights)."""
+        return self.kernel(node)
 
     def propagate(self, node, values, rtol=0.0):
-        kernel, bias = self.kernel(node), self.bias(node)
+        kernel, bias = self.output_columns(node), self.bias(node)
         scale = max(float(np.abs(kernel).max(initial=0.0)), 0.0 if bias is None else float(np.abs(bias).max(initial=0.0)))
         zero_in = np.abs(kernel).reshape(-1, kernel.shape[-1]).max(axis=0, initial=0.0) <= rtol * scale
         pre = np.where(zero_in, 0.0 if bias is None else bias, np.nan)
@@ -206,17 +247,160 @@ class Dense(Producer):
 
 
 class Conv(Producer):
+    """Conv2D (groups 1; a grouped one is a `GroupedConv`)."""
+
     width_key = "filters"
 
+    def variant(self, config):
+        return GROUPED_CONV if config.get("groups", 1) != 1 else self
+
     def check(self, layer, config):
-        if config.get("data_format", "channels_last") != "channels_last" or config.get("groups", 1) != 1:
-            raise UnsupportedLayerError(f"layer '{layer.name}' ({type(layer).__name__}) uses groups or channels_first; "
-                                        "only channels_last convolutions with groups=1 are supported")
+        if config.get("data_format", "channels_last") != "channels_last":
+            raise UnsupportedLayerError(f"layer '{layer.name}' ({type(layer).__name__}) uses channels_first; "
+                                        "only channels_last convolutions are supported")
 
     def geometry(self, node):
         config = node.config
         return Geometry(tuple(config["kernel_size"]), tuple(config["strides"]), config["padding"],
                         tuple(config["dilation_rate"]))
+
+
+def _conv2d_lift(node, name, source, bias):
+    """`Producer.pointwise_identity` as a stock 1x1 Conv2D, whatever kind of convolution `node` is."""
+    return CONV.pointwise_identity(dataclasses.replace(node, kind="Conv2D"), name, source, bias)
+
+
+class GroupedConv(Conv):
+    """Conv2D with groups > 1: output channel o reads only the input channels of its group
+    (o // (filters / groups)). Its canonical kernel is the dense block-diagonal one, and it
+    freezes the groups it reads and produces: removing or merging one channel would break
+    the equal groups. What reaches it keeps the blocks (BatchNormalization folded into it,
+    constants from its weights), and statistics run the Keras layer itself, so it is exact.
+    Not supported: removing its output channels, even in whole sets of `groups`."""
+
+    def groups(self, node):
+        return node.config["groups"]
+
+    def blocks(self, node):
+        """The weights (*spatial, inputs per group, outputs)."""
+        return node.weights[0]
+
+    def from_blocks(self, node, blocks):
+        """`blocks` in the layout the Keras layer stores."""
+        return blocks
+
+    def _same_group(self, node, inputs, outputs):
+        groups = self.groups(node)
+        return (np.arange(inputs)[:, None] // (inputs // groups)) == (np.arange(outputs)[None, :] // (outputs // groups))
+
+    def kernel(self, node):
+        blocks = self.blocks(node)
+        per_group, outputs = blocks.shape[-2:]
+        inputs = per_group * self.groups(node)
+        return np.where(self._same_group(node, inputs, outputs), blocks[..., np.arange(inputs) % per_group, :], 0.0)
+
+    def stored_kernel(self, node, kernel):
+        inputs, outputs = kernel.shape[-2:]
+        if np.any(kernel[..., ~self._same_group(node, inputs, outputs)] != 0):
+            raise ValueError(f"internal: a new kernel for '{node.name}' mixes its {self.groups(node)} groups")
+        per_group = inputs // self.groups(node)
+        rows = (np.arange(outputs) // (outputs // self.groups(node))) * per_group + np.arange(per_group)[:, None]
+        return self.from_blocks(node, np.take_along_axis(kernel, np.broadcast_to(rows, kernel.shape[:-2] + rows.shape), -2))
+
+    def output_columns(self, node):
+        return self.blocks(node)
+
+    def freezes(self, node):
+        return True
+
+    def freezes_inputs(self, node):
+        return True
+
+
+class ConvTranspose(Conv):
+    """Conv2DTranspose: Keras stores its kernel (*spatial, outputs, inputs), transposed here
+    to and from the canonical (*spatial, inputs, outputs). Its output positions read the
+    input unevenly (a stride leaves taps without input, the borders read fewer taps): like
+    zero padding, so a constant input never folds into its bias, unless it is pointwise
+    (1x1, stride 1); it composes with other layers only then."""
+
+    def geometry(self, node):
+        return dataclasses.replace(super().geometry(node), transposed=True)
+
+    def kernel(self, node):
+        return np.swapaxes(node.weights[0], -1, -2)
+
+    def stored_kernel(self, node, kernel):
+        return np.swapaxes(kernel, -1, -2)
+
+    def reads_zero_padding(self, node):
+        return not self.geometry(node).pointwise
+
+    def flops(self, node):
+        """Every input position times the whole kernel, plus the bias per output position."""
+        geometry, output_padding = self.geometry(node), node.config.get("output_padding") or (None,) * 2
+        inputs = math.prod(_transposed_input_length(*sizes, geometry.padding) for sizes in zip(
+            node.shape[:-1], geometry.kernel_size, geometry.strides, geometry.dilation, output_padding))
+        bias = self.bias(node)
+        return 2 * inputs * node.weights[0].size + math.prod(node.shape[:-1]) * (0 if bias is None else bias.size)
+
+    def pointwise_identity(self, node, name, source, bias):
+        return _conv2d_lift(node, name, source, bias)
+
+
+def _transposed_input_length(output, kernel, stride, dilation, output_padding, padding):
+    """The input length a transposed convolution makes `output` of (Keras' deconv_output_length inverted)."""
+    kernel = kernel + (kernel - 1) * (dilation - 1)
+    if output_padding is None:
+        return (output - max(kernel - stride, 0)) // stride if padding == "valid" else output // stride
+    pad = 0 if padding == "valid" else kernel // 2
+    return (output - kernel + 2 * pad - output_padding) // stride + 1
+
+
+class SeparableConv(Conv):
+    """SeparableConv2D, read as two nodes: `NAME_depthwise`, a DepthwiseConv2D (its kernel
+    size, strides, padding, dilation and depth multiplier; no bias, linear) that follows its
+    input channels, then `NAME`, of this kind: a 1x1 Conv2D producing the new channels, with
+    the layer's activation and bias. So every rule and edit sees a depthwise layer and a
+    producer. Built back as one SeparableConv2D while its depthwise part is read by it alone
+    and still has no bias and no activation (`fuse`), else as DepthwiseConv2D and Conv2D."""
+
+    DEPTHWISE = ("kernel_size", "strides", "padding", "data_format", "dilation_rate", "depth_multiplier",
+                 "depthwise_initializer", "depthwise_regularizer", "depthwise_constraint")
+    POINTWISE = ("filters", "activation", "use_bias", "bias_initializer", "bias_regularizer", "activity_regularizer",
+                 "bias_constraint")
+    RENAMED = {"kernel_initializer": "pointwise_initializer", "kernel_regularizer": "pointwise_regularizer",
+               "kernel_constraint": "pointwise_constraint"}  # the pointwise Conv2D's key: the SeparableConv2D's
+
+    def read_nodes(self, layer):
+        config, (depthwise, pointwise, *bias) = self.read(layer)
+        name = f"{layer.name}_depthwise"
+        common = {"trainable": config["trainable"], "dtype": config["dtype"]}
+        depthwise_config = {**common, "name": name, **{key: config[key] for key in self.DEPTHWISE},
+                            "activation": "linear", "use_bias": False}
+        pointwise_config = {**common, "name": layer.name, "kernel_size": (1, 1), "strides": (1, 1), "padding": "valid",
+                            "data_format": "channels_last", "dilation_rate": (1, 1), "groups": 1,
+                            **{key: config[key] for key in self.POINTWISE},
+                            **{key: config[source] for key, source in self.RENAMED.items()}}
+        shape = tuple(layer.output.shape[1:-1]) + (depthwise.shape[-2] * depthwise.shape[-1],)
+        return [(name, "DepthwiseConv2D", depthwise_config, [depthwise], shape),
+                (layer.name, "SeparableConv2D", pointwise_config, [pointwise, *bias], tuple(layer.output.shape[1:]))]
+
+    def layer(self, node):
+        return keras.layers.Conv2D.from_config(self.config(node))
+
+    def fuse(self, node, source):
+        if source.kind != "DepthwiseConv2D" or source.config.get("activation", "linear") != "linear" \
+                or len(source.weights) != 1 or not self.geometry(node).pointwise:
+            return None
+        config = {"name": node.name, "trainable": node.config["trainable"], "dtype": node.config["dtype"],
+                  **{key: source.config[key] for key in self.DEPTHWISE},
+                  **{key: node.config[key] for key in self.POINTWISE}, "filters": node.width, "use_bias": len(node.weights) > 1,
+                  **{key: node.config[own] for own, key in self.RENAMED.items()}}
+        return "SeparableConv2D", config, [*source.weights, *node.weights]
+
+    def pointwise_identity(self, node, name, source, bias):
+        return _conv2d_lift(node, name, source, bias)
 
 
 class PerChannel(LayerType):
@@ -256,10 +440,13 @@ class BatchNormalization(PerChannel):
 class DepthwiseConv2D(PerChannel):
     axis = -2  # kernel (height, width, channels, 1); the bias has axis 0 = -1
 
+    def variant(self, config):
+        return MULTIPLIED_DEPTHWISE if config.get("depth_multiplier", 1) != 1 else self
+
     def check(self, layer, config):
-        if config.get("depth_multiplier", 1) != 1 or config.get("data_format", "channels_last") != "channels_last":
-            raise UnsupportedLayerError(f"layer '{layer.name}' (DepthwiseConv2D) uses depth_multiplier or "
-                                        "channels_first; only channels_last with depth_multiplier 1 is supported")
+        if config.get("data_format", "channels_last") != "channels_last":
+            raise UnsupportedLayerError(f"layer '{layer.name}' (DepthwiseConv2D) uses channels_first; "
+                                        "only channels_last is supported")
 
     def gather(self, node, index):
         kernel, *bias = node.weights
@@ -290,6 +477,28 @@ class DepthwiseConv2D(PerChannel):
         else:  # zero padding: constant only where the input is 0
             pre = np.where(values[0] == 0, bias, np.nan)
         return apply_known(self.function(node), pre)
+
+
+class MultipliedDepthwise(GroupedConv):
+    """DepthwiseConv2D with depth_multiplier m > 1: output channel c * m + k reads input
+    channel c alone. A grouped convolution with one group per input channel (its kernel
+    (*spatial, channels, m) holds the blocks), frozen in the same way: it produces a new
+    group of channels * m channels."""
+
+    width_key = None
+
+    def check(self, layer, config):
+        DEPTHWISE.check(layer, config)
+
+    def groups(self, node):
+        return node.weights[0].shape[-2]
+
+    def blocks(self, node):
+        kernel = node.weights[0]
+        return kernel.reshape(kernel.shape[:-2] + (1, -1))
+
+    def from_blocks(self, node, blocks):
+        return blocks.reshape(blocks.shape[:-2] + (self.groups(node), -1))
 
 
 class Activation(LayerType):
@@ -326,6 +535,23 @@ class ZeroPadding(Spatial):
 
     def propagate(self, node, values, rtol=0.0):
         return np.where(values[0] == 0, 0.0, np.nan)  # the padding holds zeros
+
+
+class Resampling(Spatial):
+    """UpSampling2D (nearest, bilinear) and Cropping2D: every output value is an input value
+    of the same channel, or a convex combination of its neighbours (bilinear), so channel
+    identity is kept, a constant stays that constant, and every per-position affine map
+    (per channel) commutes with it."""
+
+    passes = "affine"
+    INTERPOLATIONS = ("nearest", "bilinear")
+
+    def check(self, layer, config):
+        if config.get("data_format", "channels_last") != "channels_last" or \
+                config.get("interpolation", "nearest") not in self.INTERPOLATIONS:
+            raise UnsupportedLayerError(f"layer '{layer.name}' ({type(layer).__name__}) uses channels_first or "
+                                        f"interpolation '{config.get('interpolation')}'; only channels_last and "
+                                        f"{' or '.join(self.INTERPOLATIONS)} interpolation are supported")
 
 
 class Add(LayerType):
@@ -369,11 +595,18 @@ class Reshape(Flatten):
         return dict(node.config, name=node.name, target_shape=(node.width,))
 
 
+CONV, GROUPED_CONV = Conv(), GroupedConv()
+DEPTHWISE, MULTIPLIED_DEPTHWISE = DepthwiseConv2D(), MultipliedDepthwise()  # the variants by depth_multiplier
+
 REGISTRY = {
     "InputLayer": Input(),
     "Dense": Dense(),
-    "Conv2D": Conv(),
-    "DepthwiseConv2D": DepthwiseConv2D(),
+    "Conv2D": CONV,
+    "DepthwiseConv2D": DEPTHWISE,
+    "SeparableConv2D": SeparableConv(),
+    "Conv2DTranspose": ConvTranspose(),
+    "UpSampling2D": Resampling(),
+    "Cropping2D": Resampling(),
     "BatchNormalization": BatchNormalization(),
     "Activation": Activation(),
     "Dropout": Identity(),
@@ -390,9 +623,11 @@ REGISTRY = {
 SUPPORTED = tuple(REGISTRY)
 
 
-def entry(kind):
-    """The entry of a layer class name (see `REGISTRY`)."""
-    return REGISTRY[kind]
+def entry(kind, config=None):
+    """The entry of a layer class name (see `REGISTRY`), of the variant `config` selects
+    (a grouped Conv2D, a DepthwiseConv2D with depth_multiplier > 1)."""
+    found = REGISTRY[kind]
+    return found if config is None else found.variant(config)
 
 
 def entry_of(layer):
@@ -405,5 +640,5 @@ def entry_of(layer):
     if kind not in REGISTRY or type(layer) is not getattr(keras.layers, kind, None):
         raise UnsupportedLayerError(f"layer '{layer.name}' ({kind}) is not supported; "
                                     f"supported layers: {', '.join(SUPPORTED)}")
-    return REGISTRY[kind]
+    return entry(kind, layer.get_config())
 
