@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.installed
 BENCH_INSTALLED := $(VENV)/.installed-bench
 DEMO := build/demo
 
-.PHONY: demo test bench fuzz install clean
+.PHONY: demo test bench zoo fuzz install clean
 
 install: $(INSTALLED)
 
@@ -49,6 +49,10 @@ demo: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# every keras.applications architecture through the CLI (tests/test_zoo.py, marked zoo; about an hour on 2 cores)
+zoo: $(INSTALLED)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 -m zoo tests/test_zoo.py
 
 # tensorflow-model-optimization and tf_keras (the `bench` extra) serve only benchmarks/tfmot_baseline.py,
 # which bench_compression.py runs in its own process.
