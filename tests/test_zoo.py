@@ -150,7 +150,7 @@ def test_data_mode_writes_a_smaller_model_that_exports(zoo_model):
     small = keras.saving.load_model(folder / "small.keras")
     assert small.count_params() < model.count_params()
     for output in ("small.tflite", "small_savedmodel/"):  # each is loaded back by its runtime and compared
-        figures = export_model(small, str(folder / output), x)
+        figures = export_model(small, f"{folder}/{output}", x)
         assert figures["export_max_abs_diff"] <= figures["export_atol"]
 
 
