@@ -46,13 +46,26 @@ demo: $(INSTALLED)
 		--deepen res_a --data saved_models/digits_images_heldout.npz
 	$(BIN)/keras-embed prune $(DEMO)/digits_cnn_lifted.keras -o $(DEMO)/digits_cnn_unlifted.keras \
 		--data saved_models/digits_images_heldout.npz
+	@echo "== a keras.applications model: MobileNetV2 (alpha 0.35) trained 4 epochs on digits enlarged to 32x32 RGB"
+	$(BIN)/python saved_models/make_zoo_example.py $(DEMO)
+	@echo "   widened on three channel groups by embed, then pruned back (BatchNormalization folds on the way)"
+	$(BIN)/keras-embed embed $(DEMO)/mobilenetv2.keras -o $(DEMO)/mobilenetv2_widened.keras \
+		--widen Conv1:0:0.3 --widen block_6_project:1:-0.5 --widen Conv_1:2:0.7
+	$(BIN)/keras-embed prune $(DEMO)/mobilenetv2_widened.keras -o $(DEMO)/mobilenetv2_back.keras \
+		--data $(DEMO)/mobilenetv2_digits.npz
+	$(BIN)/python saved_models/compare.py $(DEMO)/mobilenetv2.keras $(DEMO)/mobilenetv2_back.keras \
+		--data $(DEMO)/mobilenetv2_digits.npz
+	@echo "   --mode data keeping half of every channel group, refit by least squares on the held-out digits"
+	$(BIN)/keras-embed prune $(DEMO)/mobilenetv2.keras -o $(DEMO)/mobilenetv2_half.keras --mode data --keep-ratio 0.5 \
+		--data $(DEMO)/mobilenetv2_digits.npz
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 tests
 
-# keras.applications models exported and read back from their graphs (tens of seconds each; `make test` skips them)
+# every keras.applications architecture through the CLI (tests/test_zoo.py) and read back from its model.export()
+# graph (tests/test_savedmodel_zoo.py): the tests marked zoo, which `make test` skips
 zoo: $(INSTALLED)
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests -m zoo
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 tests -m zoo
 
 # tensorflow-model-optimization and tf_keras (the `bench` extra) serve only benchmarks/tfmot_baseline.py,
 # which bench_compression.py runs in its own process.

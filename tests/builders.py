@@ -169,3 +169,24 @@ def prune_meeting(rule, model, x, y):
         return None
     assert rule.holds(measure(predict(model, x), predict(pruned, x), y), pruned.count_params())
     return pruned, report
+
+
+def all_layers(model):
+    """Every layer of `model`, those of the models nested in it included."""
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from all_layers(layer)
+
+
+def batchnorm_from_data(model, x):
+    """Sets every BatchNormalization's moving statistics to those of `x` (one training-mode
+    call at momentum 0), so a randomly initialised deep network does not compute a constant."""
+    norms = [layer for layer in all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+    momenta = [layer.momentum for layer in norms]
+    for layer in norms:
+        layer.momentum = 0.0
+    model(x, training=True)
+    for layer, momentum in zip(norms, momenta):
+        layer.momentum = momentum
+    return model

@@ -8,7 +8,7 @@ original's inference-mode outputs within float32 rounding. The statistics are se
 away from 1), so a fold that drops or misplaces any of them shows. A BatchNormalization
 kept between two activations, before a convolution that pads with zeros or before a
 pooling layer is carried through growth and pruning like any per-channel layer.
-LayerNormalization, which mixes the channels, is refused.
+LayerNormalization, which mixes the channels, is read and fixes the width of its group.
 """
 
 import keras
@@ -284,6 +284,10 @@ def test_a_kept_batchnorm_is_widened_and_pruned_with_its_channels(x, images, cnn
 
 
 @pytest.mark.parametrize("functional", [False, True], ids=["sequential", "functional"])
-def test_layer_normalization_is_refused(functional):
-    with pytest.raises(UnsupportedLayerError, match="'norm' \\(LayerNormalization\\) is not supported"):
-        read_model(build([dense(6, "relu"), keras.layers.LayerNormalization(name="norm"), dense(3)], functional))
+def test_layer_normalization_fixes_the_width_of_its_group(functional):
+    model = randomize(build([dense(6, "relu", name="hidden"), keras.layers.LayerNormalization(name="norm"), dense(3)],
+                            functional))
+    graph = read_model(model)
+    assert graph.group_of("hidden") in graph.frozen_groups
+    grown = build_model(widen(read_model(build([dense(6, "relu", name="hidden"), dense(3)], functional)), 0, 1))
+    assert read_model(grown).node("hidden").width == 7  # the same layer without it can grow

@@ -238,8 +238,8 @@ CATALOGUE = [
     Case("unknown-custom-layer", 4, ("GhostDense", "stock Keras layers"), rezipped(GHOST), commands=MODEL_COMMANDS),
     Case("conv1d-layer", 4, ("Conv1D", "supported layers"),
          saved(lambda: [keras.layers.Conv1D(2, 3), keras.layers.Flatten()], shape=(8, 1))),
-    Case("layernorm-layer", 4, ("LayerNormalization", "supported layers"),
-         saved(lambda: [keras.layers.Dense(4), keras.layers.LayerNormalization()]), commands=MODEL_COMMANDS),
+    Case("unitnorm-layer", 4, ("UnitNormalization", "supported layers"),
+         saved(lambda: [keras.layers.Dense(4), keras.layers.UnitNormalization()]), commands=MODEL_COMMANDS),
     # calibration data
     Case("data-missing", 2, ("not found", "check the path"), data=file("missing.npy"), commands=MODEL_COMMANDS),
     Case("data-unknown-extension", 2, ("unknown data format", ".npy or .npz"), data=file("data.csv", b"1,2,3\n")),

@@ -317,9 +317,9 @@ def shared_sequential():
 
 def nested_functional():
     inner_input = keras.Input((4,))
-    inner = keras.Model(inner_input, keras.layers.Dense(3)(inner_input), name="inner_model")
+    inner = keras.Model(inner_input, [keras.layers.Dense(3)(inner_input)] * 2, name="inner_model")
     x = keras.Input((5,))
-    return keras.Model(x, keras.layers.Dense(2)(inner(keras.layers.Dense(4)(x))))
+    return keras.Model(x, keras.layers.Dense(2)(inner(keras.layers.Dense(4)(x))[0]))
 
 
 UNSUPPORTED = {
@@ -328,11 +328,9 @@ UNSUPPORTED = {
     # normalizes the feature axis of a sequence, not the last axis: no layer can absorb it
     "batchnorm": (lambda: sequential(keras.layers.BatchNormalization(axis=1, name="norm"), keras.layers.Dense(3),
                                      shape=(4, 5)), ("norm", "BatchNormalization")),
-    "layer-norm": (lambda: sequential(keras.layers.Dense(4), keras.layers.LayerNormalization(name="layer_norm")),
-                   ("layer_norm", "LayerNormalization")),
-    "nested-sequential": (lambda: sequential(keras.Sequential([keras.layers.Dense(3)], name="inner_stack")),
-                          ("inner_stack",)),
-    "nested-functional": (nested_functional, ("inner_model",)),
+    "unit-norm": (lambda: sequential(keras.layers.Dense(4), keras.layers.UnitNormalization(name="unit_norm")),
+                  ("unit_norm", "UnitNormalization")),
+    "nested-two-outputs": (nested_functional, ("inner_model", "2 outputs")),
     "shared-functional": (shared_functional, ("'shared'", "shared layer")),
     "conv2d-channels-first": (lambda: sequential(keras.layers.Conv2D(2, 3, data_format="channels_first", name="conv"),
                                                  keras.layers.Flatten(), shape=(1, 6, 6)), ("'conv'", "channels_first")),

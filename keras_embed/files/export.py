@@ -105,7 +105,7 @@ def export_model(model, path, x, format=None, quantize=None, representative=None
 
     Args:
         model: the Keras model.
-        path: target; its format from the ending or `format` (see `io.output_format`).
+        path: target; its format from the ending or `format` (see `save.output_format`).
         x: check inputs (an array); the first `CHECK_ROWS` rows are used.
         quantize: TFLite only: None, 'float16' or 'int8'.
         representative: int8 calibration inputs (an array).

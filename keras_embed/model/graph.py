@@ -106,12 +106,15 @@ class Graph:
         nodes: `Node`s, each after the nodes it reads.
         outputs: names of the nodes whose outputs are the model's, in order.
         sequential: rebuild as a `keras.Sequential` model when it is still a chain.
+        nested: names of the models nested in the one read, whose layers the graph holds
+            directly (a model is rebuilt flat).
     """
 
     name: str
     nodes: tuple
     outputs: tuple
     sequential: bool = False
+    nested: tuple = ()
 
     @functools.cached_property
     def by_name(self):

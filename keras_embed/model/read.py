@@ -22,6 +22,7 @@ import numpy as np
 
 from keras_embed.errors import InputError, UnsupportedLayerError
 from keras_embed.model import registry
+from keras_embed.model.operations import as_layer
 from keras_embed.model.graph import Graph, Node
 
 
@@ -42,19 +43,54 @@ def _endpoints(entries):
 
 
 def _topology(model):
-    """(input names, {layer name: names of the layers it reads}, output names)."""
+    """(input names, {layer name: names of the layers it reads}, output names, {layer name:
+    its serialized call arguments})."""
     if type(model) is keras.Sequential:
         names = [model.inputs[0].name] + [layer.name for layer in model.layers]
-        return names[:1], {name: [previous] for previous, name in zip(names, names[1:])}, names[-1:]
+        return names[:1], {name: [previous] for previous, name in zip(names, names[1:])}, names[-1:], {}
     config = model.get_config()
-    sources = {}
+    sources, arguments = {}, {}
     for entry in config["layers"]:
         calls = entry.get("inbound_nodes", [])
         if len(calls) > 1:
             raise UnsupportedLayerError(f"layer '{entry['name']}' is called more than once (a shared layer); "
                                         "it is not supported")
         sources[entry["name"]] = _history_names(calls)
-    return _endpoints(config["input_layers"]), sources, _endpoints(config["output_layers"])
+        arguments[entry["name"]] = calls[0].get("args", []) if calls else []
+    return _endpoints(config["input_layers"]), sources, _endpoints(config["output_layers"]), arguments
+
+
+def _operation_nodes(operation, sources, arguments):
+    """The nodes of one layer (its entry's `read_nodes`, each reading the one before), or the
+    node of a Keras op on symbolic tensors (`operations.as_layer`)."""
+    if not isinstance(operation, keras.layers.Layer):
+        kind, config = as_layer(operation, arguments)
+        return [Node(operation.name, kind, sources, {**config, "name": operation.name, "dtype": operation.output.dtype},
+                     shape=tuple(operation.output.shape[1:]))]
+    nodes = []
+    for name, kind, config, weights, shape in registry.entry_of(operation).read_nodes(operation):
+        nodes.append(Node(name, kind, sources, config, tuple(weights), shape))
+        sources = (name,)
+    return nodes
+
+
+def _layer_nodes(model, bound=()):
+    """(input names, nodes of every layer of `model` but its inputs, output names, names of
+    the models nested in it), models nested in it read through: their layers join the graph, reading
+    what the nested model read. `bound`: the outer names a nested model's inputs stand for."""
+    input_names, sources, outputs, arguments = _topology(model)
+    rename, nodes, nested = dict(zip(input_names, bound)), [], []
+    for operation in model.layers if type(model) is keras.Sequential else model.operations:
+        reads = tuple(rename.get(source, source) for source in sources.get(operation.name, ()))
+        if isinstance(operation, keras.Model):
+            _, inner, inner_outputs, inner_nested = _layer_nodes(operation, reads)
+            if len(inner_outputs) != 1:
+                raise UnsupportedLayerError(f"nested model '{operation.name}' has {len(inner_outputs)} outputs; "
+                                            "only nested models with one output are supported")
+            nodes, nested, rename[operation.name] = nodes + inner, nested + [operation.name, *inner_nested], inner_outputs[0]
+        elif not isinstance(operation, keras.layers.InputLayer):
+            nodes += _operation_nodes(operation, reads, arguments.get(operation.name, []))
+    return input_names, nodes, [rename.get(name, name) for name in outputs], nested
 
 
 def nonfinite_weight(model):
@@ -107,23 +143,16 @@ def read_model(model, fold=True):
     if len({id(layer) for layer in model.layers}) != len(model.layers):
         raise UnsupportedLayerError(f"model '{model.name}' uses a layer more than once (a shared layer); "
                                     "it is not supported")
-    input_names, sources, outputs = _topology(model)
+    input_names, layers, outputs, nested = _layer_nodes(model)
     nodes = [Node(name, "InputLayer", (), {"dtype": keras.backend.standardize_dtype(tensor.dtype)},
-                  shape=tuple(tensor.shape[1:])) for name, tensor in zip(input_names, inputs)]
-    for layer in model.layers:
-        entry = registry.entry_of(layer)
-        if entry.role == "input":
-            continue
-        inputs = tuple(sources[layer.name])
-        for name, kind, config, weights, shape in entry.read_nodes(layer):
-            nodes.append(Node(name, kind, inputs, config, tuple(weights), shape))
-            inputs = (name,)
+                  shape=tuple(tensor.shape[1:])) for name, tensor in zip(input_names, inputs)] + layers
     names = [node.name for node in nodes]
     if len(set(names)) != len(names):
-        twice = next(name for name in names if names.count(name) > 1)
-        raise UnsupportedLayerError(f"model '{model.name}' has two layers that read as '{twice}' (a SeparableConv2D "
-                                    "is read as NAME_depthwise and NAME); rename one")
-    graph = Graph(model.name, tuple(nodes), tuple(outputs), sequential=type(model) is keras.Sequential)
+        clash = next(name for name in names if names.count(name) > 1)
+        raise UnsupportedLayerError(f"model '{model.name}' has two layers that read as '{clash}' (one name in two "
+                                    "nested models, or a SeparableConv2D NAME read as NAME_depthwise and NAME); rename one")
+    graph = Graph(model.name, tuple(nodes), tuple(outputs), sequential=type(model) is keras.Sequential,
+                  nested=tuple(nested))
     return fold_batchnorm(graph) if fold else graph
 
 

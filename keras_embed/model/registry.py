@@ -403,6 +403,19 @@ class SeparableConv(Conv):
         return _conv2d_lift(node, name, source, bias)
 
 
+class ChannelAffine(LayerType):
+    """A layer computing x * scale + shift per channel (its `affine`): it may fold into a
+    neighbouring producer, and commutes with positive scaling when it only scales up."""
+
+    def homogeneous(self, node):
+        scale, shift = self.affine(node)
+        return bool((scale > 0).all() and (shift == 0).all())
+
+    def propagate(self, node, values, rtol=0.0):
+        scale, shift = self.affine(node)
+        return values[0] * scale + shift
+
+
 class PerChannel(LayerType):
     """A layer with weights per channel of its input, which the channel axis indexes."""
 
@@ -416,7 +429,7 @@ class PerChannel(LayerType):
                           for weight in node.weights])
 
 
-class BatchNormalization(PerChannel):
+class BatchNormalization(PerChannel, ChannelAffine):
     def check(self, layer, config):
         axis = config["axis"][0] if isinstance(config["axis"], (list, tuple)) else config["axis"]
         if axis not in (-1, len(layer.input.shape) - 1):
@@ -432,9 +445,87 @@ class BatchNormalization(PerChannel):
         scale = gamma / np.sqrt(variance + node.config["epsilon"])
         return scale * np.ones_like(mean), beta - mean * scale
 
+
+def _per_channel(value, width):
+    """A scalar or per-channel config value as `width` float64 values."""
+    return np.broadcast_to(np.asarray(value, dtype=np.float64).reshape(-1), (width,)).copy()
+
+
+class Rescaling(ChannelAffine):
+    """x * scale + offset, where both are scalars or per-channel lists (kept in the config)."""
+
+    def check(self, layer, config):
+        for key in ("scale", "offset"):
+            if np.size(config[key]) not in (1, layer.input.shape[-1]):
+                raise UnsupportedLayerError(f"layer '{layer.name}' (Rescaling) has a {key} that is not a scalar "
+                                            "or one value per channel; it is not supported")
+
+    def affine(self, node):
+        return _per_channel(node.config["scale"], node.width), _per_channel(node.config["offset"], node.width)
+
+    def gather(self, node, index):
+        config = dict(node.config)
+        for key, values in zip(("scale", "offset"), self.affine(node)):
+            if np.size(config[key]) > 1:
+                config[key] = values[index].tolist()
+        return dataclasses.replace(node, config=config)
+
+    def channel_params(self, node):
+        return np.stack(self.affine(node), axis=1)
+
+
+class Normalization(ChannelAffine):
+    """(x - mean) / max(sqrt(variance), epsilon) per channel, or its inverse. Read with its
+    mean and variance in the config, per channel, whether they came adapted or given (an
+    adapted layer written back holds them in its config, as weights Keras will not reload)."""
+
+    def read(self, layer):
+        config = layer.get_config()
+        if tuple(config["axis"]) not in ((-1,), (len(layer.input.shape) - 1,)):
+            raise UnsupportedLayerError(f"layer '{layer.name}' (Normalization) normalizes axis {config['axis']}; "
+                                        "only the last axis is supported")
+        width = layer.input.shape[-1]
+        mean, variance = (_per_channel(keras.ops.convert_to_numpy(value), width) for value in (layer.mean, layer.variance))
+        return dict(config, axis=(-1,), mean=mean.tolist(), variance=variance.tolist()), []
+
+    def affine(self, node):
+        mean, variance = np.asarray(node.config["mean"]), np.asarray(node.config["variance"])
+        if node.config.get("invert"):
+            return np.sqrt(variance), mean
+        scale = 1.0 / np.maximum(np.sqrt(variance), keras.backend.epsilon())
+        return scale, -mean * scale
+
+    def gather(self, node, index):
+        config = {key: np.asarray(node.config[key])[index].tolist() for key in ("mean", "variance")}
+        return dataclasses.replace(node, config={**node.config, **config})
+
+    def channel_params(self, node):
+        return np.stack(self.affine(node), axis=1)
+
+
+class LayerScale(LayerType):
+    """ConvNeXt's `LayerScale` (x * gamma per channel), read as a stock per-channel `Rescaling`."""
+
+    def read_nodes(self, layer):
+        gamma = np.asarray(keras.ops.convert_to_numpy(layer.gamma), dtype=np.float64)
+        config = {"name": layer.name, "dtype": layer.dtype_policy.name, "scale": gamma.tolist(), "offset": 0.0}
+        return [(layer.name, "Rescaling", config, [], tuple(layer.output.shape[1:]))]
+
+
+class LayerNormalization(PerChannel):
+    """Normalizes over the channel axis: it mixes the channels, so it fixes its group's width."""
+
+    def check(self, layer, config):
+        axes = config["axis"] if isinstance(config["axis"], (list, tuple)) else [config["axis"]]
+        if list(axes) not in ([-1], [len(layer.input.shape) - 1]):
+            raise UnsupportedLayerError(f"layer '{layer.name}' (LayerNormalization) normalizes axis "
+                                        f"{config['axis']}; only the last axis is supported")
+
+    def freezes(self, node):
+        return True
+
     def propagate(self, node, values, rtol=0.0):
-        scale, shift = self.affine(node)
-        return values[0] * scale + shift
+        return np.full(len(values[0]), np.nan)
 
 
 class DepthwiseConv2D(PerChannel):
@@ -511,8 +602,54 @@ class Activation(LayerType):
         return self.function(node) is None
 
 
+class ReLU(Activation):
+    def function(self, node):
+        config = node.config
+        return activations.relu(config.get("max_value"), config.get("negative_slope", 0.0), config.get("threshold", 0.0))
+
+
+class LeakyReLU(Activation):
+    def function(self, node):
+        return activations.leaky_relu(node.config.get("negative_slope", node.config.get("alpha", 0.3)))
+
+
+class ELU(Activation):
+    def function(self, node):
+        return activations.elu(node.config.get("alpha", 1.0))
+
+
+class Softmax(Activation):
+    """Mixes the channels of the last axis: it fixes the width of the group it sees."""
+
+    def check(self, layer, config):
+        axes = config["axis"] if isinstance(config["axis"], (list, tuple)) else [config["axis"]]
+        if list(axes) not in ([-1], [len(layer.input.shape) - 1]):
+            raise UnsupportedLayerError(f"layer '{layer.name}' (Softmax) normalizes axis {config['axis']}; "
+                                        "only the last axis is supported")
+
+    def function(self, node):
+        return None
+
+
+class PReLU(PerChannel):
+    """x above 0, a learned slope times x below, per channel (and per position unless shared)."""
+
+    axis = -1
+    commutes_with_scaling = True
+
+    def check(self, layer, config):
+        if layer.weights[0].shape[-1] != layer.input.shape[-1]:
+            raise UnsupportedLayerError(f"layer '{layer.name}' (PReLU) shares its slope across channels; "
+                                        "only slopes per channel (shared_axes without the last axis) are supported")
+
+    def propagate(self, node, values, rtol=0.0):
+        slopes = node.weights[0].reshape(-1, node.width)
+        slope = np.where((slopes == slopes[0]).all(axis=0), slopes[0], np.nan)  # a constant stays one if shared
+        return np.where(values[0] >= 0, values[0], slope * values[0])
+
+
 class Identity(LayerType):
-    """Layers that are the identity at inference (Dropout)."""
+    """Layers that are the identity at inference (Dropout, GaussianNoise, ...)."""
 
     elementwise = True
     passes = "affine"
@@ -562,6 +699,36 @@ class Add(LayerType):
         return np.sum(values, axis=0)
 
 
+class Subtract(Add):
+    def propagate(self, node, values, rtol=0.0):
+        return values[0] - values[1]
+
+
+class Average(Add):
+    def propagate(self, node, values, rtol=0.0):
+        return np.mean(values, axis=0)
+
+
+class Maximum(Add):
+    def propagate(self, node, values, rtol=0.0):
+        return np.max(values, axis=0)
+
+
+class Minimum(Add):
+    def propagate(self, node, values, rtol=0.0):
+        return np.min(values, axis=0)
+
+
+class Multiply(Add):
+    """Channel by channel products (a squeeze-and-excitation gate): its inputs' groups join;
+    a product of positive multiples is not the same multiple, so it does not commute."""
+
+    commutes_with_scaling = False
+
+    def propagate(self, node, values, rtol=0.0):
+        return np.prod(values, axis=0)
+
+
 class Concatenate(LayerType):
     role = "concatenates"
     commutes_with_scaling = True
@@ -586,16 +753,47 @@ class Flatten(LayerType):
 
 
 class Reshape(Flatten):
-    def check(self, layer, config):
-        if len(config["target_shape"]) != 1:
-            raise UnsupportedLayerError(f"layer '{layer.name}' (Reshape) does more than flatten; "
-                                        "only Reshape((n,)) is supported")
+    """Flattens to one axis; a reshape keeping the channel axis last is a `PositionReshape`."""
+
+    def variant(self, config):
+        return POSITION_RESHAPE if len(config["target_shape"]) != 1 else self
 
     def config(self, node):
         return dict(node.config, name=node.name, target_shape=(node.width,))
 
 
+class PositionReshape(LayerType):
+    """A Reshape moving positions around the channel axis, which stays last (to and from
+    (1, 1, C) in squeeze-and-excitation blocks): it keeps channel identity."""
+
+    commutes_with_scaling = True
+    passes = "affine"
+
+    def check(self, layer, config):
+        if config["target_shape"][-1] != layer.input.shape[-1]:
+            raise UnsupportedLayerError(f"layer '{layer.name}' (Reshape) moves values across the channel axis; "
+                                        "only Reshape((n,)) and reshapes keeping the last axis are supported")
+
+    def config(self, node):
+        return dict(node.config, name=node.name, target_shape=(*node.config["target_shape"][:-1], node.width))
+
+
+class Permute(LayerType):
+    """Reorders the position axes; the channel axis must stay last."""
+
+    commutes_with_scaling = True
+    passes = "affine"
+
+    def check(self, layer, config):
+        if config["dims"][-1] != len(config["dims"]):
+            raise UnsupportedLayerError(f"layer '{layer.name}' (Permute) moves the channel axis; "
+                                        "only permutations keeping the last axis last are supported")
+
+
+INFERENCE_IDENTITIES = ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianNoise",
+                        "GaussianDropout", "AlphaDropout", "ActivityRegularization")
 CONV, GROUPED_CONV = Conv(), GroupedConv()
+POSITION_RESHAPE = PositionReshape()
 DEPTHWISE, MULTIPLIED_DEPTHWISE = DepthwiseConv2D(), MultipliedDepthwise()  # the variants by depth_multiplier
 
 REGISTRY = {
@@ -608,19 +806,35 @@ REGISTRY = {
     "UpSampling2D": Resampling(),
     "Cropping2D": Resampling(),
     "BatchNormalization": BatchNormalization(),
+    "Rescaling": Rescaling(),
+    "Normalization": Normalization(),
     "Activation": Activation(),
-    "Dropout": Identity(),
+    "ReLU": ReLU(),
+    "LeakyReLU": LeakyReLU(),
+    "ELU": ELU(),
+    "PReLU": PReLU(),
+    "Softmax": Softmax(),
+    "LayerNormalization": LayerNormalization(),
+    **{kind: Identity() for kind in INFERENCE_IDENTITIES},
     "MaxPooling2D": Spatial(),
     "AveragePooling2D": AveragePooling(),
     "GlobalAveragePooling2D": AveragePooling(),
     "GlobalMaxPooling2D": Spatial(),
     "ZeroPadding2D": ZeroPadding(),
     "Add": Add(),
+    "Subtract": Subtract(),
+    "Average": Average(),
+    "Maximum": Maximum(),
+    "Minimum": Minimum(),
+    "Multiply": Multiply(),
     "Concatenate": Concatenate(),
     "Flatten": Flatten(),
     "Reshape": Reshape(),
+    "Permute": Permute(),
 }
-SUPPORTED = tuple(REGISTRY)
+# Classes of keras.applications that Keras ships with the architectures, by module and name
+APPLICATION_LAYERS = {"keras.src.applications.convnext.LayerScale": LayerScale()}
+SUPPORTED = tuple(REGISTRY) + tuple(name.rsplit(".", 1)[1] for name in APPLICATION_LAYERS)
 
 
 def entry(kind, config=None):
@@ -637,6 +851,9 @@ def entry_of(layer):
         UnsupportedLayerError: naming the layer, its class and the supported ones.
     """
     kind = type(layer).__name__
+    application = APPLICATION_LAYERS.get(f"{type(layer).__module__}.{type(layer).__qualname__}")
+    if application is not None:
+        return application
     if kind not in REGISTRY or type(layer) is not getattr(keras.layers, kind, None):
         raise UnsupportedLayerError(f"layer '{layer.name}' ({kind}) is not supported; "
                                     f"supported layers: {', '.join(SUPPORTED)}")

@@ -1,0 +1,187 @@
+"""The activation, preprocessing, merge and reshape layers of the model zoo, Keras ops on
+symbolic tensors and nested models (issue 17, part 1 and 2).
+
+Each model is read and rebuilt to the same function; a widen embedding on its hidden groups
+comes back through `prune` to no more parameters and the same outputs; `--mode data` with a
+keep ratio gives a smaller model that still runs.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_embed
+from keras_embed.errors import UnsupportedLayerError
+from keras_embed.model.build import build_model
+from keras_embed.stopping import StoppingRule
+from keras_embed.verify import predict
+
+RELATIVE = 1e-5
+
+
+def _activations_mlp():
+    x = keras.Input((6,), name="features")
+    h = keras.layers.ReLU(6.0, negative_slope=0.1, threshold=0.2, name="relu_capped")(keras.layers.Dense(8, name="d1")(x))
+    h = keras.layers.LeakyReLU(0.1, name="leaky")(keras.layers.Dense(7, name="d2")(h))
+    h = keras.layers.PReLU(alpha_initializer=keras.initializers.RandomUniform(0.0, 0.5, seed=1), name="prelu")(
+        keras.layers.Dense(7, name="d3")(h))
+    h = keras.layers.ELU(0.5, name="elu")(keras.layers.Dense(6, name="d4")(h))
+    h = keras.layers.GaussianDropout(0.1, name="noise")(keras.layers.GaussianNoise(0.1, name="gauss")(h))
+    h = keras.layers.AlphaDropout(0.1, name="alpha_drop")(keras.layers.Dropout(0.2, name="drop")(h))
+    return keras.Model(x, keras.layers.Softmax(name="probabilities")(keras.layers.Dense(4, name="scores")(h)), name="mlp")
+
+
+def _preprocessing_cnn():
+    x = keras.Input((8, 8, 3), name="image")
+    h = keras.layers.Rescaling(1 / 255.0, offset=-0.5, name="rescale")(x)
+    h = keras.layers.Normalization(mean=[0.1, -0.2, 0.0], variance=[1.0, 4.0, 0.25], name="normalize")(h)
+    h = keras.layers.ReLU(6.0, name="relu6")(keras.layers.Conv2D(6, 3, padding="same", name="conv_a")(h))
+    h = (h + 1.0) * 0.5  # Keras ops on symbolic tensors: read as Rescaling
+    h = keras.layers.Rescaling([1.0, 2.0, 0.5, 1.5, 1.0, 3.0], name="per_channel")(h)
+    h = keras.layers.Conv2D(5, 3, name="conv_b")(h)
+    h = keras.layers.PReLU(shared_axes=[1, 2], alpha_initializer=keras.initializers.Constant(0.25), name="prelu")(h)
+    h = keras.layers.SpatialDropout2D(0.1, name="spatial_drop")(h)
+    h = keras.layers.GlobalAveragePooling2D(name="gap")(h)
+    return keras.Model(x, keras.layers.Dense(3, name="scores")(h), name="preprocessing")
+
+
+def _gated_cnn():
+    """Squeeze-and-excitation (Reshape to (1, 1, C), Multiply), the other merges and Permute."""
+    x = keras.Input((8, 8, 3), name="image")
+    h = keras.layers.Conv2D(8, 1, activation="swish", name="expand")(x)
+    h = keras.layers.Activation("hard_swish", name="hswish")(keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(h))
+    gate = keras.layers.Reshape((1, 1, 8), name="squeeze")(keras.layers.GlobalAveragePooling2D(name="se_pool")(h))
+    gate = keras.layers.Conv2D(3, 1, activation="relu", name="se_reduce")(gate)
+    gate = keras.layers.Conv2D(8, 1, activation="hard_sigmoid", name="se_expand")(gate)
+    h = keras.layers.Multiply(name="excite")([h, gate])
+    a = keras.layers.Conv2D(6, 1, activation="gelu", name="branch_a")(h)
+    b = keras.layers.Conv2D(6, 1, activation="mish", name="branch_b")(h)
+    merged = [keras.layers.Subtract(name="sub")([a, b]), keras.layers.Average(name="avg")([a, b]),
+              keras.layers.Maximum(name="max")([a, b]), keras.layers.Minimum(name="min")([a, b])]
+    h = keras.layers.Concatenate(name="concat")(merged)
+    h = keras.layers.Permute((2, 1, 3), name="transpose")(h)
+    h = keras.layers.Flatten(name="flatten")(keras.layers.MaxPooling2D(name="pool")(h))
+    return keras.Model(x, keras.layers.Dense(3, name="scores")(h), name="gated")
+
+
+def _nested():
+    """Transfer learning: a functional base inside a Sequential head, with a Sequential stem inside the base."""
+    x = keras.Input((8, 8, 3), name="image")
+    stem = keras.Sequential([keras.layers.Conv2D(6, 3, name="stem_conv"), keras.layers.ReLU(name="stem_relu")],
+                            name="stem")
+    h = stem(x)
+    body = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="body")(h)
+    base = keras.Model(x, keras.layers.Add(name="residual")([h, body]), name="base")
+    return keras.Sequential([keras.Input((8, 8, 3)), base, keras.layers.GlobalAveragePooling2D(name="gap"),
+                             keras.layers.Dense(3, name="scores")], name="transfer")
+
+
+BUILDERS = {"mlp": _activations_mlp, "preprocessing": _preprocessing_cnn, "gated": _gated_cnn, "nested": _nested}
+GROW = {"mlp": ["d1", "d3", "d4"], "preprocessing": ["conv_a", "conv_b"], "gated": ["expand", "se_reduce", "branch_a"],
+        "nested": ["stem_conv", "body"]}
+
+
+def _inputs(model, samples=64, seed=0):
+    return np.random.default_rng(seed).uniform(-2, 2, (samples, *model.input_shape[1:])).astype("float32")
+
+
+def assert_same_function(reference, candidate, x):
+    expected, actual = predict(reference, x), predict(candidate, x)
+    assert np.abs(expected - actual).max() <= RELATIVE * max(np.abs(expected).max(), 1e-6)
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def case(request):
+    keras.utils.set_random_seed(0)
+    model = BUILDERS[request.param]()
+    return request.param, model, _inputs(model)
+
+
+def test_a_model_is_read_and_rebuilt_to_the_same_function(case):
+    _, model, x = case
+    rebuilt = build_model(keras_embed.read_model(model))
+    assert_same_function(model, rebuilt, x)
+
+
+def test_widen_then_prune_gives_back_no_more_parameters_and_the_same_outputs(case):
+    kind, model, x = case
+    steps = [(layer, 0, 0.3) for layer in GROW[kind]] + [(GROW[kind][0], 1, -0.4)]
+    grown, _ = keras_embed.embed(model, widen_steps=steps)
+    assert grown.count_params() > model.count_params()
+    assert_same_function(model, grown, x)
+
+    pruned, report = keras_embed.prune(grown)
+
+    assert pruned.count_params() <= model.count_params()
+    assert report.to_dict()["removed"]["duplicate"] >= len(steps)
+    assert_same_function(model, pruned, x)
+
+
+def test_data_mode_with_a_keep_ratio_gives_a_smaller_model_that_runs(case):
+    _, model, x = case
+    pruned, _ = keras_embed.prune(model, mode="data", rule=StoppingRule("keep_ratio", 0.5), data=x, force=True)
+    assert pruned.count_params() < model.count_params()
+    assert np.isfinite(predict(pruned, x)).all()
+
+
+def test_nested_models_are_read_through_and_named():
+    graph = keras_embed.read_model(_nested())
+    assert graph.nested == ("base", "stem")
+    assert {"stem_conv", "body", "gap"} <= set(graph.by_name)
+
+
+ACTIVATIONS = ["swish", "silu", "hard_swish", "hard_silu", "gelu", "mish", "relu6", "hard_sigmoid", "elu", "selu",
+               "softplus", "softsign", "log_sigmoid", "leaky_relu", "celu", "tanh_shrink", "squareplus", "sparse_plus",
+               "hard_tanh", "soft_shrink", "hard_shrink", "sparse_sigmoid", "sigmoid", "tanh", "relu", "exponential"]
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_every_keras_activation_name_round_trips(name):
+    keras.utils.set_random_seed(1)
+    x = keras.Input((4,))
+    h = keras.layers.Activation(name, name="act")(keras.layers.Dense(5, name="hidden")(x))
+    model = keras.Model(x, keras.layers.Dense(2, name="out")(h))
+    inputs = _inputs(model, 32)
+    grown, _ = keras_embed.embed(model, widen_steps=[("hidden", 2, 0.4)])
+    pruned, _ = keras_embed.prune(grown)
+    assert pruned.count_params() == model.count_params()
+    assert_same_function(model, pruned, inputs)
+
+
+def test_keras_ops_on_symbolic_tensors_are_read_as_rescaling():
+    x = keras.Input((5,))
+    h = keras.layers.Dense(4, name="hidden")(x)
+    h = keras.layers.Dense(3, name="out")(2.0 - (h / 4.0 - 1.0) * 3.0)
+    model = keras.Model(x, h)
+    graph = keras_embed.read_model(model, fold=False)
+    assert [node.kind for node in graph.nodes].count("Rescaling") == 4
+    assert_same_function(model, build_model(graph), _inputs(model))
+    assert "Rescaling" not in [node.kind for node in keras_embed.read_model(model).nodes]  # folded into a Dense
+
+
+def test_a_number_divided_by_a_tensor_is_refused_naming_the_op():
+    x = keras.Input((5,))
+    model = keras.Model(x, keras.layers.Dense(2)(1.0 / keras.layers.Dense(3)(x)))
+    with pytest.raises(UnsupportedLayerError, match=r"op '.*' \(TrueDivide\) divides a number by a tensor"):
+        keras_embed.read_model(model)
+
+
+def test_an_adapted_normalization_and_its_inverse_keep_their_statistics():
+    rng = np.random.default_rng(2)
+    data = rng.normal([1.0, -3.0, 0.5], [2.0, 0.5, 1.0], (200, 3)).astype("float32")
+    normalize = keras.layers.Normalization(name="normalize")
+    normalize.adapt(data)
+    x = keras.Input((3,))
+    h = keras.layers.Dense(4, activation="tanh", name="hidden")(normalize(x))
+    model = keras.Model(x, keras.layers.Normalization(invert=True, mean=[2.0], variance=[9.0], name="denormalize")(
+        keras.layers.Dense(1, name="out")(h)))
+    assert_same_function(model, build_model(keras_embed.read_model(model, fold=False)), data)
+    assert_same_function(model, build_model(keras_embed.read_model(model)), data)
+
+
+def test_a_layer_name_used_twice_across_nested_models_is_refused():
+    x = keras.Input((4,))
+    inner = keras.Sequential([keras.layers.Dense(3, name="twin")], name="inner")
+    model = keras.Model(x, keras.layers.Dense(2, name="twin")(inner(x)))  # Keras checks names one level deep only
+    with pytest.raises(UnsupportedLayerError, match="two layers that read as 'twin'"):
+        keras_embed.read_model(model)
