@@ -185,3 +185,19 @@ def test_a_layer_name_used_twice_across_nested_models_is_refused():
     model = keras.Model(x, keras.layers.Dense(2, name="twin")(inner(x)))  # Keras checks names one level deep only
     with pytest.raises(UnsupportedLayerError, match="two layers that read as 'twin'"):
         keras_embed.read_model(model)
+
+
+def test_the_application_classes_are_read_as_stock_layers():
+    from keras.src.applications.convnext import LayerScale
+    from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
+
+    keras.utils.set_random_seed(3)
+    x = keras.Input((6, 6, 4))
+    branch = keras.layers.Conv2D(4, 1, name="branch")(keras.layers.Conv2D(5, 3, padding="same", activation="relu")(x))
+    h = CustomScaleLayer(0.17, name="residual")([x, branch])
+    h = LayerScale(0.5, 4, name="layer_scale")(keras.layers.Conv2D(4, 3, padding="same", name="scaled")(h))
+    model = keras.Model(x, keras.layers.Dense(2)(keras.layers.Flatten()(h)))
+    graph = keras_embed.read_model(model)
+    assert {node.kind for node in graph.nodes} <= set(keras_embed.model.registry.REGISTRY)
+    assert graph.node("residual").kind == "Add" and "residual_scale" not in graph.by_name  # folded into 'branch'
+    assert_same_function(model, build_model(graph), _inputs(model))

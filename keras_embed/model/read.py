@@ -67,10 +67,12 @@ def _operation_nodes(operation, sources, arguments):
         kind, config = as_layer(operation, arguments)
         return [Node(operation.name, kind, sources, {**config, "name": operation.name, "dtype": operation.output.dtype},
                      shape=tuple(operation.output.shape[1:]))]
-    nodes = []
-    for name, kind, config, weights, shape in registry.entry_of(operation).read_nodes(operation):
-        nodes.append(Node(name, kind, sources, config, tuple(weights), shape))
-        sources = (name,)
+    nodes, reads = [], sources
+    for name, kind, config, weights, shape, *given in registry.entry_of(operation).read_nodes(operation):
+        if given:
+            reads = tuple(sources[item] if isinstance(item, int) else item for item in given[0])
+        nodes.append(Node(name, kind, reads, config, tuple(weights), shape))
+        reads = (name,)
     return nodes
 
 

@@ -105,7 +105,8 @@ class LayerType:
     def read_nodes(self, layer):
         """The graph nodes of a built Keras layer, each reading the one before (the first
         reads the layer's inputs, the last is the layer's output and has its name):
-        [(name, kind, config, weights, output shape)]."""
+        [(name, kind, config, weights, output shape)]; a sixth item, where given, names what
+        the node reads instead: the layer's inputs by position and nodes before it by name."""
         config, weights = self.read(layer)
         return [(layer.name, type(layer).__name__, config, weights, tuple(layer.output.shape[1:]))]
 
@@ -512,6 +513,18 @@ class LayerScale(LayerType):
         return [(layer.name, "Rescaling", config, [], tuple(layer.output.shape[1:]))]
 
 
+class CustomScaleLayer(LayerType):
+    """InceptionResNetV2's residual `inputs[0] + inputs[1] * scale`, read as stock layers: a
+    `Rescaling` of the branch (folded into the linear convolution before it), then an `Add`."""
+
+    def read_nodes(self, layer):
+        common, shape = {"dtype": layer.dtype_policy.name}, tuple(layer.output.shape[1:])
+        scaled = f"{layer.name}_scale"
+        return [(scaled, "Rescaling", {**common, "name": scaled, "scale": float(layer.scale), "offset": 0.0}, [], shape,
+                 (1,)),
+                (layer.name, "Add", {**common, "name": layer.name}, [], shape, (0, scaled))]
+
+
 class LayerNormalization(PerChannel):
     """Normalizes over the channel axis: it mixes the channels, so it fixes its group's width."""
 
@@ -833,7 +846,8 @@ REGISTRY = {
     "Permute": Permute(),
 }
 # Classes of keras.applications that Keras ships with the architectures, by module and name
-APPLICATION_LAYERS = {"keras.src.applications.convnext.LayerScale": LayerScale()}
+APPLICATION_LAYERS = {"keras.src.applications.convnext.LayerScale": LayerScale(),
+                      "keras.src.applications.inception_resnet_v2.CustomScaleLayer": CustomScaleLayer()}
 SUPPORTED = tuple(REGISTRY) + tuple(name.rsplit(".", 1)[1] for name in APPLICATION_LAYERS)
 
 
