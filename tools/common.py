@@ -159,7 +159,8 @@ output_options = _options(
                  help="Replace the output (and report) if it exists; without it an existing one is an error (exit 2)."),
     click.option("--atol", type=FiniteFloat(min=0),
                  help="Largest allowed max abs output difference, for embed and exact prune "
-                      "[default: 1e-4 times the output scale]."),
+                      "[default: 1e-4 times the output scale, or 10 times the outputs' change when every input moves "
+                      "by one float32 rounding step, whichever is larger]."),
     unsafe_option,
 )
 

@@ -6,7 +6,8 @@ Every format is read back by its own runtime before the file is renamed into pla
 by onnxruntime. The largest absolute difference from the Keras model's outputs on the
 check inputs must stay within a tolerance relative to the output scale:
 
-    float32 formats   1e-4 x output scale (or the --atol given)
+    float32 formats   1e-4 x output scale, or 10 x the outputs' change under a one-rounding-step
+                      change of the inputs, whichever is larger (`verify.default_atol`); or --atol
     --quantize float16   1e-2 x output scale
     --quantize int8      1e-1 x output scale (weights and activations in 8 bits, calibrated
                          on the representative data)
@@ -25,10 +26,10 @@ import numpy as np
 from keras_embed.errors import InputError, VerificationError
 from keras_embed.files.load import load_model
 from keras_embed.files.save import output_format, save_model, write_tflite
-from keras_embed.verify import predict
+from keras_embed.verify import default_atol, predict, rounding_step
 
 QUANTIZATIONS = ("float16", "int8")
-RELATIVE_TOLERANCES = {None: 1e-4, "float16": 1e-2, "int8": 1e-1}
+RELATIVE_TOLERANCES = {"float16": 1e-2, "int8": 1e-1}
 CHECK_ROWS = 1024  # the export is compared on at most this many rows of the check inputs
 
 
@@ -125,7 +126,12 @@ def export_model(model, path, x, format=None, quantize=None, representative=None
     x = np.asarray(x[:CHECK_ROWS], dtype=np.float32)
     expected = predict(model, x)
     scale = float(np.abs(expected).max(initial=0.0)) or 1.0
-    tolerance = atol if atol is not None and quantize is None else RELATIVE_TOLERANCES[quantize] * scale
+    if quantize is not None:
+        tolerance = RELATIVE_TOLERANCES[quantize] * scale
+    elif atol is not None:
+        tolerance = atol
+    else:
+        tolerance = default_atol(scale, float(np.abs(predict(model, rounding_step(x)) - expected).max(initial=0.0)))
     figures = {"export_format": "tf_keras " + format if tf_keras else format, "export_quantize": quantize}
     read = _tf_keras_outputs if tf_keras else _READERS[format]
 
