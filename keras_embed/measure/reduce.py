@@ -131,12 +131,13 @@ def _traced(model, names, requests):
         reduce = _reductions(names, requests)
         spec = model.inputs[0]
         signature = [tf.TensorSpec((None, *spec.shape[1:]), spec.dtype)]
-        functions[key] = tf.function(lambda batch: reduce(_as_list(model(batch, training=False))),
+        functions[key] = tf.function(lambda batch: reduce(as_list(model(batch, training=False))),
                                      input_signature=signature)
     return functions[key]
 
 
-def _as_list(values):
+def as_list(values):
+    """A model's outputs as a list (one output comes alone)."""
     return list(values) if isinstance(values, (list, tuple)) else [values]
 
 
@@ -157,7 +158,7 @@ class Reducer:
     def __call__(self, batch):
         self.calls += 1
         if self.eager and self.calls <= EAGER_CALLS:
-            finite, summaries, grams = self.reduce(_as_list(self.model(batch, training=False)))
+            finite, summaries, grams = self.reduce(as_list(self.model(batch, training=False)))
         else:
             finite, summaries, grams = self.traced(tf.convert_to_tensor(batch, dtype=self.model.inputs[0].dtype))
         return ([bool(flag) for flag in finite], [to_summary(values) for values in summaries],
