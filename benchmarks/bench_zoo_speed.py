@@ -87,18 +87,22 @@ def table(rows, size):
              "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
     for name, results in rows:
         base = results["baseline"]
+        if "error" in base:
+            lines.append(f"| {name} | baseline failed: {base['error']} | | | | | | | |")
+            continue
         for step in STEPS[1:]:
             found = results.get(step)
             if found is None:
                 continue
             if "error" in found:
-                lines.append(f"| {name} | {base.get('seconds', float('nan')):.2f} | "
-                             f"{base.get('peak_rss_mib', float('nan')):.0f} | {step} | {found['error']} | | | | |")
+                lines.append(f"| {name} | {base['seconds']:.2f} | {base['peak_rss_mib']:.0f} | {step} | "
+                             f"{found['error']} | | | | |")
                 continue
             params = " -> ".join(f"{count:,}" for count in found.get("params", []))
+            memory = found["peak_rss_mib"]
             lines.append(f"| {name} | {base['seconds']:.2f} | {base['peak_rss_mib']:.0f} | {step} | "
                          f"{found['seconds']:.1f} | {found['seconds'] / base['seconds']:.1f} | "
-                         f"{found['peak_rss_mib']:.0f} | {found['peak_rss_mib'] / base['peak_rss_mib']:.2f} | {params} |")
+                         f"{memory:.0f} | {memory / base['peak_rss_mib']:.2f} | {params} |")
     return "\n".join(lines)
 
 

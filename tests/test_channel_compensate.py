@@ -206,8 +206,8 @@ def test_regression_statistics_equal_numpy_on_the_stacked_rows():
     weighting = reader_weighting(graph, group)
     probe = build_model(graph, outputs=sorted({name for name, _ in request.a}))
     outputs = dict(zip(sorted({name for name, _ in request.a}), probe(x, training=False)))
-    a = np.concatenate([np.asarray(outputs[name], dtype=np.float64).reshape(-1, outputs[name].shape[-1])[:, list(positions)]
-                        for name, positions in request.a])
+    flat = {name: np.asarray(value, dtype=np.float64).reshape(-1, value.shape[-1]) for name, value in outputs.items()}
+    a = np.concatenate([flat[name][:, list(positions)] for name, positions in request.a])
     augmented, r = np.column_stack([a, np.ones(len(a))]), a @ weighting
 
     stats = regression_stats(graph, reference_probe(graph), group, x, weighting, batch_size=8)

@@ -77,8 +77,8 @@ def _part_products(current, reference, parts):
     for name, positions in parts:
         a, r = (tf.cast(tf.gather(tf.reshape(values[name], (-1, values[name].shape[-1])), list(positions), axis=1),
                         tf.float64) for values in (current, reference))
-        products = (tf.cast(tf.shape(a)[0], tf.float64), tf.linalg.matmul(a, a, transpose_a=True), tf.reduce_sum(a, axis=0),
-                    tf.linalg.matmul(a, r, transpose_a=True), tf.reduce_sum(r, axis=0),
+        products = (tf.cast(tf.shape(a)[0], tf.float64), tf.linalg.matmul(a, a, transpose_a=True),
+                    tf.reduce_sum(a, axis=0), tf.linalg.matmul(a, r, transpose_a=True), tf.reduce_sum(r, axis=0),
                     tf.linalg.matmul(r, r, transpose_a=True))
         sums = products if sums is None else tuple(total + product for total, product in zip(sums, products))
     return sums
@@ -90,6 +90,18 @@ def reference_probe(reference):
     return build_model(reference, outputs=sorted({source for node in reference.producers for source in node.inputs}))
 
 
+def _up_to(graph, names):
+    """`graph` cut to the nodes the tensors `names` are computed from (a probe of an early
+    group builds and loads only those layers)."""
+    needed, frontier = set(), list(names)
+    while frontier:
+        name = frontier.pop()
+        if name not in needed:
+            needed.add(name)
+            frontier.extend(graph.by_name[name].inputs)
+    return graph.with_nodes(node for node in graph.nodes if node.name in needed)
+
+
 def regression_stats(graph, target, group, data, weighting, batch_size=256):
     """One pass: `group`'s channels in `graph` against the same channels of the reference
     network (`target`: its `reference_probe`; same node names, the group at the same
@@ -97,7 +109,7 @@ def regression_stats(graph, target, group, data, weighting, batch_size=256):
     traced function that returns only the products the fit needs (rows never reach NumPy)."""
     request = group_request(graph, group)
     names = tensors({group: request})
-    current = build_model(graph, outputs=names)
+    current = build_model(_up_to(graph, names), outputs=names)
     reference = keras.Model(target.inputs, [target.get_layer(name).output for name in names])
     spec = current.inputs[0]
 
@@ -107,10 +119,12 @@ def regression_stats(graph, target, group, data, weighting, batch_size=256):
         return _part_products(*outputs, request.a)
 
     width = graph.group_width(group)
-    gram, cross_r, target_gram = np.zeros((width + 1, width + 1)), np.zeros((width + 1, width)), np.zeros((width, width))
+    gram, cross_r = np.zeros((width + 1, width + 1)), np.zeros((width + 1, width))
+    target_gram = np.zeros((width, width))
     for batch in batches(data, batch_size):
         batch = check_inputs(batch, graph.inputs[0])
-        rows, a_a, a_sum, a_r, r_sum, r_r = (value.numpy() for value in products(tf.convert_to_tensor(batch, spec.dtype)))
+        values = products(tf.convert_to_tensor(batch, spec.dtype))
+        rows, a_a, a_sum, a_r, r_sum, r_r = (value.numpy() for value in values)
         gram[:-1, :-1] += a_a
         gram[:-1, -1] += a_sum
         gram[-1, :-1] += a_sum
