@@ -6,7 +6,7 @@ that of a process that builds the model and predicts one batch; `--mode data --k
 0.5` finishes in a few predicts.
 
 Run: `.venv/bin/python benchmarks/bench_zoo_speed.py [--size 224] [--models ResNet50,InceptionV3]`
-It prints a Markdown table. Each step runs in its own fresh process (the same seeded model,
+It prints a Markdown table (InceptionV3 takes 75x75 and up). Each step runs in its own fresh process (the same seeded model,
 weights=None, no download; the same 256 seeded standard-normal images):
     baseline  build the model, predict one batch of 256: its peak RSS is the memory base
     predict   model.predict over the 256 images (batch 256), timed after one warm-up call
