@@ -32,7 +32,7 @@ from keras_embed.find.constants import data_constants
 from keras_embed.find.data_rules import plan_collapses
 from keras_embed.find.refit import check_refit_memory, compress_groups, search
 from keras_embed.find.weight_rules import find_redundancy
-from keras_embed.measure.regimes import DEFAULT_LIN_TOL, producer_regimes
+from keras_embed.measure.regimes import DEFAULT_LIN_TOL, moment_producers, producer_regimes
 from keras_embed.measure.statistics import collect, producer_requests, source_requests
 from keras_embed.model.build import build_model
 from keras_embed.model.read import nonfinite_weight, read_model
@@ -54,7 +54,7 @@ def read_supported(model):
 def statistics(graph, data, batch_size=256, on_batch=None):
     """The one pass for the exact data rules: (regime statistics by producer, value
     statistics by tensor read by a producer)."""
-    regimes, values = producer_requests(graph), source_requests(graph)
+    regimes, values = producer_requests(graph, moments=moment_producers(graph)), source_requests(graph)
     requests = {**{("z", name): request for name, request in regimes.items()},
                 **{("a", name): request for name, request in values.items()}}
     stats = collect(graph, data, requests, batch_size, on_batch)

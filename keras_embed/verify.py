@@ -13,6 +13,7 @@ import numpy as np
 
 from keras_embed.files.data import batches, check_inputs
 from keras_embed.errors import InputError, VerificationError
+from keras_embed.measure.reduce import EAGER_BYTES, layer_bytes
 
 DEFAULT_SAMPLES = 1024
 RELATIVE_ATOL = 1e-4
@@ -30,10 +31,21 @@ def calibration_inputs(model, samples=DEFAULT_SAMPLES, seed=0):
     return values.astype(keras.backend.standardize_dtype(tensor.dtype))
 
 
+def outputs_on(model, batch):
+    """`model`'s outputs on one batch as a float64 numpy array, in inference mode: eagerly
+    for a small model, traced for one whose layer outputs exceed `reduce.EAGER_BYTES` (an
+    eager functional call keeps every layer's output until it returns; a traced one frees
+    them as it goes, and is faster on a large CNN)."""
+    if layer_bytes(model, len(batch)) <= EAGER_BYTES:
+        values = model(batch, training=False)
+    else:
+        values = model.predict_on_batch(batch)
+    return np.asarray(keras.ops.convert_to_numpy(values), dtype=np.float64)
+
+
 def predict(model, x, batch_size=256):
-    """Model outputs on `x` as a float64 numpy array (inference mode, no tf.function)."""
-    outputs = [model(batch, training=False) for batch in batches(x, batch_size)]
-    return np.concatenate([keras.ops.convert_to_numpy(batch) for batch in outputs]).astype(np.float64)
+    """Model outputs on `x` as a float64 numpy array (inference mode)."""
+    return np.concatenate([outputs_on(model, batch) for batch in batches(x, batch_size)])
 
 
 def rounding_step(batch):
@@ -58,11 +70,11 @@ def output_difference(reference, candidate, data, batch_size=256, sensitivity=Fa
     samples = 0
     for batch in batches(data, batch_size):
         batch = check_inputs(batch, reference)
-        expected = keras.ops.convert_to_numpy(reference(batch, training=False)).astype(np.float64)
+        expected = outputs_on(reference, batch)
         if not np.all(np.isfinite(expected)):
             raise InputError(f"model '{reference.name}' outputs NaN or infinite values on the data it is checked on; "
                              "check its weights and the data")
-        actual = keras.ops.convert_to_numpy(candidate(batch, training=False)).astype(np.float64)
+        actual = outputs_on(candidate, batch)
         if expected.shape != actual.shape:
             return np.inf, scale, rounding
         if sensitivity:

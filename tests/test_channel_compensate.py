@@ -189,3 +189,45 @@ def test_cli_finds_near_copies_exact_mode_cannot_remove(tmp_path, saved_models):
     assert widths["data"]["stem"] <= 8 and widths["data"]["res_a"] <= 8 and widths["data"]["head"] <= 12
     assert figures["mode"] == "data" and figures["accuracy_drop"] <= 0.5
     assert figures["params_after"] == keras.saving.load_model(tmp_path / "data.keras").count_params()
+
+
+def test_regression_statistics_equal_numpy_on_the_stacked_rows():
+    """The products `regression_stats` reduces inside TensorFlow, part by part, equal the
+    Gram, cross-product and energy of the stacked rows of both networks (a residual group
+    read in several tensors)."""
+    from keras_embed.find.refit import reader_weighting, reference_probe, regression_stats
+    from keras_embed.measure.statistics import group_request
+
+    model, _ = cnn_with_residual()
+    x = image_inputs(model, samples=21)
+    graph = read_model(model)
+    group = graph.group_of("stem")
+    request = group_request(graph, group)
+    weighting = reader_weighting(graph, group)
+    probe = build_model(graph, outputs=sorted({name for name, _ in request.a}))
+    outputs = dict(zip(sorted({name for name, _ in request.a}), probe(x, training=False)))
+    flat = {name: np.asarray(value, dtype=np.float64).reshape(-1, value.shape[-1]) for name, value in outputs.items()}
+    a = np.concatenate([flat[name][:, list(positions)] for name, positions in request.a])
+    augmented, r = np.column_stack([a, np.ones(len(a))]), a @ weighting
+
+    stats = regression_stats(graph, reference_probe(graph), group, x, weighting, batch_size=8)
+
+    scale = float(np.abs(augmented).max()) ** 2 * len(a)
+    np.testing.assert_allclose(stats.gram, augmented.T @ augmented, atol=1e-6 * scale)
+    np.testing.assert_allclose(stats.cross, augmented.T @ r, atol=1e-6 * scale * float(np.abs(weighting).max()))
+    assert stats.energy == pytest.approx(float((r**2).sum()), rel=1e-6)
+
+
+def cnn_with_residual():
+    """A CNN whose stem group is joined by an Add and read by two convolutions."""
+    image = keras.Input((6, 6, 2), name="image")
+    stem = keras.layers.Conv2D(3, 3, padding="same", activation="relu", name="stem")(image)
+    branch = keras.layers.Conv2D(3, 3, padding="same", activation="relu", name="branch")(stem)
+    h = keras.layers.Add(name="add")([stem, branch])
+    h = keras.layers.Conv2D(2, 1, activation="relu", name="head")(h)
+    model = keras.Model(image, keras.layers.Dense(2, name="out")(keras.layers.GlobalAveragePooling2D()(h)))
+    rng = np.random.default_rng(3)
+    for layer in model.layers:
+        if layer.get_weights():
+            layer.set_weights([rng.normal(0, 0.5, w.shape) for w in layer.get_weights()])
+    return model, ["stem", "branch", "head"]

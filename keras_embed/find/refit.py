@@ -21,13 +21,16 @@ Example:
 import dataclasses
 import math
 
+import keras
 import numpy as np
+import tensorflow as tf
 
 from keras_embed.files.data import batches, check_inputs
 from keras_embed.edit.plan import Refit
 from keras_embed.edit.surgery import apply_round
-from keras_embed.measure.statistics import add_gram, check_gram_memory, group_request, one_blas_thread, tensors
-from keras_embed.model.build import Prober, build_model
+from keras_embed.measure.reduce import as_list
+from keras_embed.measure.statistics import check_gram_memory, group_request, tensors
+from keras_embed.model.build import build_model
 
 RIDGE = 1e-8
 
@@ -66,45 +69,81 @@ def fits_constants(graph, group):
     return not any(reader.entry.reads_zero_padding(reader) for reader, _ in graph.readers_of(group))
 
 
+def _part_products(current, reference, parts):
+    """Sums over the rows of `parts` ((tensor, positions), ...) of (rows, a^T a, sum a,
+    a^T r, sum r, r^T r) in float64, a from {name: current tensor}, r from {name: reference
+    tensor}: per part, never stacked."""
+    sums = None
+    for name, positions in parts:
+        a, r = (tf.cast(tf.gather(tf.reshape(values[name], (-1, values[name].shape[-1])), list(positions), axis=1),
+                        tf.float64) for values in (current, reference))
+        products = (tf.cast(tf.shape(a)[0], tf.float64), tf.linalg.matmul(a, a, transpose_a=True),
+                    tf.reduce_sum(a, axis=0), tf.linalg.matmul(a, r, transpose_a=True), tf.reduce_sum(r, axis=0),
+                    tf.linalg.matmul(r, r, transpose_a=True))
+        sums = products if sums is None else tuple(total + product for total, product in zip(sums, products))
+    return sums
+
+
 def reference_probe(reference):
-    """(a probe of `reference` returning every tensor a producer reads, their names)."""
-    names = sorted({source for node in reference.producers for source in node.inputs})
-    return Prober(build_model(reference, outputs=names)), names
+    """A probe of the reference `Graph` returning every tensor a producer reads; built once,
+    each group's pass takes the part it needs (`regression_stats`)."""
+    return build_model(reference, outputs=sorted({source for node in reference.producers for source in node.inputs}))
+
+
+def _up_to(graph, names):
+    """`graph` cut to the nodes the tensors `names` are computed from (a probe of an early
+    group builds and loads only those layers)."""
+    needed, frontier = set(), list(names)
+    while frontier:
+        name = frontier.pop()
+        if name not in needed:
+            needed.add(name)
+            frontier.extend(graph.by_name[name].inputs)
+    return graph.with_nodes(node for node in graph.nodes if node.name in needed)
 
 
 def regression_stats(graph, target, group, data, weighting, batch_size=256):
     """One pass: `group`'s channels in `graph` against the same channels of the reference
     network (`target`: its `reference_probe`; same node names, the group at the same
-    width), weighted by `weighting` (L)."""
+    width), weighted by `weighting` (L). Both networks run, as far as the group, in one
+    traced function that returns only the products the fit needs (rows never reach NumPy)."""
     request = group_request(graph, group)
     names = tensors({group: request})
-    current = Prober(build_model(graph, outputs=names))
+    current = build_model(_up_to(graph, names), outputs=names)
+    reference = keras.Model(target.inputs, [target.get_layer(name).output for name in names])
+    spec = current.inputs[0]
+
+    @tf.function(input_signature=[tf.TensorSpec((None, *spec.shape[1:]), spec.dtype)])
+    def products(batch):
+        outputs = [dict(zip(names, as_list(model(batch, training=False)))) for model in (current, reference)]
+        return _part_products(*outputs, request.a)
+
     width = graph.group_width(group)
-    gram, cross, energy = np.zeros((width + 1, width + 1)), np.zeros((width + 1, weighting.shape[1])), 0.0
-    with one_blas_thread():
-        for batch in batches(data, batch_size):
-            batch = check_inputs(batch, graph.inputs[0])
-            a = _stacked(names, current(batch), request.a)
-            r = _stacked(target[1], target[0](batch), request.a) @ weighting
-            add_gram(gram, a)
-            cross[:-1] += a.T @ r
-            cross[-1] += r.sum(axis=0)
-            energy += float((r**2).sum())
-    return RegressionStats(gram, cross, energy)
+    gram, cross_r = np.zeros((width + 1, width + 1)), np.zeros((width + 1, width))
+    target_gram = np.zeros((width, width))
+    for batch in batches(data, batch_size):
+        batch = check_inputs(batch, graph.inputs[0])
+        values = products(tf.convert_to_tensor(batch, spec.dtype))
+        rows, a_a, a_sum, a_r, r_sum, r_r = (value.numpy() for value in values)
+        gram[:-1, :-1] += a_a
+        gram[:-1, -1] += a_sum
+        gram[-1, :-1] += a_sum
+        gram[-1, -1] += rows
+        cross_r[:-1] += a_r
+        cross_r[-1] += r_sum
+        target_gram += r_r
+    return RegressionStats(gram, cross_r @ weighting, float(np.sum(weighting * (target_gram @ weighting))))
 
 
-def _stacked(names, values, parts):
-    outputs = {name: value.reshape(-1, value.shape[-1]) for name, value in zip(names, values)}
-    return np.concatenate([outputs[name][:, list(positions)] for name, positions in parts])
-
-
-def greedy_selection(gram, cross, energy, intercept=True):
+def greedy_selection(gram, cross, energy, intercept=True, limit=None):
     """Forward selection of the columns of [a, 1] that best fit the target by least squares.
 
     With `intercept`, the constant column (last) is taken first; then, one at a time, the
     column whose residual (after projecting out those chosen) reduces the target's residual
     energy most: pivoted Cholesky on `gram`, scored by the fit of `cross`. Without
     `intercept`, `gram` and `cross` hold no constant column and nothing is taken first.
+    With `limit`, it stops once that many columns (the constant aside) are chosen: the
+    first ones are the same, and each step costs more than the one before.
 
     Returns:
         (columns in the order chosen, residual energy after the constant (or after nothing,
@@ -127,7 +166,8 @@ def greedy_selection(gram, cross, energy, intercept=True):
         energy -= float(projection @ projection)
         chosen.append(pivot)
         energies.append(max(energy, 0.0))
-        pivot = _best_pivot(residual_gram, residual_cross, floor, chosen)
+        done = limit is not None and len(chosen) - intercept >= limit
+        pivot = None if done else _best_pivot(residual_gram, residual_cross, floor, chosen)
     return chosen[1:] if intercept else chosen, energies
 
 
@@ -168,8 +208,9 @@ def units_to_keep(energies, width, tolerance=None, keep_ratio=None, base=None):
 def group_refit(group, width, stats, weighting, intercept, tolerance=None, keep_ratio=None, base=None):
     """The `Refit` of one group from its `regression_stats` (`base`: the width `keep_ratio` is of)."""
     gram, cross = (stats.gram, stats.cross) if intercept else (stats.gram[:-1, :-1], stats.cross[:-1])
-    order, energies = greedy_selection(gram, cross, stats.energy, intercept)
-    count = units_to_keep(energies, width, tolerance, keep_ratio, base)
+    count = None if keep_ratio is None else units_to_keep(None, width, keep_ratio=keep_ratio, base=base)
+    order, energies = greedy_selection(gram, cross, stats.energy, intercept, limit=count)
+    count = units_to_keep(energies, width, tolerance) if count is None else count
     rest = [channel for channel in range(width) if channel not in order]  # explain nothing (e.g. dead on the data)
     kept = sorted((list(order) + rest)[:count])  # a group keeps at least one channel
     rows, constant = refit(gram, cross, kept, intercept=intercept)

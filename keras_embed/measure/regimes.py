@@ -55,6 +55,13 @@ def chain_function(graph, producer):
     return function
 
 
+def moment_producers(graph):
+    """Names of the producers whose regimes need the second moments of their statistics
+    (a smooth function on the way: the affine fit decides); the others need extremes only."""
+    return {node.name for node in graph.producers
+            if (function := chain_function(graph, node)) is not None and function.kinks is None}
+
+
 def unit_regimes(function, width, layer_stats=None, lin_tol=DEFAULT_LIN_TOL, rtol=1e-6):
     """Classifies `width` channels computing `function` (an `Elementwise`, None for a
     coupling one) from their `LayerStats`; without statistics only an affine function is linear."""

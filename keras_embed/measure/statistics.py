@@ -5,8 +5,10 @@ each a list of (tensor, positions on its last axis) stacked as rows, so a channe
 read in several tensors (or several times in one, after a Flatten) counts every sample,
 position and occurrence. Per column: z and a extremes, the count of positive z, the
 moments of a least-squares fit a ~ slope * z + intercept; optionally the Gram matrix of
-[a, 1]. Accumulation is float64 and batch-wise (moments merged with Chan's update, stable
-where raw sums cancel), so memory does not depend on the number of samples. The Grams grow
+[a, 1]. Each batch is reduced over its rows inside TensorFlow (`reduce`), so a probe of
+every layer of a large CNN never reaches NumPy whole; accumulation is float64 and
+batch-wise (moments merged with Chan's update, stable where raw sums cancel), so memory
+does not depend on the number of samples. The Grams grow
 with the square of the width (8 (width + 1)^2 bytes), so `collect` refuses, before
 allocating anything, a pass whose Grams exceed `GRAM_BUDGET`; each batch updates a Gram in
 blocks of rows, so the batch product stays small too.
@@ -25,6 +27,7 @@ import threadpoolctl
 
 from keras_embed.files.data import batches, check_inputs
 from keras_embed.errors import InputError
+from keras_embed.measure.reduce import Reducer, batch_summary
 from keras_embed.model.build import Prober, build_model
 
 GRAM_BUDGET = 256 * 2**20  # bytes of the Gram matrices one pass may hold: 5,791 units in one layer
@@ -77,27 +80,32 @@ class LayerStats:
     def update(self, z, a):
         """Adds a batch: z and a are (rows, width) arrays (any float dtype)."""
         z, a = np.asarray(z, dtype=np.float64), np.asarray(a, dtype=np.float64)
-        n = len(z)
+        if len(z) == 0:
+            return
+        self.merge(batch_summary(z, a))
+        if self.gram is not None:
+            add_gram(self.gram, a)
+
+    def merge(self, batch):
+        """Adds a `reduce.BatchSummary` (second moments NaN from the first one without them)."""
+        n = batch.count
         if n == 0:
             return
-        np.minimum(self.z_min, z.min(axis=0), out=self.z_min)
-        np.maximum(self.z_max, z.max(axis=0), out=self.z_max)
-        np.minimum(self.a_min, a.min(axis=0), out=self.a_min)
-        np.maximum(self.a_max, a.max(axis=0), out=self.a_max)
-        self.positive += (z > 0).sum(axis=0)
-        z_mean, a_mean = z.mean(axis=0), a.mean(axis=0)
-        z_centered, a_centered = z - z_mean, a - a_mean
+        np.minimum(self.z_min, batch.z_min, out=self.z_min)
+        np.maximum(self.z_max, batch.z_max, out=self.z_max)
+        np.minimum(self.a_min, batch.a_min, out=self.a_min)
+        np.maximum(self.a_max, batch.a_max, out=self.a_max)
+        self.positive += batch.positive
         total = self.count + n
-        z_delta, a_delta = z_mean - self.z_mean, a_mean - self.a_mean
+        z_delta, a_delta = batch.z_mean - self.z_mean, batch.a_mean - self.a_mean
         weight = self.count * n / total
-        self.z_m2 += np.einsum("ij,ij->j", z_centered, z_centered) + z_delta**2 * weight
-        self.a_m2 += np.einsum("ij,ij->j", a_centered, a_centered) + a_delta**2 * weight
-        self.za_m2 += np.einsum("ij,ij->j", z_centered, a_centered) + z_delta * a_delta * weight
+        missing = np.full(self.width, np.nan)
+        self.z_m2 += (missing if batch.z_m2 is None else batch.z_m2) + z_delta**2 * weight
+        self.a_m2 += (missing if batch.a_m2 is None else batch.a_m2) + a_delta**2 * weight
+        self.za_m2 += (missing if batch.za_m2 is None else batch.za_m2) + z_delta * a_delta * weight
         self.z_mean += z_delta * n / total
         self.a_mean += a_delta * n / total
         self.count = total
-        if self.gram is not None:
-            add_gram(self.gram, a)
 
     @property
     def a_std(self):
@@ -138,35 +146,40 @@ def add_gram(gram, a):
 @dataclasses.dataclass(frozen=True)
 class Request:
     """What one key accumulates: rows of z and of a, each stacked from (tensor name,
-    positions on its last axis, or None for all of it); `gram` adds the Gram of [a, 1]."""
+    positions on its last axis, or None for all of it); `gram` adds the Gram of [a, 1];
+    without `moments` the means of z and the second moments stay NaN (extremes, positive
+    counts and the mean of a are all some rules need, and they cost less)."""
 
     z: tuple
     a: tuple
     width: int
     gram: bool = False
+    moments: bool = True
 
     @classmethod
-    def of(cls, tensor, width, gram=False):
+    def of(cls, tensor, width, gram=False, moments=True):
         """A request for the values of one whole tensor (z = a)."""
-        return cls(((tensor, None),), ((tensor, None),), width, gram)
+        return cls(((tensor, None),), ((tensor, None),), width, gram, moments)
 
 
-def producer_requests(graph, producers=None):
+def producer_requests(graph, producers=None, moments=None):
     """Per producer (default: all), its pre-activation z and, as a, what the layer reading it
-    sees after the elementwise layers that follow (its output when none follow)."""
+    sees after the elementwise layers that follow (its output when none follow); with
+    `moments` (a set of names), the second moments of those producers only."""
     requests = {}
     for node in graph.producers if producers is None else producers:
         chain = graph.elementwise_after(node)
         end = chain[-1].name if chain else node.name
-        requests[node.name] = Request(((f"{node.name}/z", None),), ((end, None),), node.width)
+        requests[node.name] = Request(((f"{node.name}/z", None),), ((end, None),), node.width,
+                                      moments=moments is None or node.name in moments)
     return requests
 
 
 def source_requests(graph):
-    """The values of every tensor a producer reads (the model inputs aside)."""
+    """The extremes and mean of every tensor a producer reads (the model inputs aside)."""
     inputs = {node.name for node in graph.inputs}
     sources = {source for node in graph.producers for source in node.inputs} - inputs
-    return {name: Request.of(name, graph.by_name[name].width) for name in sorted(sources)}
+    return {name: Request.of(name, graph.by_name[name].width, moments=False) for name in sorted(sources)}
 
 
 def group_request(graph, group, gram=False):
@@ -174,18 +187,6 @@ def group_request(graph, group, gram=False):
     parts = tuple((source, tuple(occurrence)) for source in sorted({source for _, source in graph.readers_of(group)})
                   for occurrence in graph.positions(source, group))
     return Request(parts, parts, graph.group_width(group), gram)
-
-
-def _rows(outputs, parts):
-    return np.concatenate([outputs[name] if positions is None else outputs[name][:, list(positions)]
-                           for name, positions in parts])
-
-
-def _check_finite(outputs):
-    broken = next((name for name, value in outputs.items() if not np.all(np.isfinite(value))), None)
-    if broken is not None:
-        raise InputError(f"the model computes NaN or infinite values at '{broken.split('/')[0]}' on the data; "
-                         "check the model's weights and the data")
 
 
 def tensors(requests):
@@ -231,18 +232,23 @@ def collect(graph, data, requests, batch_size=256, on_batch=None, probe=None, gr
     names = tensors(requests)
     if probe is None and names:
         probe = build_model(graph, outputs=names)
-    if names and not isinstance(probe, Prober):
-        probe = Prober(probe)
+    reducer = Reducer(probe.model if isinstance(probe, Prober) else probe, names, list(requests.values()),
+                      batch_size) if names else None
+    grams = [key for key, request in requests.items() if request.gram]
     samples = 0
     with one_blas_thread():
         for batch in batches(data, batch_size):
             batch = check_inputs(batch, graph.inputs[0])
             if names:
-                outputs = {name: value.reshape(-1, value.shape[-1])
-                           for name, value in zip(names, probe(batch))}
-                _check_finite(outputs)
-                for key, request in requests.items():
-                    stats[key].update(_rows(outputs, request.z), _rows(outputs, request.a))
+                finite, summaries, rows = reducer(batch)
+                if not all(finite):
+                    broken = names[finite.index(False)].split("/")[0]
+                    raise InputError(f"the model computes NaN or infinite values at '{broken}' on the data; "
+                                     "check the model's weights and the data")
+                for key, summary in zip(requests, summaries):
+                    stats[key].merge(summary)
+                for key, a in zip(grams, rows):
+                    add_gram(stats[key].gram, a)
             samples += len(batch)
             if on_batch is not None:
                 on_batch(len(batch))

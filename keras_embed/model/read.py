@@ -209,6 +209,15 @@ def _scaled_input(reader, scale, shift):
                               (0.0 if bias is None else bias) + extra)
 
 
+def _rewired(item, removed):
+    """`item` reading `removed`'s input instead of `removed` (the same node when it does not
+    read it: a new node copies its weights)."""
+    if removed.name not in item.inputs:
+        return item
+    return dataclasses.replace(item, inputs=tuple(removed.inputs[0] if source == removed.name else source
+                                                  for source in item.inputs))
+
+
 def _fold_one(graph):
     """The graph with its first foldable affine node folded, or None when there is none."""
     for node in graph.nodes:
@@ -222,9 +231,7 @@ def _fold_one(graph):
             changed = {forward.name: _scaled_output(forward, *affine)}
         else:
             changed = {reader.name: _scaled_input(reader, *affine) for reader in backward}
-        nodes = [dataclasses.replace(changed.get(item.name, item),
-                                     inputs=tuple(node.inputs[0] if source == node.name else source for source in item.inputs))
-                 for item in graph.nodes if item.name != node.name]
+        nodes = [_rewired(changed.get(item.name, item), node) for item in graph.nodes if item.name != node.name]
         outputs = tuple(node.inputs[0] if name == node.name else name for name in graph.outputs)
         return dataclasses.replace(graph, nodes=tuple(nodes), outputs=outputs)
     return None
