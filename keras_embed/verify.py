@@ -78,8 +78,8 @@ def output_difference(reference, candidate, data, batch_size=256, sensitivity=Fa
         if expected.shape != actual.shape:
             return np.inf, scale, rounding
         if sensitivity:
-            moved = keras.ops.convert_to_numpy(reference(rounding_step(batch), training=False)).astype(np.float64)
-            rounding = max(rounding, float(np.nan_to_num(np.abs(moved - expected), posinf=0.0).max(initial=0.0)))
+            moved = np.abs(outputs_on(reference, rounding_step(batch)) - expected)
+            rounding = max(rounding, float(np.nan_to_num(moved, posinf=0.0).max(initial=0.0)))
         gap = np.abs(expected - actual)
         diff = max(diff, float(gap.max(initial=0.0)) if np.all(np.isfinite(gap)) else np.inf)
         scale = max(scale, float(np.abs(expected).max(initial=0.0)))
