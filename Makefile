@@ -63,9 +63,11 @@ test: $(INSTALLED)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 tests
 
 # every keras.applications architecture through the CLI (tests/test_zoo.py) and read back from its model.export()
-# graph (tests/test_savedmodel_zoo.py): the tests marked zoo, which `make test` skips
+# graph (tests/test_savedmodel_zoo.py): the tests marked zoo, which `make test` skips; then the speed and memory
+# of analyze / exact prune on ResNet50 at 224x224 against its own predict (benchmarks/ZOO.md says how to read it)
 zoo: $(INSTALLED)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 tests -m zoo
+	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/bench_zoo_speed.py --size 224 --models ResNet50 --steps analyze,exact
 
 # tensorflow-model-optimization and tf_keras (the `bench` extra) serve only benchmarks/tfmot_baseline.py,
 # which bench_compression.py runs in its own process.
