@@ -7,6 +7,7 @@ Example:
 import keras
 import numpy as np
 
+from keras_embed.errors import InputError
 from keras_embed.model.read import read_model
 from keras_embed.stopping import class_labels
 
@@ -25,7 +26,15 @@ def loss_for(model, y):
 
 
 def finetune(model, x, y, epochs, batch_size=32, learning_rate=1e-3, seed=0):
-    """Trains a copy of `model` on (x, y) with Adam; returns the copy."""
+    """Trains a copy of `model` on (x, y) with Adam; returns the copy. `x` may be a dict of
+    inputs by name; the model must have one output (`y` is one array of targets).
+
+    Raises:
+        InputError: a model of several outputs.
+    """
+    if len(model.outputs) > 1:
+        raise InputError(f"--finetune trains a model of one output on y; model '{model.name}' has "
+                         f"{len(model.outputs)} outputs: fine-tune it with model.fit and a target per output")
     keras.utils.set_random_seed(seed)
     tuned = keras.models.clone_model(model)
     tuned.set_weights(model.get_weights())

@@ -23,8 +23,9 @@ Example:
 import numpy as np
 
 from keras_embed.errors import InputError, VerificationError
+from keras_embed.files.data import take_rows
 from keras_embed.files.load import load_model
-from keras_embed.files.save import output_format, save_model, write_tflite
+from keras_embed.files.save import check_io_format, output_format, save_model, write_tflite
 from keras_embed.verify import predict
 
 QUANTIZATIONS = ("float16", "int8")
@@ -106,7 +107,8 @@ def export_model(model, path, x, format=None, quantize=None, representative=None
     Args:
         model: the Keras model.
         path: target; its format from the ending or `format` (see `save.output_format`).
-        x: check inputs (an array); the first `CHECK_ROWS` rows are used.
+        x: check inputs (an array, or a dict of arrays by input name for a model of several
+            inputs: .keras and .h5 only, see `save.check_io_format`); the first `CHECK_ROWS` rows are used.
         quantize: TFLite only: None, 'float16' or 'int8'.
         representative: int8 calibration inputs (an array).
         atol: float32 tolerance instead of 1e-4 x output scale.
@@ -122,7 +124,8 @@ def export_model(model, path, x, format=None, quantize=None, representative=None
     """
     format = output_format(path, format)
     check_export_options(format, quantize, representative is not None)
-    x = np.asarray(x[:CHECK_ROWS], dtype=np.float32)
+    check_io_format(model, format, tf_keras)
+    x = take_rows(x, slice(0, CHECK_ROWS)) if isinstance(x, dict) else np.asarray(x[:CHECK_ROWS], dtype=np.float32)
     expected = predict(model, x)
     scale = float(np.abs(expected).max(initial=0.0)) or 1.0
     tolerance = atol if atol is not None and quantize is None else RELATIVE_TOLERANCES[quantize] * scale

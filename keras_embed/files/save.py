@@ -416,6 +416,24 @@ def _write(target, path, suffix, produce):
             _remove(output.temporary)
 
 
+SEVERAL_IO_FORMATS = ("keras", "h5")  # the formats written (and verified) for models of several inputs or outputs
+
+
+def check_io_format(model, format, tf_keras=False):
+    """Refuses (`InputError`) to write a model of several inputs or outputs in another format
+    than Keras' own (.keras, .h5): the SavedModel, TFLite, ONNX and tf_keras writers and
+    their checks take one input and one output.
+
+    Example:
+        >>> check_io_format(two_input_model, "tflite")
+        InputError: model 'two_io' has 2 inputs and 2 outputs; tflite output takes one of each: write .keras or .h5
+    """
+    if (len(model.inputs) > 1 or len(model.outputs) > 1) and (format not in SEVERAL_IO_FORMATS or tf_keras):
+        shown = f"tf_keras {format}" if tf_keras else format
+        raise InputError(f"model '{model.name}' has {len(model.inputs)} inputs and {len(model.outputs)} outputs; "
+                         f"{shown} output takes one of each: write .keras or .h5")
+
+
 def save_model(model, path, format=None, writer=None, check=None):
     """Writes `model` atomically: into a temporary path beside `path`, then renamed.
 
@@ -433,9 +451,11 @@ def save_model(model, path, format=None, writer=None, check=None):
 
     Raises:
         InputError: the target is (or became) a device, FIFO, socket or unrelated folder,
-            or the system refused the write (full disk, read-only folder...).
+            or the system refused the write (full disk, read-only folder...), or a model of
+            several inputs or outputs in another format than .keras or .h5 (`check_io_format`).
     """
     format = output_format(path, format)
+    check_io_format(model, format)
     target = _target(path)
     _check_replaceable(target, path, format)
     write = writer or _WRITERS[format]

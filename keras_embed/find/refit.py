@@ -83,7 +83,7 @@ def regression_stats(graph, target, group, data, weighting, batch_size=256):
     gram, cross, energy = np.zeros((width + 1, width + 1)), np.zeros((width + 1, weighting.shape[1])), 0.0
     with one_blas_thread():
         for batch in batches(data, batch_size):
-            batch = check_inputs(batch, graph.inputs[0])
+            batch = check_inputs(batch, graph.inputs)
             a = _stacked(names, current(batch), request.a)
             r = _stacked(target[1], target[0](batch), request.a) @ weighting
             add_gram(gram, a)

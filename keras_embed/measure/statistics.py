@@ -23,7 +23,7 @@ import functools
 import numpy as np
 import threadpoolctl
 
-from keras_embed.files.data import batches, check_inputs
+from keras_embed.files.data import batches, check_inputs, row_count
 from keras_embed.errors import InputError
 from keras_embed.model.build import Prober, build_model
 
@@ -236,16 +236,17 @@ def collect(graph, data, requests, batch_size=256, on_batch=None, probe=None, gr
     samples = 0
     with one_blas_thread():
         for batch in batches(data, batch_size):
-            batch = check_inputs(batch, graph.inputs[0])
+            batch = check_inputs(batch, graph.inputs)
             if names:
                 outputs = {name: value.reshape(-1, value.shape[-1])
                            for name, value in zip(names, probe(batch))}
                 _check_finite(outputs)
                 for key, request in requests.items():
                     stats[key].update(_rows(outputs, request.z), _rows(outputs, request.a))
-            samples += len(batch)
+            rows = row_count(batch)
+            samples += rows
             if on_batch is not None:
-                on_batch(len(batch))
+                on_batch(rows)
     if samples == 0:
         raise InputError("data holds no samples; pass at least one input row")
     return stats
