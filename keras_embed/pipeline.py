@@ -291,7 +291,8 @@ def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, mode="exact", 
     Args:
         model: a Keras model of the layers `model.registry` knows (chains, CNNs, branches).
         rtol: relative tolerance of the weight comparisons (see `find_redundancy`).
-        data: calibration inputs (array, dataset or iterable of batches; an array in data mode).
+        data: calibration inputs (array, dataset or iterable of batches; an array in data mode; for a
+            model of several inputs a dict of arrays by input name).
         atol: exact mode: allowed max abs output difference; default 1e-4 times the output scale.
         force: return the model even when verification fails.
         mode: "exact", "condense" or "data".

@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 import keras_embed
+from builders import two_io
 from keras_embed.errors import InputError
 from keras_embed.files.data import batches, check_inputs
 from keras_embed.model.build import build_model
@@ -27,19 +28,6 @@ from keras_embed.verify import calibration_inputs, predict
 RELATIVE = 1e-5
 GROUPS = ("conv", "features_dense", "trunk")  # one producer of each of three channel groups
 WIDEN = [("conv", 0, 0.3), ("features_dense", 1, -0.5), ("trunk", 2, 0.7)]
-
-
-def two_io():
-    """Image (8, 8, 2) and features (5,) in; scores (3,) and value (2,) out."""
-    image = keras.Input((8, 8, 2), name="image")
-    features = keras.Input((5,), name="features")
-    seen = keras.layers.Conv2D(6, 3, activation="relu", name="conv")(image)
-    seen = keras.layers.Flatten(name="flat")(keras.layers.MaxPooling2D(name="pool")(seen))
-    read = keras.layers.Dense(8, activation="tanh", name="features_dense")(features)
-    trunk = keras.layers.Dense(12, activation="relu", name="trunk")(keras.layers.Concatenate(name="join")([seen, read]))
-    scores = keras.layers.Dense(3, name="scores")(trunk)
-    value = keras.layers.Dense(2, activation="sigmoid", name="value")(trunk)
-    return keras.Model([image, features], [scores, value], name="two_io")
 
 
 def inputs(rows, seed=0):
@@ -158,10 +146,13 @@ def test_data_mode_rules_hold_over_every_output(model, x, rule):
     assert np.isclose(np.linalg.norm(predict(small, x) - expected) / np.linalg.norm(expected), figures["output_error"])
 
 
-def test_accuracy_rule_is_refused_for_several_outputs(model, x):
+def test_accuracy_rule_is_refused_for_several_outputs(model, x, folder):
     with pytest.raises(InputError, match="one classification output but the model has 2"):
         keras_embed.prune(model, data=x, mode="data", rule=StoppingRule("max_accuracy_drop", 1.0),
                           labels=np.arange(96) % 3)
+    line = assert_one_line_error(invoke("prune", folder / "model.keras", "-o", folder / "acc.keras", "--mode", "data",
+                                        "--max-accuracy-drop", "1", "--data", folder / "calib.npz"))
+    assert "one classification output" in line
 
 
 def test_analyze_library_and_cli(model, x, folder):
@@ -207,11 +198,26 @@ def test_export_writes_keras_and_h5_and_refuses_other_formats(grown, folder):
         assert "has 2 inputs and 2 outputs" in line and "write .keras or .h5" in line
 
 
-def test_finetune_is_refused_for_several_outputs(model, x):
+def test_finetune_is_refused_for_several_outputs(model, x, folder):
     from keras_embed.finetune import finetune
 
     with pytest.raises(InputError, match="has 2 outputs"):
         finetune(model, x, np.zeros(96), epochs=1)
+    line = assert_one_line_error(invoke("prune", folder / "model.keras", "-o", folder / "tuned.keras", "--mode", "data",
+                                        "--keep-ratio", "0.5", "--data", folder / "calib.npz", "--finetune", "1"))
+    assert "has 2 outputs" in line and not (folder / "tuned.keras").exists()
+
+
+def test_the_monitor_reads_a_probe_set_per_input(grown, x):
+    from keras_embed.callbacks import EmbeddingMonitor
+
+    trained = keras.models.clone_model(grown)
+    trained.set_weights(grown.get_weights())
+    trained.compile(keras.optimizers.SGD(1e-6), ["mse", "mse"])
+    monitor = EmbeddingMonitor(x, max_samples=64)
+    trained.fit(x, [np.zeros((96, 3)), np.zeros((96, 2))], epochs=1, verbose=0, callbacks=[monitor])
+    assert len(monitor._probe_x["features"]) == 64
+    assert any(redundancy.groups for redundancy in monitor.summary.values())  # the widened copies, still parallel
 
 
 def test_calibration_inputs_per_input_and_single_input_unchanged(model):

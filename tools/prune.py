@@ -94,6 +94,10 @@ def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
         held_out, held_out_y = load_checked(validation, original)
     if finetune and y is None:
         raise click.UsageError("--finetune needs labels: y in the --data .npz, or --dataset")
+    if finetune:
+        from keras_embed.finetune import check_one_output
+
+        check_one_output(original)
     with progress(0 if x is None else row_count(x), "statistics") as bar:
         pruned, result = prune_model(
             original, rtol, x, atol, force, mode=mode, rule=rule, labels=y, validation=held_out,

@@ -350,6 +350,14 @@ def batches(data, batch_size=256):
         yield {name: np.asarray(values) for name, values in inputs.items()} if isinstance(inputs, dict) else np.asarray(inputs)
 
 
+def concatenated(parts):
+    """One array (or dict of arrays by input name) of the batches `parts`, e.g. of `batches(dataset)`."""
+    parts = list(parts)
+    if parts and isinstance(parts[0], dict):
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    return np.concatenate(parts)
+
+
 def require_reusable(data):
     """Raises unless `data` can be read more than once (a generator cannot)."""
     if data is not None and not is_array(data) and iter(data) is data:
