@@ -99,7 +99,8 @@ class EmbeddingMonitor(keras.callbacks.Callback):
             raise ValueError(f"EmbeddingMonitor probe set: {error}") from None
         count = row_count(rows)
         if count > self.max_samples:
-            rows = take_rows(rows, np.sort(np.random.default_rng(self.seed).choice(count, self.max_samples, replace=False)))
+            chosen = np.random.default_rng(self.seed).choice(count, self.max_samples, replace=False)
+            rows = take_rows(rows, np.sort(chosen))
         return rows
 
     def on_epoch_end(self, epoch, logs=None):

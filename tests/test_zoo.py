@@ -7,8 +7,9 @@ outputs fed by an .npz keyed by its input names): `analyze` exits 0; a model
 widened on three channel groups by `embed` comes back through `prune` to no more parameters
 with outputs within 1e-4 relative; `prune --mode data --keep-ratio 0.5` writes a smaller
 model whose report states its output error; that model exports to TFLite and SavedModel
-(each verified by the command; refused, exit 2, for several inputs or outputs); the original's `model.export()` SavedModel prunes through
-the SavedModel route.
+(each verified by the command); the original's `model.export()` SavedModel prunes through
+the SavedModel route. A model of several inputs or outputs is written as .keras or .h5
+only: its TFLite export is refused, and the SavedModel route (one input, one output) skipped.
 
 The architectures marked `zoo` run in `make zoo`, not in `make test`: each takes from
 seconds to minutes.
@@ -140,8 +141,8 @@ def zoo_model(request, tmp_path_factory):
     name = request.param
     model = build(name)
     generator = np.random.default_rng(0)
-    x = {tensor.name: generator.uniform(0, 255 if name in APPLICATIONS else 1, (128, *tensor.shape[1:])).astype("float32")
-         for tensor in model.inputs}
+    high = 255 if name in APPLICATIONS else 1
+    x = {tensor.name: generator.uniform(0, high, (128, *tensor.shape[1:])).astype("float32") for tensor in model.inputs}
     x = x if len(x) > 1 else x[model.inputs[0].name]
     batchnorm_from_data(model, x)  # random weights with Keras' initial statistics compute a constant
     assert np.std(predict(model, x), axis=0).max() > 1e-4 * np.abs(predict(model, x)).max()

@@ -165,12 +165,11 @@ def _load_npz(path, keyed=False):
         arrays = {info.filename[:-4]: info for info in archive.infolist() if info.filename.endswith(".npy")}
         if not arrays:
             raise InputError(f"data file '{path}' holds no arrays; save x with np.savez(path, x=x)")
-        y = _member_array(path, archive, arrays["y"]) if "y" in arrays else None
+        key = "x" if "x" in arrays else next(iter(arrays))
+        y = _member_array(path, archive, arrays["y"]) if "y" in arrays and (keyed or key == "x") else None
         if keyed:
             return {key: _member_array(path, archive, info) for key, info in arrays.items() if key != "y"}, y
-        key = "x" if "x" in arrays else next(iter(arrays))
-        x = _member_array(path, archive, arrays[key])
-        return x, (y if key == "x" else None)
+        return _member_array(path, archive, arrays[key]), y
 
 
 def _member_array(path, archive, info):
@@ -313,7 +312,8 @@ def input_specs(model):
     if isinstance(model, keras.Model):
         return [(tensor.name, tuple(tensor.shape[1:]), keras.backend.standardize_dtype(tensor.dtype))
                 for tensor in model.inputs]
-    return [(node.name, tuple(node.shape), node.dtype) for node in (model if isinstance(model, (list, tuple)) else [model])]
+    nodes = model if isinstance(model, (list, tuple)) else [model]
+    return [(node.name, tuple(node.shape), node.dtype) for node in nodes]
 
 
 def _first(element):
@@ -347,7 +347,7 @@ def batches(data, batch_size=256):
         data = data.as_numpy_iterator()
     for element in data:
         inputs = _first(element)
-        yield {name: np.asarray(values) for name, values in inputs.items()} if isinstance(inputs, dict) else np.asarray(inputs)
+        yield {name: np.asarray(part) for name, part in inputs.items()} if isinstance(inputs, dict) else np.asarray(inputs)
 
 
 def concatenated(parts):
