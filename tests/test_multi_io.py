@@ -191,11 +191,22 @@ def test_unusable_data_is_refused_with_one_line(x, folder, case, message):
             keras_embed.prune(keras.saving.load_model(folder / "model.keras"), data=arrays[case])
 
 
-def test_export_writes_keras_and_h5_and_refuses_other_formats(grown, folder):
-    assert_ok(invoke("prune", folder / "model.keras", "-o", folder / "copy.h5", "--overwrite"))
-    for output in ("out.tflite", "out_savedmodel/"):
-        line = assert_one_line_error(invoke("prune", folder / "model.keras", "-o", f"{folder}/{output}"))
-        assert "has 2 inputs and 2 outputs" in line and "write .keras or .h5" in line
+@pytest.mark.parametrize("output", ["copy.h5", "copy.tflite", "copy_savedmodel/"])
+def test_export_is_loaded_back_and_verified_on_every_output(model, x, folder, output):
+    result = assert_ok(invoke("prune", folder / "model.keras", "-o", f"{folder}/{output}", "--overwrite",
+                              "--data", folder / "calib.npz", "--json"))
+    figures = json.loads(result.stdout)
+    assert figures["export_verified"] and figures["export_max_abs_diff"] <= 1e-5 * np.abs(predict(model, x)).max()
+
+
+def test_onnx_and_int8_are_refused_for_several_inputs(model, folder):
+    from keras_embed.files.save import check_io_format
+
+    with pytest.raises(InputError, match="onnx output takes one of each"):
+        check_io_format(model, "onnx")
+    line = assert_one_line_error(invoke("prune", folder / "model.keras", "-o", folder / "int8.tflite",
+                                        "--quantize", "int8", "--data", folder / "calib.npz"))
+    assert "--quantize int8 calibrates on one input array" in line and not (folder / "int8.tflite").exists()
 
 
 def test_finetune_is_refused_for_several_outputs(model, x, folder):
@@ -235,3 +246,14 @@ def test_batches_stream_dict_slices(model, x):
     assert list(checked) == ["image", "features"] and checked["features"].dtype == np.float32
     with pytest.raises(InputError, match="takes 2 inputs"):
         check_inputs(x["image"], model)
+
+
+@pytest.mark.parametrize("output", ["one_in.tflite", "one_in_savedmodel/"])
+def test_one_input_two_outputs_export_is_verified(tmp_path, output):
+    from keras_embed.files.export import export_model
+
+    features = keras.Input((5,), name="features")
+    hidden = keras.layers.Dense(6, activation="relu", name="hidden")(features)
+    model = keras.Model(features, [keras.layers.Dense(3, name="a")(hidden), keras.layers.Dense(1, name="b")(hidden)])
+    figures = export_model(model, f"{tmp_path}/{output}", inputs(32)["features"])
+    assert figures["export_verified"] and figures["export_max_abs_diff"] <= 1e-6

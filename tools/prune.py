@@ -87,7 +87,7 @@ def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
     if report:
         check_side_output(report, model, output, overwrite=overwrite)
     original, notes = load_input(model, kind, unsafe)
-    check_io_format(original, format_, writes_tf_keras(kind, keep_format))
+    check_io_format(original, format_, writes_tf_keras(kind, keep_format), quantize)
     x, y = calibration_data(data, dataset, original)
     held_out = held_out_y = None
     if validation is not None:

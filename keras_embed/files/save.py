@@ -416,22 +416,26 @@ def _write(target, path, suffix, produce):
             _remove(output.temporary)
 
 
-SEVERAL_IO_FORMATS = ("keras", "h5")  # the formats written (and verified) for models of several inputs or outputs
+SEVERAL_IO_FORMATS = ("keras", "h5", "savedmodel", "tflite")  # written and verified with several inputs or outputs
 
 
-def check_io_format(model, format, tf_keras=False):
-    """Refuses (`InputError`) to write a model of several inputs or outputs in another format
-    than Keras' own (.keras, .h5): the SavedModel, TFLite, ONNX and tf_keras writers and
-    their checks take one input and one output.
+def check_io_format(model, format, tf_keras=False, quantize=None):
+    """Refuses (`InputError`) to write a model of several inputs or outputs as ONNX or with
+    tf_keras (those writers take one input and one output), or as int8 TFLite with several
+    inputs (its representative data is one array).
 
     Example:
-        >>> check_io_format(two_input_model, "tflite")
-        InputError: model 'two_io' has 2 inputs and 2 outputs; tflite output takes one of each: write .keras or .h5
+        >>> check_io_format(two_input_model, "onnx")
+        InputError: model 'two_io' has 2 inputs and 2 outputs; onnx output takes one of each: write .keras, .h5, ...
     """
-    if (len(model.inputs) > 1 or len(model.outputs) > 1) and (format not in SEVERAL_IO_FORMATS or tf_keras):
+    several = len(model.inputs) > 1 or len(model.outputs) > 1
+    if several and (format not in SEVERAL_IO_FORMATS or tf_keras):
         shown = f"tf_keras {format}" if tf_keras else format
         raise InputError(f"model '{model.name}' has {len(model.inputs)} inputs and {len(model.outputs)} outputs; "
-                         f"{shown} output takes one of each: write .keras or .h5")
+                         f"{shown} output takes one of each: write .keras, .h5, a SavedModel or .tflite")
+    if len(model.inputs) > 1 and quantize == "int8":
+        raise InputError(f"model '{model.name}' has {len(model.inputs)} inputs; --quantize int8 calibrates on one "
+                         "input array: use --quantize float16 or none")
 
 
 def save_model(model, path, format=None, writer=None, check=None):
@@ -452,7 +456,7 @@ def save_model(model, path, format=None, writer=None, check=None):
     Raises:
         InputError: the target is (or became) a device, FIFO, socket or unrelated folder,
             or the system refused the write (full disk, read-only folder...), or a model of
-            several inputs or outputs in another format than .keras or .h5 (`check_io_format`).
+            several inputs or outputs in a format that takes one of each (`check_io_format`).
     """
     format = output_format(path, format)
     check_io_format(model, format)
