@@ -7,7 +7,7 @@ import os
 import keras
 import numpy as np
 
-from keras_embed.files.data import batches, check_inputs, load_array
+from keras_embed.files.data import batches, check_inputs, concatenated, is_arrays, load_data, row_count, take_rows
 from keras_embed.edit.escape import break_symmetry
 from keras_embed.errors import check_number
 from keras_embed.find.probe import probe_redundancy, probe_requests
@@ -31,8 +31,9 @@ class EmbeddingMonitor(keras.callbacks.Callback):
     some group is redundant; on the first one the action runs.
 
     Args:
-        x: probe inputs: an array, a `.npy`/`.npz` path, or a dataset; at most
-            `max_samples` rows are used, fixed at `on_train_begin`.
+        x: probe inputs: an array, a `.npy`/`.npz` path, or a dataset (for a model of
+            several inputs a dict of arrays by input name, an `.npz` keyed so, or a dataset
+            of such dicts); at most `max_samples` rows are used, fixed at `on_train_begin`.
         every: analyse every this many epochs.
         patience: epochs over which the improvement is measured.
         min_delta: relative improvement below which training counts as stalled.
@@ -90,14 +91,16 @@ class EmbeddingMonitor(keras.callbacks.Callback):
         self.summary = None
 
     def _probe_inputs(self):
-        data = load_array(self.x) if isinstance(self.x, (str, os.PathLike)) else self.x
-        rows = data if isinstance(data, np.ndarray) else np.concatenate(list(batches(data)))
+        several = len(self.model.inputs) > 1  # then a dict of arrays by input name, an .npz keyed so
+        data = load_data(self.x, keyed=several)[0] if isinstance(self.x, (str, os.PathLike)) else self.x
         try:
-            rows = check_inputs(rows, self.model)
+            rows = check_inputs(data if is_arrays(data) else concatenated(batches(data)), self.model)
         except ValueError as error:
             raise ValueError(f"EmbeddingMonitor probe set: {error}") from None
-        if len(rows) > self.max_samples:
-            rows = rows[np.sort(np.random.default_rng(self.seed).choice(len(rows), self.max_samples, replace=False))]
+        count = row_count(rows)
+        if count > self.max_samples:
+            chosen = np.random.default_rng(self.seed).choice(count, self.max_samples, replace=False)
+            rows = take_rows(rows, np.sort(chosen))
         return rows
 
     def on_epoch_end(self, epoch, logs=None):

@@ -7,6 +7,7 @@ Example:
 import keras
 import numpy as np
 
+from keras_embed.errors import InputError
 from keras_embed.model.read import read_model
 from keras_embed.stopping import class_labels
 
@@ -24,8 +25,21 @@ def loss_for(model, y):
     return keras.losses.CategoricalCrossentropy(from_logits=from_logits)
 
 
+def check_one_output(model):
+    """Refuses (`InputError`) a model of several outputs: `finetune` trains on one array y of targets."""
+    if len(model.outputs) > 1:
+        raise InputError(f"--finetune trains a model of one output on y; model '{model.name}' has "
+                         f"{len(model.outputs)} outputs: fine-tune it with model.fit and a target per output")
+
+
 def finetune(model, x, y, epochs, batch_size=32, learning_rate=1e-3, seed=0):
-    """Trains a copy of `model` on (x, y) with Adam; returns the copy."""
+    """Trains a copy of `model` on (x, y) with Adam; returns the copy. `x` may be a dict of
+    inputs by name; the model must have one output (`check_one_output`).
+
+    Raises:
+        InputError: a model of several outputs.
+    """
+    check_one_output(model)
     keras.utils.set_random_seed(seed)
     tuned = keras.models.clone_model(model)
     tuned.set_weights(model.get_weights())

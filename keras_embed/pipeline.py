@@ -22,11 +22,11 @@ import time
 
 import numpy as np
 
-from keras_embed.files.data import check_labels, is_array, require_reusable
+from keras_embed.files.data import check_labels, is_arrays, require_reusable
 from keras_embed.edit.operators import add_null, deepen, editable_layer, widen
 from keras_embed.edit.plan import Plan
 from keras_embed.edit.surgery import apply_plan, apply_round, follow
-from keras_embed.errors import InputError, RuleError, UnsupportedLayerError, check_number
+from keras_embed.errors import InputError, RuleError, check_number
 from keras_embed.find.condense import plan_condense
 from keras_embed.find.constants import data_constants
 from keras_embed.find.data_rules import plan_collapses
@@ -40,15 +40,6 @@ from keras_embed.stopping import check_reference, class_labels, measure, shortfa
 from keras_embed.verify import assert_outputs_preserved, calibration_inputs, predict
 
 MODES = ("exact", "condense", "data")
-
-
-def read_supported(model):
-    """`read_model(model)`, refusing what the pipeline cannot carry yet (several inputs or outputs)."""
-    graph = read_model(model)
-    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
-        raise UnsupportedLayerError(f"model '{model.name}' has {len(graph.inputs)} inputs and {len(graph.outputs)} "
-                                    "outputs; only single-input, single-output models are supported")
-    return graph
 
 
 def statistics(graph, data, batch_size=256, on_batch=None):
@@ -209,15 +200,17 @@ def _judge(model, data, labels, validation, validation_labels, batch_size):
     """`judge(graph)`: the `stopping.measure` figures of a candidate graph's model on `_held_out`, and its params."""
     inputs, inputs_labels = _held_out(data, labels, validation, validation_labels)
     reference = check_reference(predict(model, inputs, batch_size))  # before the search, not after it
-    return lambda result: (measure(reference, predict(build_model(result[0]), inputs, batch_size), inputs_labels),
-                           result[0].params)
+    classes = len(model.outputs) == 1
+    return lambda result: (measure(reference, predict(build_model(result[0]), inputs, batch_size), inputs_labels,
+                                   classes), result[0].params)
 
 
 def _held_out_checks(rule, model, pruned, data, labels, validation, validation_labels, batch_size, force):
     """The `stopping.measure` figures on the validation (else calibration) array; raises
     `RuleError` when `rule` fails there or an output is NaN or infinite, unless `force`."""
     held_out, held_out_labels = _held_out(data, labels, validation, validation_labels)
-    figures = measure(predict(model, held_out, batch_size), predict(pruned, held_out, batch_size), held_out_labels)
+    figures = measure(predict(model, held_out, batch_size), predict(pruned, held_out, batch_size), held_out_labels,
+                      len(model.outputs) == 1)
     problem = shortfall(rule, figures, pruned.count_params())
     if problem is not None and not force:
         raise RuleError(f"on the held-out data the compressed model has {problem}; "
@@ -251,12 +244,15 @@ def _check_arguments(mode, rule, rtol, atol, lin_tol):
 
 def _checked_labels(labels, data):
     """`labels` checked against the rows of `data` where both are arrays (one label per row)."""
-    return check_labels(labels, data) if labels is not None and is_array(data) else labels
+    return check_labels(labels, data) if labels is not None and is_arrays(data) else labels
 
 
-def _check_approximate_inputs(mode, data, rule, labels, validation, validation_labels):
+def _check_approximate_inputs(mode, data, rule, labels, validation, validation_labels, outputs=1):
     if mode == "data" and (data is None or rule is None):
         raise InputError("--mode data needs calibration data (--data or --dataset) and a stopping rule")
+    if rule is not None and rule.needs_labels and outputs > 1:
+        raise InputError(f"--max-accuracy-drop needs one classification output but the model has {outputs}; "
+                         "use --max-output-error, --keep-ratio or --target-params")
     given = [labels] + ([validation_labels] if validation is not None else [])
     if rule is not None and rule.needs_labels and any(y is None or class_labels(y) is None for y in given):
         raise InputError("--max-accuracy-drop needs class labels (integers or one-hot rows): y in the calibration "
@@ -295,7 +291,8 @@ def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, mode="exact", 
     Args:
         model: a Keras model of the layers `model.registry` knows (chains, CNNs, branches).
         rtol: relative tolerance of the weight comparisons (see `find_redundancy`).
-        data: calibration inputs (array, dataset or iterable of batches; an array in data mode).
+        data: calibration inputs (array, dataset or iterable of batches; an array in data mode; for a
+            model of several inputs a dict of arrays by input name).
         atol: exact mode: allowed max abs output difference; default 1e-4 times the output scale.
         force: return the model even when verification fails.
         mode: "exact", "condense" or "data".
@@ -320,9 +317,9 @@ def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, mode="exact", 
     require_reusable(data)
     require_reusable(validation)
     labels, validation_labels = _checked_labels(labels, data), _checked_labels(validation_labels, validation)
-    graph = read_supported(model)
+    graph = read_model(model)
     if mode != "exact":
-        _check_approximate_inputs(mode, data, rule, labels, validation, validation_labels)
+        _check_approximate_inputs(mode, data, rule, labels, validation, validation_labels, len(graph.outputs))
     if mode == "data":
         check_refit_memory(graph)  # before any pass: widths only shrink
     stats = None if data is None else statistics(graph, data, batch_size, on_batch)
@@ -348,7 +345,7 @@ def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, mode="exact", 
 def analyze(model, data=None, rtol=1e-6, lin_tol=DEFAULT_LIN_TOL, allow_growth=False, batch_size=256, on_batch=None):
     """Per-producer redundancy of `model` (`layer_rows`, plus effective_width: what `prune`
     keeps, 0 when collapsed); nothing is changed."""
-    graph = read_supported(model)
+    graph = read_model(model)
     stats = None if data is None else statistics(graph, data, batch_size, on_batch)
     analysis = plan_prune(graph, stats, rtol, lin_tol, allow_growth)
     rows = layer_rows(graph, apply_plan(graph, analysis.plan), analysis)
@@ -375,7 +372,7 @@ def embed(model, widen_steps=(), null_steps=(), deepen_layers=(), data=None, mar
         ValueError: a step that names no hidden layer or channel, or bad values.
         VerificationError: the outputs changed by more than `atol`.
     """
-    graph = before = read_supported(model)
+    graph = before = read_model(model)
     if deepen_layers and data is None:
         raise InputError("--deepen needs calibration data: give --data or --dataset")
     for layer, unit, alpha in widen_steps:

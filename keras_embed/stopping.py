@@ -62,11 +62,15 @@ def check_reference(reference):
     return reference
 
 
-def measure(reference, outputs, y=None):
+def measure(reference, outputs, y=None, classes=True):
     """Figures comparing `outputs` with `reference` outputs on the same inputs.
 
     A row of `outputs` holding NaN or infinity agrees with nothing and is never right, and
     makes the output error infinite, so no rule holds for it.
+
+    Args:
+        classes: whether the outputs are one classification output; without it (a model
+            of several outputs, concatenated by `verify.output_rows`) only output_error.
 
     Returns:
         dict with output_error (relative), agreement (share of equal predicted classes),
@@ -78,6 +82,8 @@ def measure(reference, outputs, y=None):
             these inputs, and nothing can be measured against it.
     """
     reference, outputs = check_reference(reference), np.asarray(outputs)
+    if not classes:
+        return {"output_error": relative_error(reference, outputs)}
     before = predicted_classes(reference)
     after = np.where(np.isfinite(outputs).all(axis=-1), predicted_classes(outputs), -1)
     figures = {"output_error": relative_error(reference, outputs), "agreement": float(np.mean(before == after))}

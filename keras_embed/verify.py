@@ -1,6 +1,8 @@
 """Checks that a rewritten model computes the outputs of the original.
 
-One function serves the CLI, the tests and the callbacks. Data streams in batches.
+One function serves the CLI, the tests and the callbacks. Data streams in batches. A
+model of several outputs is compared on all of them: each output flattened per row and
+the outputs concatenated (`output_rows`), so differences and scales cover every output.
 
 Example:
     >>> x = calibration_inputs(model)
@@ -11,7 +13,7 @@ Example:
 import keras
 import numpy as np
 
-from keras_embed.files.data import batches, check_inputs
+from keras_embed.files.data import batches, check_inputs, row_count
 from keras_embed.errors import InputError, VerificationError
 from keras_embed.measure.reduce import EAGER_BYTES, layer_bytes
 
@@ -24,32 +26,59 @@ ROUNDING_FACTOR = 10
 
 
 def calibration_inputs(model, samples=DEFAULT_SAMPLES, seed=0):
-    """Seeded standard-normal inputs shaped like the model input (unknown axes get size 1)."""
-    tensor = model.inputs[0]
-    shape = tuple(1 if size is None else size for size in tensor.shape[1:])
-    values = np.random.default_rng(seed).standard_normal((samples, *shape))
-    return values.astype(keras.backend.standardize_dtype(tensor.dtype))
+    """Seeded standard-normal inputs shaped like the model input (unknown axes get size 1);
+    for a model of several inputs a dict of them by input name, drawn in input order."""
+    generator = np.random.default_rng(seed)
+    values = {}
+    for tensor in model.inputs:
+        shape = tuple(1 if size is None else size for size in tensor.shape[1:])
+        values[tensor.name] = generator.standard_normal((samples, *shape)).astype(
+            keras.backend.standardize_dtype(tensor.dtype))
+    return values if len(values) > 1 else next(iter(values.values()))
+
+
+def output_rows(outputs):
+    """A model's outputs on a batch as one float64 array: a single output as it is, several
+    (a list, tuple or dict) each flattened per row and concatenated along the last axis.
+
+    Example:
+        >>> output_rows([np.zeros((4, 3)), np.ones((4, 2, 2))]).shape
+        (4, 7)
+    """
+    if isinstance(outputs, dict):
+        outputs = list(outputs.values())
+    if isinstance(outputs, (list, tuple)) and len(outputs) == 1:
+        outputs = outputs[0]
+    if not isinstance(outputs, (list, tuple)):
+        return np.asarray(keras.ops.convert_to_numpy(outputs), dtype=np.float64)
+    arrays = [np.asarray(keras.ops.convert_to_numpy(output), dtype=np.float64) for output in outputs]
+    return np.concatenate([array.reshape(len(array), -1) for array in arrays], axis=-1)
 
 
 def outputs_on(model, batch):
-    """`model`'s outputs on one batch as a float64 numpy array, in inference mode: eagerly
+    """`model`'s outputs on one batch as a float64 numpy array (several as `output_rows` puts
+    them), in inference mode: eagerly
     for a small model, traced for one whose layer outputs exceed `reduce.EAGER_BYTES` (an
     eager functional call keeps every layer's output until it returns; a traced one frees
     them as it goes, and is faster on a large CNN)."""
-    if layer_bytes(model, len(batch)) <= EAGER_BYTES:
+    if layer_bytes(model, row_count(batch)) <= EAGER_BYTES:
         values = model(batch, training=False)
     else:
         values = model.predict_on_batch(batch)
-    return np.asarray(keras.ops.convert_to_numpy(values), dtype=np.float64)
+    return output_rows(values)
 
 
 def predict(model, x, batch_size=256):
-    """Model outputs on `x` as a float64 numpy array (inference mode)."""
+    """Model outputs on `x` as a float64 numpy array (inference mode; several outputs as
+    `output_rows` puts them)."""
     return np.concatenate([outputs_on(model, batch) for batch in batches(x, batch_size)])
 
 
 def rounding_step(batch):
-    """`batch` with every float moved by about one float32 rounding step (integers as they are)."""
+    """`batch` (an array, or a dict of arrays by input name) with every float moved by about
+    one float32 rounding step (integers as they are)."""
+    if isinstance(batch, dict):
+        return {name: rounding_step(values) for name, values in batch.items()}
     return batch * np.float32(1 + 2**-23) if np.issubdtype(batch.dtype, np.floating) else batch
 
 
@@ -83,7 +112,7 @@ def output_difference(reference, candidate, data, batch_size=256, sensitivity=Fa
         gap = np.abs(expected - actual)
         diff = max(diff, float(gap.max(initial=0.0)) if np.all(np.isfinite(gap)) else np.inf)
         scale = max(scale, float(np.abs(expected).max(initial=0.0)))
-        samples += len(batch)
+        samples += row_count(batch)
     if samples == 0:
         raise InputError("no samples to verify the outputs on; pass at least one input row")
     return diff, scale, rounding

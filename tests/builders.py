@@ -179,6 +179,20 @@ def all_layers(model):
             yield from all_layers(layer)
 
 
+def two_io():
+    """Two inputs, two outputs: an image (8, 8, 2) through Conv2D and features (5,) through
+    Dense, joined by Concatenate into a Dense trunk with two Dense heads, scores (3,) and value (2,)."""
+    image = keras.Input((8, 8, 2), name="image")
+    features = keras.Input((5,), name="features")
+    seen = keras.layers.Conv2D(6, 3, activation="relu", name="conv")(image)
+    seen = keras.layers.Flatten(name="flat")(keras.layers.MaxPooling2D(name="pool")(seen))
+    read = keras.layers.Dense(8, activation="tanh", name="features_dense")(features)
+    trunk = keras.layers.Dense(12, activation="relu", name="trunk")(keras.layers.Concatenate(name="join")([seen, read]))
+    scores = keras.layers.Dense(3, name="scores")(trunk)
+    value = keras.layers.Dense(2, activation="sigmoid", name="value")(trunk)
+    return keras.Model([image, features], [scores, value], name="two_io")
+
+
 def batchnorm_from_data(model, x):
     """Sets every BatchNormalization's moving statistics to those of `x` (one training-mode
     call at momentum 0), so a randomly initialised deep network does not compute a constant."""

@@ -36,6 +36,7 @@ def analyze(model, json_path, overwrite, rtol, lin_tol, data, dataset, batch_siz
     \b
     Exit codes: 0 ok, 2 bad usage or input, 4 unsupported model.
     """
+    from keras_embed.files.data import row_count
     from keras_embed.files.load import load_model
     from keras_embed.files.save import check_side_output, write_text
     from keras_embed.pipeline import analyze as analyze_model
@@ -44,7 +45,7 @@ def analyze(model, json_path, overwrite, rtol, lin_tol, data, dataset, batch_siz
         check_side_output(json_path, model, overwrite=overwrite)
     original = load_model(model, unsafe)
     x, _ = calibration_data(data, dataset, original)
-    with progress(0 if x is None else len(x), "statistics") as bar:
+    with progress(0 if x is None else row_count(x), "statistics") as bar:
         rows = analyze_model(original, x, rtol, lin_tol, batch_size=batch_size, on_batch=bar.update)
     columns = COLUMNS if x is None else DATA_COLUMNS
     if any(row["group"] != row["name"] for row in rows):

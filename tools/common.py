@@ -171,9 +171,11 @@ def calibration_data(data, dataset, model):
         raise click.UsageError("give --data or --dataset, not both")
     if data is None and dataset is None:
         return None, None
-    from keras_embed.files.data import bundled_dataset, check_inputs, check_labels, load_data
+    from keras_embed.files.data import bundled_dataset, check_inputs, check_labels, load_checked
 
-    x, y = load_data(data) if data is not None else bundled_dataset(dataset)
+    if data is not None:
+        return load_checked(data, model)
+    x, y = bundled_dataset(dataset)
     x = check_inputs(x, model)
     return x, check_labels(y, x)
 

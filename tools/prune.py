@@ -67,10 +67,10 @@ def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
     Exit codes: 0 ok, 2 bad usage or input, 3 verification failed, 4 unsupported model.
     """
     from keras_embed.pipeline import prune as prune_model
-    from keras_embed.files.data import check_inputs, check_labels, load_data
+    from keras_embed.files.data import load_checked, row_count
     from keras_embed.files.export import check_export_options, export_model
     from keras_embed.files.inputs import input_kind, load_input, resolve_output, writes_tf_keras
-    from keras_embed.files.save import check_output, check_side_output, published_together, write_text
+    from keras_embed.files.save import check_io_format, check_output, check_side_output, published_together, write_text
     from keras_embed.measure.sparsity import sparsity_figures
     from keras_embed.verify import calibration_inputs
     from keras_embed.stopping import stopping_rule_from_options
@@ -87,15 +87,18 @@ def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
     if report:
         check_side_output(report, model, output, overwrite=overwrite)
     original, notes = load_input(model, kind, unsafe)
+    check_io_format(original, format_, writes_tf_keras(kind, keep_format), quantize)
     x, y = calibration_data(data, dataset, original)
     held_out = held_out_y = None
     if validation is not None:
-        held_out, held_out_y = load_data(validation)
-        held_out = check_inputs(held_out, original)
-        held_out_y = check_labels(held_out_y, held_out)
+        held_out, held_out_y = load_checked(validation, original)
     if finetune and y is None:
         raise click.UsageError("--finetune needs labels: y in the --data .npz, or --dataset")
-    with progress(0 if x is None else len(x), "statistics") as bar:
+    if finetune:
+        from keras_embed.finetune import check_one_output
+
+        check_one_output(original)
+    with progress(0 if x is None else row_count(x), "statistics") as bar:
         pruned, result = prune_model(
             original, rtol, x, atol, force, mode=mode, rule=rule, labels=y, validation=held_out,
             validation_labels=held_out_y, cos=cos, lin_tol=lin_tol, allow_growth=allow_growth,
@@ -152,10 +155,11 @@ def summary(figures, output):
         lines.append(f"max abs output difference: {figures['max_abs_diff']:.3g} (atol {figures['atol']:.3g}, on {figures['calibration']})")
         if figures["max_abs_diff_validation"] is not None:
             lines.append(f"max abs output difference on validation data: {figures['max_abs_diff_validation']:.3g}")
-    if "agreement" in figures:
+    if "output_error" in figures:
+        agreement = f"agreement {_percent(figures['agreement'])}, " if "agreement" in figures else ""
         accuracy = (f", accuracy {_percent(figures['accuracy_before'])} -> {_percent(figures['accuracy_after'])}"
                     if "accuracy_before" in figures else "")
-        lines.append(f"on {figures['checked_on']}: agreement {_percent(figures['agreement'])}, "
+        lines.append(f"on {figures['checked_on']}: {agreement}"
                      f"relative output error {figures['output_error']:.3g}{accuracy}")
     if "finetune" in figures:
         tuned = figures["finetune"]

@@ -6,8 +6,13 @@ members of `.npz` files are memory-mapped (read from disk as batches need them),
 are checked and cast batch by batch, and a compressed `.npz` member is inflated into
 memory only up to `INFLATE_LIMIT`.
 
+A model of several inputs takes a dict {input name: array} (Keras' convention), in a file
+an `.npz` keyed by the input names (and an optional y); every array is checked against its
+input and all hold the same rows. Batches of such data are dicts of row slices.
+
 Example:
     >>> x, y = load_data("calib.npz")                 # key x, optional y; else the first array
+    >>> x, y = load_checked("calib.npz", model)        # two inputs: keys image, features (and y)
     >>> x, y = bundled_dataset("digits")               # scikit-learn's bundled copy, no download
     >>> for batch in batches(x, batch_size=256): ...
 """
@@ -58,8 +63,37 @@ def is_array(data):
     return isinstance(data, (np.ndarray, LazyCast))
 
 
-def load_data(path):
-    """Reads (x, y) from `.npy` (y is None) or `.npz` (key `x`, optional `y`; else the first array).
+def is_arrays(data):
+    """Whether `data` is an array or a non-empty dict of arrays (the inputs of a model of several inputs)."""
+    return is_array(data) or (isinstance(data, dict) and bool(data) and all(map(is_array, data.values())))
+
+
+def row_count(data):
+    """Rows of an array, or of a dict of arrays (refused unless every array has the same rows).
+
+    Example:
+        >>> row_count({"image": np.zeros((8, 4, 4, 2)), "features": np.zeros((8, 3))})
+        8
+    """
+    if not isinstance(data, dict):
+        return len(data)
+    rows = {name: len(values) for name, values in data.items()}
+    if len(set(rows.values())) > 1:
+        shown = ", ".join(f"{name}: {count}" for name, count in rows.items())
+        raise InputError(f"data has unequal rows per input ({shown}); give every input the same rows")
+    return next(iter(rows.values()), 0)
+
+
+def take_rows(data, rows):
+    """`data[rows]` of an array, or of every array of a dict, as plain numpy arrays."""
+    if isinstance(data, dict):
+        return {name: np.asarray(values[rows]) for name, values in data.items()}
+    return np.asarray(data[rows])
+
+
+def load_data(path, keyed=False):
+    """Reads (x, y) from `.npy` (y is None) or `.npz` (key `x`, optional `y`; else the first
+    array); with `keyed`, x is the dict of every `.npz` member but `y` (a model's inputs by name).
 
     Arrays stored uncompressed come back memory-mapped (read-only `np.memmap`s); a
     compressed `.npz` member is inflated into memory.
@@ -78,9 +112,12 @@ def load_data(path):
         with open(path, "rb") as stream:
             magic = stream.read(len(_NPY_MAGIC))
         if magic.startswith(_ZIP_MAGICS):
-            return _load_npz(path)
+            return _load_npz(path, keyed)
         if magic != _NPY_MAGIC:
             raise ValueError("neither a .npy nor a .npz file")
+        if keyed:
+            raise InputError(f"data file '{path}' is one .npy array but the model takes several inputs; save an "
+                             ".npz keyed by the input names: np.savez(path, name=array, ...)")
         return _mapped(path, 0, path.stat().st_size), None
     except InputError:
         raise
@@ -123,14 +160,16 @@ def _mapped(path, start, size):
                          "(out of address space: see ulimit -v); pass fewer rows") from None
 
 
-def _load_npz(path):
+def _load_npz(path, keyed=False):
     with zipfile.ZipFile(path) as archive:
         arrays = {info.filename[:-4]: info for info in archive.infolist() if info.filename.endswith(".npy")}
         if not arrays:
             raise InputError(f"data file '{path}' holds no arrays; save x with np.savez(path, x=x)")
         key = "x" if "x" in arrays else next(iter(arrays))
-        x = _member_array(path, archive, arrays[key])
-        return x, (_member_array(path, archive, arrays["y"]) if "y" in arrays and key == "x" else None)
+        y = _member_array(path, archive, arrays["y"]) if "y" in arrays and (keyed or key == "x") else None
+        if keyed:
+            return {key: _member_array(path, archive, info) for key, info in arrays.items() if key != "y"}, y
+        return _member_array(path, archive, arrays[key]), y
 
 
 def _member_array(path, archive, info):
@@ -154,6 +193,14 @@ def _member_array(path, archive, info):
 def load_array(path):
     """The inputs `x` of a `.npy` or `.npz` file (see `load_data`)."""
     return load_data(path)[0]
+
+
+def load_checked(path, model):
+    """(inputs checked against `model`, labels y checked against them, or None) of a data
+    file: for a model of several inputs an `.npz` keyed by its input names (see `check_inputs`)."""
+    x, y = load_data(path, keyed=len(input_specs(model)) > 1)
+    x = check_inputs(x, model)
+    return x, check_labels(y, x)
 
 
 def bundled_dataset(name):
@@ -192,32 +239,53 @@ def check_inputs(x, model):
     Values are checked and cast piece by piece: a memory-mapped `x` (from `load_data`)
     is never read whole, and comes back as it is when it has the model's dtype, else as a
     `LazyCast`. Any other array comes back cast (a copy unless it has the dtype already).
+    A model of several inputs takes a dict {input name: array}, each array checked so,
+    every one with the same rows; so may a model of one input (its array comes back).
 
     Args:
-        x: an array of inputs.
-        model: a Keras model, or its input `InputSpec` (`graph.input`).
+        x: an array of inputs, or a dict of them by input name.
+        model: a Keras model, an input node of its graph (`graph.inputs[0]`) or all of them.
 
     Raises:
-        InputError: empty data, non-numeric or non-finite values, or a shape the model
-            does not take.
+        InputError: empty data, non-numeric or non-finite values, a shape the model does not
+            take, a dict whose keys are not the input names, unequal rows.
+
+    Example:
+        >>> check_inputs({"image": images, "features": features}, model)   # a dict back, cast
     """
+    specs = input_specs(model)
+    if len(specs) == 1 and not isinstance(x, dict):
+        return _check_array(x, *specs[0][1:])
+    names = [name for name, _, _ in specs]
+    if not isinstance(x, dict):
+        raise InputError(f"the model takes {len(names)} inputs ({', '.join(names)}) but the data is one "
+                         f"{type(x).__name__}; pass a dict (an .npz) keyed by the input names")
+    if set(x) != set(names):
+        raise InputError(f"data has keys {sorted(map(str, x))} but the model's inputs are {names}; "
+                         "give one array per input, keyed by its name")
+    checked = {name: _check_array(x[name], shape, dtype, f"input '{name}'") for name, shape, dtype in specs}
+    row_count(checked)
+    return checked if len(specs) > 1 else checked[names[0]]
+
+
+def _check_array(x, shape, dtype, label="data"):
+    """One input array checked against (shape, dtype); see `check_inputs`."""
     source = x.array if isinstance(x, LazyCast) else x if isinstance(x, np.memmap) else np.asarray(x)
-    shape, dtype = _input_shape_and_dtype(model)
     if source.ndim == 0 or len(source) == 0:
-        raise InputError("data holds no samples; pass at least one input row")
+        raise InputError(f"{label} holds no samples; pass at least one input row")
     if not (np.issubdtype(source.dtype, np.integer) or np.issubdtype(source.dtype, np.floating)
             or source.dtype == bool):
-        raise InputError(f"data has dtype {source.dtype}; pass real numeric inputs")
+        raise InputError(f"{label} has dtype {source.dtype}; pass real numeric inputs")
     if source.ndim != len(shape) + 1 or any(want not in (None, got) for want, got in zip(shape, source.shape[1:])):
         shown = ", ".join("n" if size is None else str(size) for size in (None, *shape))
-        raise InputError(f"data has shape {source.shape} but the model takes ({shown}); pass inputs of that shape")
+        raise InputError(f"{label} has shape {source.shape} but the model takes ({shown}); pass inputs of that shape")
     if isinstance(source, np.memmap):
         checked = source if source.dtype == dtype else LazyCast(source, dtype)
     else:
         checked = source.astype(dtype, copy=False)
     rows = max(1, _CHUNK_BYTES // max(1, source[0].nbytes))
     if not all(np.all(np.isfinite(piece)) for piece in batches(checked, rows)):
-        raise InputError(f"data holds NaN or infinite values (as {dtype}); clean it before calibrating")
+        raise InputError(f"{label} holds NaN or infinite values (as {dtype}); clean it before calibrating")
     return checked
 
 
@@ -225,23 +293,31 @@ def check_labels(y, x):
     """Returns labels `y` (or None) after checking there is one per input row."""
     if y is None:
         return None
-    y = np.asarray(y)
-    if y.ndim == 0 or len(y) != len(x):
-        raise InputError(f"data has {len(x)} inputs but {0 if y.ndim == 0 else len(y)} labels y; give one label per row")
+    y, rows = np.asarray(y), row_count(x)
+    if y.ndim == 0 or len(y) != rows:
+        raise InputError(f"data has {rows} inputs but {0 if y.ndim == 0 else len(y)} labels y; give one label per row")
     if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)) or not np.all(np.isfinite(y)):
         raise InputError(f"labels y have dtype {y.dtype} or non-finite values; give numeric labels")
     return y
 
 
-def _input_shape_and_dtype(model):
+def input_specs(model):
+    """[(name, shape without the batch axis, dtype)] of the inputs of a Keras model, of a
+    graph input node, or of a list of them (`graph.inputs`).
+
+    Example:
+        >>> input_specs(model)
+        [('image', (8, 8, 1), 'float32'), ('features', (5,), 'float32')]
+    """
     if isinstance(model, keras.Model):
-        tensor = model.inputs[0]
-        return tuple(tensor.shape[1:]), keras.backend.standardize_dtype(tensor.dtype)
-    return tuple(model.shape), model.dtype
+        return [(tensor.name, tuple(tensor.shape[1:]), keras.backend.standardize_dtype(tensor.dtype))
+                for tensor in model.inputs]
+    nodes = model if isinstance(model, (list, tuple)) else [model]
+    return [(node.name, tuple(node.shape), node.dtype) for node in nodes]
 
 
 def _first(element):
-    """The inputs of a batch given as x, (x, y[, w]) or {'x': ...}."""
+    """The inputs of a batch given as x, (x, y[, w]) or {'x': ...} (x may be a dict of inputs by name)."""
     if isinstance(element, dict):
         return element.get("x", next(iter(element.values())))
     if isinstance(element, (tuple, list)):
@@ -250,24 +326,36 @@ def _first(element):
 
 
 def batches(data, batch_size=256):
-    """Yields numpy batches of inputs from an array, a tf.data.Dataset or an iterable of batches.
+    """Yields numpy batches of inputs from an array, a dict of arrays (by input name), a
+    tf.data.Dataset or an iterable of batches.
 
-    An array (numpy, memory-mapped or a `LazyCast`) is sliced into `batch_size` rows; a
-    dataset or iterable is used batch by batch as it comes (elements may be x, (x, y) or
-    {'x': x}).
+    An array (numpy, memory-mapped or a `LazyCast`) is sliced into `batch_size` rows, a dict
+    of arrays into dicts of such slices; a dataset or iterable is used batch by batch as it
+    comes (elements may be x, (x, y) or {'x': x}, x an array or a dict of arrays by input
+    name; a dict element without 'x' gives its first value).
     """
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1. Received: batch_size={batch_size}")
-    if isinstance(data, (dict, str, bytes)):
-        raise InputError(f"data of type {type(data).__name__}; pass an array, a tf.data.Dataset or an iterable of batches")
-    if is_array(data):
-        for start in range(0, len(data), batch_size):
-            yield np.asarray(data[start:start + batch_size])  # a plain array, even of a memory-mapped one
+    if isinstance(data, (str, bytes)) or (isinstance(data, dict) and not is_arrays(data)):
+        raise InputError(f"data of type {type(data).__name__}; pass an array, a dict of arrays by input name, "
+                         "a tf.data.Dataset or an iterable of batches")
+    if is_arrays(data):
+        for start in range(0, row_count(data), batch_size):
+            yield take_rows(data, slice(start, start + batch_size))  # plain arrays, even of memory-mapped ones
         return
     if hasattr(data, "as_numpy_iterator"):  # tf.data.Dataset
         data = data.as_numpy_iterator()
     for element in data:
-        yield np.asarray(_first(element))
+        inputs = _first(element)
+        yield {name: np.asarray(part) for name, part in inputs.items()} if isinstance(inputs, dict) else np.asarray(inputs)
+
+
+def concatenated(parts):
+    """One array (or dict of arrays by input name) of the batches `parts`, e.g. of `batches(dataset)`."""
+    parts = list(parts)
+    if parts and isinstance(parts[0], dict):
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    return np.concatenate(parts)
 
 
 def require_reusable(data):
@@ -280,5 +368,5 @@ def require_reusable(data):
 
 
 def sample_count(data):
-    """Number of samples when known up front (arrays), else None."""
-    return len(data) if is_array(data) else None
+    """Number of samples when known up front (arrays and dicts of them), else None."""
+    return row_count(data) if is_arrays(data) else None

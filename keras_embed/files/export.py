@@ -24,9 +24,10 @@ Example:
 import numpy as np
 
 from keras_embed.errors import InputError, VerificationError
+from keras_embed.files.data import take_rows
 from keras_embed.files.load import load_model
-from keras_embed.files.save import output_format, save_model, write_tflite
-from keras_embed.verify import default_atol, predict, rounding_step
+from keras_embed.files.save import check_io_format, output_format, save_model, write_tflite
+from keras_embed.verify import default_atol, output_rows, predict, rounding_step
 
 QUANTIZATIONS = ("float16", "int8")
 RELATIVE_TOLERANCES = {"float16": 1e-2, "int8": 1e-1}
@@ -49,10 +50,20 @@ def check_export_options(format, quantize, has_data):
 
 
 
+def _in_order(outputs):
+    """The serving outputs of a model of several outputs (output_0, output_1, ...) as `verify.output_rows` puts them."""
+    return output_rows([outputs[f"output_{index}"] for index in range(len(outputs))])
+
+
 def _tflite_outputs(path, x):
     import tensorflow as tf
 
     interpreter = tf.lite.Interpreter(model_path=str(path))
+    if isinstance(x, dict) or len(interpreter.get_output_details()) > 1:  # by name, through the signature
+        runner = interpreter.get_signature_runner()
+        if not isinstance(x, dict):
+            x = {interpreter.get_signature_list()["serving_default"]["inputs"][0]: x}
+        return _in_order(runner(**x))
     source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     interpreter.resize_tensor_input(source["index"], x.shape)
     interpreter.allocate_tensors()
@@ -64,9 +75,12 @@ def _tflite_outputs(path, x):
 def _savedmodel_outputs(path, x):
     import tensorflow as tf
 
-    loaded = tf.saved_model.load(str(path))
-    outputs = loaded.signatures["serving_default"](tf.constant(x))
-    return next(iter(outputs.values())).numpy()
+    signature = tf.saved_model.load(str(path)).signatures["serving_default"]
+    if isinstance(x, dict):
+        outputs = signature(**{name: tf.constant(values) for name, values in x.items()})
+    else:
+        outputs = signature(tf.constant(x))
+    return _in_order(outputs) if len(outputs) > 1 else next(iter(outputs.values())).numpy()
 
 
 def _onnx_outputs(path, x):
@@ -107,7 +121,8 @@ def export_model(model, path, x, format=None, quantize=None, representative=None
     Args:
         model: the Keras model.
         path: target; its format from the ending or `format` (see `save.output_format`).
-        x: check inputs (an array); the first `CHECK_ROWS` rows are used.
+        x: check inputs (an array, or a dict of arrays by input name for a model of several
+            inputs; see `save.check_io_format`); the first `CHECK_ROWS` rows are used.
         quantize: TFLite only: None, 'float16' or 'int8'.
         representative: int8 calibration inputs (an array).
         atol: float32 tolerance instead of 1e-4 x output scale.
@@ -123,7 +138,8 @@ def export_model(model, path, x, format=None, quantize=None, representative=None
     """
     format = output_format(path, format)
     check_export_options(format, quantize, representative is not None)
-    x = np.asarray(x[:CHECK_ROWS], dtype=np.float32)
+    check_io_format(model, format, tf_keras, quantize)
+    x = take_rows(x, slice(0, CHECK_ROWS)) if isinstance(x, dict) else np.asarray(x[:CHECK_ROWS], dtype=np.float32)
     expected = predict(model, x)
     scale = float(np.abs(expected).max(initial=0.0)) or 1.0
     if quantize is not None:

@@ -416,6 +416,28 @@ def _write(target, path, suffix, produce):
             _remove(output.temporary)
 
 
+SEVERAL_IO_FORMATS = ("keras", "h5", "savedmodel", "tflite")  # written and verified with several inputs or outputs
+
+
+def check_io_format(model, format, tf_keras=False, quantize=None):
+    """Refuses (`InputError`) to write a model of several inputs or outputs as ONNX or with
+    tf_keras (those writers take one input and one output), or as int8 TFLite with several
+    inputs (its representative data is one array).
+
+    Example:
+        >>> check_io_format(two_input_model, "onnx")
+        InputError: model 'two_io' has 2 inputs and 2 outputs; onnx output takes one of each: write .keras, .h5, ...
+    """
+    several = len(model.inputs) > 1 or len(model.outputs) > 1
+    if several and (format not in SEVERAL_IO_FORMATS or tf_keras):
+        shown = f"tf_keras {format}" if tf_keras else format
+        raise InputError(f"model '{model.name}' has {len(model.inputs)} inputs and {len(model.outputs)} outputs; "
+                         f"{shown} output takes one of each: write .keras, .h5, a SavedModel or .tflite")
+    if len(model.inputs) > 1 and quantize == "int8":
+        raise InputError(f"model '{model.name}' has {len(model.inputs)} inputs; --quantize int8 calibrates on one "
+                         "input array: use --quantize float16 or none")
+
+
 def save_model(model, path, format=None, writer=None, check=None):
     """Writes `model` atomically: into a temporary path beside `path`, then renamed.
 
@@ -433,9 +455,11 @@ def save_model(model, path, format=None, writer=None, check=None):
 
     Raises:
         InputError: the target is (or became) a device, FIFO, socket or unrelated folder,
-            or the system refused the write (full disk, read-only folder...).
+            or the system refused the write (full disk, read-only folder...), or a model of
+            several inputs or outputs in a format that takes one of each (`check_io_format`).
     """
     format = output_format(path, format)
+    check_io_format(model, format)
     target = _target(path)
     _check_replaceable(target, path, format)
     write = writer or _WRITERS[format]

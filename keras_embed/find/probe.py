@@ -15,6 +15,7 @@ import dataclasses
 
 import numpy as np
 
+from keras_embed.files.data import row_count
 from keras_embed.find.grouping import cosine_groups
 from keras_embed.find.weight_rules import zero_out_channels
 from keras_embed.measure.regimes import producer_regimes
@@ -72,7 +73,7 @@ def probe_redundancy(graph, x, cos=0.999, rtol=1e-6, lin_tol=1e-4, probe=None):
     """
     graph = fold_batchnorm(graph)
     requests = probe_requests(graph)
-    stats = collect(graph, x, requests, batch_size=len(x), probe=probe)
+    stats = collect(graph, x, requests, batch_size=row_count(x), probe=probe)
     regimes = producer_regimes(graph, {name: stats[("z", name)] for name in _producers(graph)}, lin_tol, rtol)
     summary = {}
     for group in graph.editable_groups():

@@ -28,7 +28,7 @@ import tensorflow as tf
 from keras_embed.files.data import batches, check_inputs
 from keras_embed.edit.plan import Refit
 from keras_embed.edit.surgery import apply_round
-from keras_embed.measure.reduce import as_list
+from keras_embed.measure.reduce import as_list, call, input_signature, input_tensors
 from keras_embed.measure.statistics import check_gram_memory, group_request, tensors
 from keras_embed.model.build import build_model
 
@@ -111,19 +111,18 @@ def regression_stats(graph, target, group, data, weighting, batch_size=256):
     names = tensors({group: request})
     current = build_model(_up_to(graph, names), outputs=names)
     reference = keras.Model(target.inputs, [target.get_layer(name).output for name in names])
-    spec = current.inputs[0]
 
-    @tf.function(input_signature=[tf.TensorSpec((None, *spec.shape[1:]), spec.dtype)])
-    def products(batch):
-        outputs = [dict(zip(names, as_list(model(batch, training=False)))) for model in (current, reference)]
+    @tf.function(input_signature=input_signature(current))
+    def products(*inputs):
+        outputs = [dict(zip(names, as_list(call(model, inputs)))) for model in (current, reference)]
         return _part_products(*outputs, request.a)
 
     width = graph.group_width(group)
     gram, cross_r = np.zeros((width + 1, width + 1)), np.zeros((width + 1, width))
     target_gram = np.zeros((width, width))
     for batch in batches(data, batch_size):
-        batch = check_inputs(batch, graph.inputs[0])
-        values = products(tf.convert_to_tensor(batch, spec.dtype))
+        batch = check_inputs(batch, graph.inputs)
+        values = products(*input_tensors(current, batch))
         rows, a_a, a_sum, a_r, r_sum, r_r = (value.numpy() for value in values)
         gram[:-1, :-1] += a_a
         gram[:-1, -1] += a_sum

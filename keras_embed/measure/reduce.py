@@ -129,11 +129,25 @@ def _traced(model, names, requests):
     key = (tuple(names), tuple(requests))
     if key not in functions:
         reduce = _reductions(names, requests)
-        spec = model.inputs[0]
-        signature = [tf.TensorSpec((None, *spec.shape[1:]), spec.dtype)]
-        functions[key] = tf.function(lambda batch: reduce(as_list(model(batch, training=False))),
-                                     input_signature=signature)
+        functions[key] = tf.function(lambda *inputs: reduce(as_list(call(model, inputs))),
+                                     input_signature=input_signature(model))
     return functions[key]
+
+
+def input_signature(model):
+    """A `tf.function` signature of `model`'s inputs, in order, any batch size."""
+    return [tf.TensorSpec((None, *tensor.shape[1:]), tensor.dtype) for tensor in model.inputs]
+
+
+def input_tensors(model, batch):
+    """A batch (an array, or a dict of arrays by input name) as tensors in `model`'s input order."""
+    parts = [batch[tensor.name] for tensor in model.inputs] if isinstance(batch, dict) else [batch]
+    return [tf.convert_to_tensor(part, dtype=tensor.dtype) for part, tensor in zip(parts, model.inputs)]
+
+
+def call(model, inputs):
+    """`model` in inference mode on its input tensors, in order."""
+    return model(list(inputs) if len(inputs) > 1 else inputs[0], training=False)
 
 
 def as_list(values):
@@ -160,6 +174,6 @@ class Reducer:
         if self.eager and self.calls <= EAGER_CALLS:
             finite, summaries, grams = self.reduce(as_list(self.model(batch, training=False)))
         else:
-            finite, summaries, grams = self.traced(tf.convert_to_tensor(batch, dtype=self.model.inputs[0].dtype))
+            finite, summaries, grams = self.traced(*input_tensors(self.model, batch))
         return ([bool(flag) for flag in finite], [to_summary(values) for values in summaries],
                 [np.asarray(value, dtype=np.float64) for value in grams])

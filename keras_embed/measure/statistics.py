@@ -25,7 +25,7 @@ import functools
 import numpy as np
 import threadpoolctl
 
-from keras_embed.files.data import batches, check_inputs
+from keras_embed.files.data import batches, check_inputs, row_count
 from keras_embed.errors import InputError
 from keras_embed.measure.reduce import Reducer, batch_summary
 from keras_embed.model.build import Prober, build_model
@@ -238,7 +238,7 @@ def collect(graph, data, requests, batch_size=256, on_batch=None, probe=None, gr
     samples = 0
     with one_blas_thread():
         for batch in batches(data, batch_size):
-            batch = check_inputs(batch, graph.inputs[0])
+            batch = check_inputs(batch, graph.inputs)
             if names:
                 finite, summaries, rows = reducer(batch)
                 if not all(finite):
@@ -249,9 +249,9 @@ def collect(graph, data, requests, batch_size=256, on_batch=None, probe=None, gr
                     stats[key].merge(summary)
                 for key, a in zip(grams, rows):
                     add_gram(stats[key].gram, a)
-            samples += len(batch)
+            samples += row_count(batch)
             if on_batch is not None:
-                on_batch(len(batch))
+                on_batch(rows)
     if samples == 0:
         raise InputError("data holds no samples; pass at least one input row")
     return stats
