@@ -240,16 +240,17 @@ def collect(graph, data, requests, batch_size=256, on_batch=None, probe=None, gr
         for batch in batches(data, batch_size):
             batch = check_inputs(batch, graph.inputs)
             if names:
-                finite, summaries, rows = reducer(batch)
+                finite, summaries, gram_rows = reducer(batch)
                 if not all(finite):
                     broken = names[finite.index(False)].split("/")[0]
                     raise InputError(f"the model computes NaN or infinite values at '{broken}' on the data; "
                                      "check the model's weights and the data")
                 for key, summary in zip(requests, summaries):
                     stats[key].merge(summary)
-                for key, a in zip(grams, rows):
+                for key, a in zip(grams, gram_rows):
                     add_gram(stats[key].gram, a)
-            samples += row_count(batch)
+            rows = row_count(batch)
+            samples += rows
             if on_batch is not None:
                 on_batch(rows)
     if samples == 0:

@@ -58,8 +58,11 @@ class Geometry:
         return all(size == 1 for size in self.kernel_size) and all(step == 1 for step in self.strides)
 
 
-def _unknown(width):
-    return np.full(width, np.nan)
+def refuse_channels_first(layer, config):
+    """Raises `UnsupportedLayerError` for a convolution whose channels are not on the last axis."""
+    if config.get("data_format", "channels_last") != "channels_last":
+        raise UnsupportedLayerError(f"layer '{layer.name}' ({type(layer).__name__}) uses channels_first; "
+                                    "only channels_last convolutions are supported")
 
 
 def apply_known(function, values):
@@ -256,9 +259,7 @@ class Conv(Producer):
         return GROUPED_CONV if config.get("groups", 1) != 1 else self
 
     def check(self, layer, config):
-        if config.get("data_format", "channels_last") != "channels_last":
-            raise UnsupportedLayerError(f"layer '{layer.name}' ({type(layer).__name__}) uses channels_first; "
-                                        "only channels_last convolutions are supported")
+        refuse_channels_first(layer, config)
 
     def geometry(self, node):
         config = node.config
@@ -548,9 +549,7 @@ class DepthwiseConv2D(PerChannel):
         return MULTIPLIED_DEPTHWISE if config.get("depth_multiplier", 1) != 1 else self
 
     def check(self, layer, config):
-        if config.get("data_format", "channels_last") != "channels_last":
-            raise UnsupportedLayerError(f"layer '{layer.name}' (DepthwiseConv2D) uses channels_first; "
-                                        "only channels_last is supported")
+        refuse_channels_first(layer, config)
 
     def gather(self, node, index):
         kernel, *bias = node.weights
