@@ -938,3 +938,11 @@ def test_a_valid_prune_runs_under_the_same_limit(runs_under_4_gb):
     folder, results = runs_under_4_gb
     assert results["valid"][0] == 0, results["valid"][2]
     assert (folder / "valid.keras").exists()
+
+
+def test_the_tf_keras_child_refuses_the_same_code_layers_as_the_parent_check():
+    """The child script imports nothing from keras_embed, so it keeps its own copy of the list."""
+    from keras_embed.files import tf_keras_child, tf_keras_code
+
+    layers = {name: what for name, what in tf_keras_code.CODE_CLASSES.items() if name != "__lambda__"}
+    assert tf_keras_child.CODE_LAYERS == layers

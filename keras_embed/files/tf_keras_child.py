@@ -35,7 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 UNSAFE = "--unsafe"
 # The layers that run a function or op their config names, and what they are (for messages):
-# the layers of CODE_CLASSES in keras_embed/tf_keras_code.py (this script imports nothing from
+# the layers of CODE_CLASSES in keras_embed/files/tf_keras_code.py (this script imports nothing from
 # keras_embed).
 CODE_LAYERS = {
     "Lambda": "a Lambda layer",
