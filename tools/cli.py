@@ -9,6 +9,7 @@ import click
 from keras_embed.tools.analyze import analyze
 from keras_embed.tools.bn_ablation import bn_ablation, data_size
 from keras_embed.tools.embed import embed
+from keras_embed.tools.condensation import condensation
 from keras_embed.tools.experiment import experiment
 from keras_embed.tools.hessian import hessian
 from keras_embed.tools.prune import prune
@@ -30,6 +31,7 @@ main.add_command(prune)
 main.add_command(embed)
 main.add_command(experiment)
 main.add_command(hessian)
+experiment.add_command(condensation)
 for command in (bn_ablation, data_size, strict_saddle):
     main.add_command(command)
     experiment.add_command(command)

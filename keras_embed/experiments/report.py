@@ -81,12 +81,32 @@ def summary_table(comparison, summary):
 
 
 def write(comparison, folder, overwrite=False):
-    """Writes the files of `FILES` into `folder`, all or nothing (a temporary sibling folder
-    renamed at the end). Returns the file names.
+    """Writes the files of `FILES` into `folder`, all or nothing (see `write_folder`). Returns
+    the file names.
+
+    Raises:
+        InputError: see `check_folder`.
+    """
+
+    def files(staging):
+        summary = summarize(comparison)
+        _write_json(comparison, summary, staging / "results.json")
+        _write_csv(comparison, staging / "curves.csv")
+        (staging / "summary.md").write_text(f"# {comparison.experiment} on {comparison.task}\n\n{summary_table(comparison, summary)}\n")
+        _plot_loss(comparison, staging / "loss.png")
+        _plot_linear_fraction(comparison, staging / "linear_fraction.png")
+
+    write_folder(folder, files, overwrite)
+    return list(FILES)
+
+
+def write_folder(folder, files, overwrite=False):
+    """Calls `files(staging)` to write a result folder's files (results.json among them) into a
+    temporary sibling folder, then renames it to `folder`: all or nothing.
 
     Raises:
         InputError: the folder exists (without `overwrite`), or exists and holds something
-            other than an earlier result.
+            other than an earlier result (`check_folder`).
     """
     folder = Path(folder)
     check_folder(folder, overwrite)
@@ -95,19 +115,13 @@ def write(comparison, folder, overwrite=False):
         with write_errors(folder):
             staging = Path(tempfile.mkdtemp(prefix=f".ke-{os.getpid()}-", suffix=".tmp", dir=folder.parent))
             staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is not
-            summary = summarize(comparison)
-            _write_json(comparison, summary, staging / "results.json")
-            _write_csv(comparison, staging / "curves.csv")
-            (staging / "summary.md").write_text(f"# {comparison.experiment} on {comparison.task}\n\n{summary_table(comparison, summary)}\n")
-            _plot_loss(comparison, staging / "loss.png")
-            _plot_linear_fraction(comparison, staging / "linear_fraction.png")
+            files(staging)
             if folder.exists():
                 shutil.rmtree(folder)
             staging.rename(folder)
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-    return list(FILES)
 
 
 def check_folder(folder, overwrite=False):
@@ -159,7 +173,7 @@ def _write_csv(comparison, path):
                     ])
 
 
-def _figure():
+def figure_and_axes():
     from matplotlib.figure import Figure  # no pyplot: no global backend or window
 
     figure = Figure(figsize=(6.4, 4.0), layout="constrained")
@@ -167,7 +181,7 @@ def _figure():
 
 
 def _plot_loss(comparison, path):
-    figure, axes = _figure()
+    figure, axes = figure_and_axes()
     for variant, runs in comparison.variants.items():
         logs = np.log10(np.maximum(np.stack([run.loss for run in runs]), 1e-30))
         mean, std = logs.mean(axis=0), logs.std(axis=0)
@@ -181,7 +195,7 @@ def _plot_loss(comparison, path):
 
 
 def _plot_linear_fraction(comparison, path):
-    figure, axes = _figure()
+    figure, axes = figure_and_axes()
     for variant, runs in comparison.variants.items():
         fractions = np.stack([run.linear_fraction.mean(axis=1) for run in runs])
         mean, std = fractions.mean(axis=0), fractions.std(axis=0)
