@@ -141,13 +141,14 @@ class EmbeddingMonitor(keras.callbacks.Callback):
         except ValueError as error:
             raise ValueError(f"{type(self).__name__} probe set: {error}") from None
         count = row_count(rows)
-        if y is not None and row_count(y) != count:
-            raise ValueError(f"{type(self).__name__} probe set: {count} inputs but {row_count(y)} targets y; "
-                             "give one target per probe row")
+        targets = None if y is None else keras.tree.map_structure(np.asarray, y)  # one array per output
+        if targets is not None and any(len(part) != count for part in keras.tree.flatten(targets)):
+            raise ValueError(f"{type(self).__name__} probe set: {count} inputs but targets y of "
+                             f"{[len(part) for part in keras.tree.flatten(targets)]} rows; give one target per probe row")
         if count > self.max_samples:
             chosen = np.sort(np.random.default_rng(self.seed).choice(count, self.max_samples, replace=False))
-            rows, y = take_rows(rows, chosen), None if y is None else take_rows(y, chosen)
-        return rows, y
+            rows, targets = take_rows(rows, chosen), _rows_of(targets, chosen)
+        return rows, targets
 
     def on_epoch_end(self, epoch, logs=None):
         self._observe(logs, epoch, f"Epoch {epoch + 1}", epoch)
@@ -181,9 +182,12 @@ class EmbeddingMonitor(keras.callbacks.Callback):
         write_weights(self._probe.model, graph)
         self.summary = probe_redundancy(graph, self._probe_x, self.cos, probe=self._probe)
         if curvature and self._probe_y is not None:
-            rows = min(self.curvature_samples, row_count(self._probe_x))
-            self.curvature = probe_curvature(self.model, take_rows(self._probe_x, slice(0, rows)),
-                                             take_rows(self._probe_y, slice(0, rows)), self.curvature_steps, self.seed)
+            self.curvature = probe_curvature(self.model, *self._curvature_batch(), self.curvature_steps, self.seed)
+
+    def _curvature_batch(self):
+        """(x, y): the first `curvature_samples` probe rows."""
+        rows = slice(0, min(self.curvature_samples, row_count(self._probe_x)))
+        return take_rows(self._probe_x, rows), _rows_of(self._probe_y, rows)
 
     def _judge(self, value):
         redundant = any(layer.redundant for layer in self.summary.values())
@@ -227,9 +231,7 @@ class EmbeddingMonitor(keras.callbacks.Callback):
         if self.curvature is None:
             return "(no probe targets y, so no curvature: random re-split) " + escape(
                 self.model, self.summary, self._probe_x, self._rng, self.escape_tolerance)
-        rows = min(self.curvature_samples, row_count(self._probe_x))
-        x, y = take_rows(self._probe_x, slice(0, rows)), take_rows(self._probe_y, slice(0, rows))
-        step = descend_along(self.model, x, y, self.curvature.direction, self.escape_tolerance)
+        step = descend_along(self.model, *self._curvature_batch(), self.curvature.direction, self.escape_tolerance)
         if step.length == 0.0:
             return (f"left the weights as they were: no step along the negative-curvature direction lowered the probe "
                     f"loss within escape_tolerance={self.escape_tolerance:g}")
@@ -274,6 +276,11 @@ class BatchEmbeddingMonitor(EmbeddingMonitor):
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             self._log(logs)
+
+
+def _rows_of(targets, rows):
+    """The `rows` of every array in `targets` (an array, or a list or dict of them by output; None stays None)."""
+    return None if targets is None else keras.tree.map_structure(lambda part: part[rows], targets)
 
 
 def escape(model, summary, x, rng, tolerance, noise=1e-3, attempts=5):

@@ -225,10 +225,12 @@ def test_the_monitor_reads_a_probe_set_per_input(grown, x):
     trained = keras.models.clone_model(grown)
     trained.set_weights(grown.get_weights())
     trained.compile(keras.optimizers.SGD(1e-6), ["mse", "mse"])
-    monitor = EmbeddingMonitor(x, max_samples=64)
-    trained.fit(x, [np.zeros((96, 3)), np.zeros((96, 2))], epochs=1, verbose=0, callbacks=[monitor])
-    assert len(monitor._probe_x["features"]) == 64
+    targets = [np.zeros((96, 3)), np.zeros((96, 2))]
+    monitor = EmbeddingMonitor(x, targets, max_samples=64, patience=1, min_delta=1.0)  # every epoch a plateau
+    trained.fit(x, targets, epochs=2, verbose=0, callbacks=[monitor])
+    assert len(monitor._probe_x["features"]) == 64 and [len(part) for part in monitor._probe_y] == [64, 64]
     assert any(redundancy.groups for redundancy in monitor.summary.values())  # the widened copies, still parallel
+    assert np.isfinite(monitor.curvature.relative)  # the loss of both outputs, curved over every weight
 
 
 def test_calibration_inputs_per_input_and_single_input_unchanged(model):
