@@ -13,7 +13,7 @@ from keras_embed.files.data import batches, check_inputs, concatenated, is_array
 from keras_embed.edit.escape import break_symmetry
 from keras_embed.errors import check_number
 from keras_embed.find.probe import probe_redundancy, probe_requests
-from keras_embed.measure.curvature import descend_along, probe_curvature
+from keras_embed.measure.curvature import ProbeLoss, descend_along, probe_curvature
 from keras_embed.measure.statistics import check_gram_memory, tensors
 from keras_embed.model.build import Prober, build_model, write_weights
 from keras_embed.model.read import read_model
@@ -41,10 +41,13 @@ class EmbeddingMonitor(keras.callbacks.Callback):
     and, with probe targets `y`, the curvature of the training loss on a probe batch
     (`curvature_steps` Lanczos steps on Hessian-vector products). A plateau with redundancy
     and clearly negative curvature (smallest eigenvalue estimate below
-    `-negative_curvature` times the largest) is `stalled` and the action runs, once per
-    plateau; any other plateau is `converged` and nothing runs. The check repeats every
-    `patience` epochs while the plateau lasts. Without `y` the curvature cannot be measured
-    and every redundant plateau counts as stalled (a warning says so at the start of fit).
+    `-negative_curvature` times the largest) is `stalled` and the action runs; any other
+    plateau is `converged` and nothing runs, as is a plateau of another quantity (say
+    `val_loss`) while the training loss still falls, or one below `CONVERGED_FRACTION` of the
+    first value. While stalled the check repeats every `patience` epochs; after a converged
+    one the next comes as many epochs later again as the plateau has lasted. Without `y` the
+    curvature cannot be measured and every redundant plateau counts as stalled (a warning
+    says so at the start of fit).
 
     Every epoch `logs` gets (so History, CSVLogger and TensorBoard record them)
     `embed/stalled`, `embed/converged`, `embed/min_curvature` (smallest over largest
@@ -118,6 +121,8 @@ class EmbeddingMonitor(keras.callbacks.Callback):
             LOGGER.warning(f"{type(self).__name__}: no probe targets y, so the loss's curvature cannot be measured and "
                            "every redundant plateau counts as a stall; pass y to tell a saddle from a minimum")
         self.plateau.reset()
+        self._training = Plateau("loss", "min", self.plateau.min_delta, self.patience)  # a saddle stalls it too
+        self._loss = None if self._probe_y is None else ProbeLoss(self.model, *self._curvature_batch())
         self._missing_warned, self._first = False, None
         self._rng = np.random.default_rng(self.seed)
         graph = read_model(self.model)
@@ -166,11 +171,17 @@ class EmbeddingMonitor(keras.callbacks.Callback):
             self._missing_warned = True
             LOGGER.warning(f"{type(self).__name__}: '{self.monitor}' is not in the logs ({', '.join(sorted(logs))}); "
                            "stalls cannot be detected (for val_loss, pass validation data to fit)")
+        if "loss" in logs:
+            self._training.update(float(logs["loss"]), epoch)
         if not self.plateau.on:
             self.verdict = None  # improving again: a later plateau is judged afresh
-        if due:
+        if due and self.monitor != "loss" and not self._training.on:
+            self.verdict = "converged"  # the training loss still falls: no saddle of it, nothing to analyse
+        elif due:
             self._analyse(curvature=True)
             self._judge(value)
+        if due and self.verdict == "converged":
+            self.plateau.back_off()
         elif self.every is not None and (epoch + 1) % self.every == 0:
             self._analyse(curvature=False)
         self._log(logs)  # every epoch, so CSVLogger's columns and History's lists line up
@@ -182,7 +193,7 @@ class EmbeddingMonitor(keras.callbacks.Callback):
         write_weights(self._probe.model, graph)
         self.summary = probe_redundancy(graph, self._probe_x, self.cos, probe=self._probe)
         if curvature and self._probe_y is not None:
-            self.curvature = probe_curvature(self.model, *self._curvature_batch(), self.curvature_steps, self.seed)
+            self.curvature = probe_curvature(self._loss, self.curvature_steps, self.seed)
 
     def _curvature_batch(self):
         """(x, y): the first `curvature_samples` probe rows."""
@@ -231,7 +242,7 @@ class EmbeddingMonitor(keras.callbacks.Callback):
         if self.curvature is None:
             return "(no probe targets y, so no curvature: random re-split) " + escape(
                 self.model, self.summary, self._probe_x, self._rng, self.escape_tolerance)
-        step = descend_along(self.model, *self._curvature_batch(), self.curvature.direction, self.escape_tolerance)
+        step = descend_along(self._loss, self.curvature.direction, self.escape_tolerance)
         if step.length == 0.0:
             return (f"left the weights as they were: no step along the negative-curvature direction lowered the probe "
                     f"loss within escape_tolerance={self.escape_tolerance:g}")

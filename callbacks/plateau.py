@@ -8,8 +8,8 @@ to the best value, since losses span orders of magnitude.
 
 Example:
     >>> plateau = Plateau("val_accuracy", patience=2)
-    >>> [plateau.update(value, epoch) for epoch, value in enumerate([0.5, 0.6, 0.6, 0.6, 0.6])]
-    [False, False, False, True, False]
+    >>> [plateau.update(value, epoch) for epoch, value in enumerate([0.5, 0.6, 0.6, 0.6, 0.6, 0.6])]
+    [False, False, False, True, False, True]
 """
 
 import numpy as np
@@ -69,7 +69,7 @@ class Plateau:
         """Forgets every value seen (at the start of a fit)."""
         worst = np.inf if self.mode == "min" else -np.inf
         self.best = worst if self.baseline is None else float(self.baseline)
-        self.wait = 0
+        self.wait, self.next_check = 0, self.patience
 
     def improves(self, value):
         margin = self.min_delta * abs(self.best) if np.isfinite(self.best) else 0.0
@@ -77,14 +77,23 @@ class Plateau:
 
     def update(self, value, epoch):
         """Takes this epoch's value; True when a plateau check is due: after `patience`
-        epochs without improvement, and every `patience` epochs while it lasts."""
+        epochs without improvement, then every `patience` epochs (or as `back_off` sets)."""
         if epoch < self.start_from_epoch:
             return False
         if self.improves(value):
-            self.best, self.wait = value, 0
+            self.best, self.wait, self.next_check = value, 0, self.patience
             return False
         self.wait += 1
-        return self.wait % self.patience == 0
+        if self.wait < self.next_check:
+            return False
+        self.next_check = self.wait + self.patience
+        return True
+
+    def back_off(self):
+        """Puts the next check as many epochs away as the plateau has lasted (instead of
+        `patience`): checks that find nothing to do on a long plateau come at 1, 2, 4, ... times
+        `patience`, a logarithmic number of them."""
+        self.next_check = 2 * self.wait
 
     @property
     def on(self):

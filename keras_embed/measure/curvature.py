@@ -14,9 +14,11 @@ loss, the longest step (halving from the length of the weights) that lowers it w
 outputs move by at most a tolerance.
 
 Example:
-    >>> curvature = probe_curvature(model, x, y, steps=20)
-    >>> curvature.relative          # smallest over largest eigenvalue estimate
+    >>> loss = ProbeLoss(model, x, y)     # traced once, reused while the weights change
+    >>> curvature = probe_curvature(loss, steps=20)
+    >>> curvature.relative                # smallest over largest eigenvalue estimate
     -0.031
+    >>> descend_along(loss, curvature.direction, tolerance=1e-2).after < curvature_loss_before
 """
 
 import dataclasses
@@ -128,10 +130,8 @@ def lanczos(hvp, size, steps, seed=0):
     return values, basis[:len(alphas)].T @ vectors
 
 
-def probe_curvature(model, x, y, steps=20, seed=0):
-    """`Curvature` of the training loss of `model` on the probe batch (x, y), from `steps`
-    Hessian-vector products."""
-    loss = ProbeLoss(model, x, y)
+def probe_curvature(loss, steps=20, seed=0):
+    """`Curvature` of a `ProbeLoss` from `steps` Hessian-vector products."""
     values, vectors = lanczos(loss.hvp, loss.size, steps, seed)
     direction = vectors[:, 0] / np.linalg.norm(vectors[:, 0])
     return Curvature(float(values[0]), float(values[-1]), direction, len(values))
@@ -148,12 +148,11 @@ class Step:
     after: float
 
 
-def descend_along(model, x, y, direction, tolerance, halvings=12):
-    """Moves the weights of `model` along `direction` (flat, unit): the sign that lowers the
-    probe loss, the longest step from |weights| down (halving) that lowers it with the outputs
-    moved by at most `tolerance` of their scale. Returns the `Step`; when no step qualifies
-    the model is left as it was (length 0.0)."""
-    loss = ProbeLoss(model, x, y)
+def descend_along(loss, direction, tolerance, halvings=12):
+    """Moves the weights under `loss` (a `ProbeLoss`) along `direction` (flat, unit): the sign
+    that lowers the probe loss, the longest step from |weights| down (halving) that lowers it
+    with the outputs moved by at most `tolerance` of their scale. Returns the `Step`; when no
+    step qualifies the model is left as it was (length 0.0)."""
     start, before, expected = loss.weights(), loss.value(), loss.flat_outputs()
     scale = max(float(np.abs(expected).max(initial=0.0)), 1e-12)
     norm = float(np.linalg.norm(start))
