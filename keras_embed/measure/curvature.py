@@ -18,7 +18,9 @@ Example:
     >>> curvature = probe_curvature(loss, steps=20)
     >>> curvature.relative                # smallest over largest eigenvalue estimate
     -0.031
-    >>> descend_along(loss, curvature.direction, tolerance=1e-2).after < curvature_loss_before
+    >>> step = descend_along(loss, curvature.direction, tolerance=1e-2)
+    >>> step.after < step.before
+    True
 """
 
 import dataclasses
