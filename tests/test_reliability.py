@@ -461,7 +461,7 @@ def test_ctrl_c_and_sigterm_exit_130_and_143_after_removing_temporaries(tmp_path
     for process, (stage, signum, code), folder in zip(processes, runs, folders):
         wait_for(process, "busy")
         process.send_signal(signum)
-        stderr = process.communicate(timeout=120)[1]
+        stderr = process.communicate(timeout=300)[1]
         assert process.returncode == code, stderr[-3000:]
         assert stderr.strip().splitlines()[-1].startswith("keras-embed: error: ") and "Traceback" not in stderr, stderr
         assert os.listdir(folder / "tmp") == [] and os.listdir(folder / "out") == [], (stage, signum)
