@@ -14,7 +14,7 @@ from keras_embed.edit.escape import break_symmetry
 from keras_embed.errors import check_number
 from keras_embed.find.probe import probe_redundancy, probe_requests
 from keras_embed.measure.curvature import ProbeLoss, descend_along, probe_curvature
-from keras_embed.measure.statistics import check_gram_memory, tensors
+from keras_embed.measure.statistics import GRAM_BUDGET, check_gram_memory, tensors
 from keras_embed.model.build import Prober, build_model, write_weights
 from keras_embed.model.read import read_model
 from keras_embed.verify import predict
@@ -76,10 +76,11 @@ class EmbeddingMonitor(keras.callbacks.Callback):
         seed: seed of the probe subsample, of Lanczos and of the re-split.
         max_samples: largest probe set.
         escape_tolerance: largest relative output change an escape may cause.
+        gram_budget: bytes the Gram matrices of the analysis may take together.
 
     Raises (at `on_train_begin`, before the first epoch):
         ValueError: a probe set that does not fit the model, a subclassed model.
-        InputError: a group whose Gram matrix exceeds `statistics.GRAM_BUDGET`.
+        InputError: Gram matrices above `gram_budget`.
 
     Example:
         >>> history = model.fit(x, y, epochs=50, callbacks=[EmbeddingMonitor(x[:1000], y[:1000])])
@@ -89,7 +90,8 @@ class EmbeddingMonitor(keras.callbacks.Callback):
 
     def __init__(self, x, y=None, monitor="loss", mode="auto", min_delta=1e-3, patience=5, baseline=None,
                  start_from_epoch=0, every=None, cos=0.999, action="warn", negative_curvature=NEGATIVE_CURVATURE,
-                 curvature_steps=20, curvature_samples=256, seed=0, max_samples=512, escape_tolerance=1e-2):
+                 curvature_steps=20, curvature_samples=256, seed=0, max_samples=512, escape_tolerance=1e-2,
+                 gram_budget=GRAM_BUDGET):
         super().__init__()
         if not isinstance(x, (str, os.PathLike, np.ndarray)) and not hasattr(x, "__iter__"):
             raise ValueError(f"x must be an array, a .npy/.npz path or a dataset of probe inputs. Received: x={x!r}")
@@ -110,6 +112,7 @@ class EmbeddingMonitor(keras.callbacks.Callback):
         self.monitor, self.patience, self.max_samples = monitor, patience, max_samples
         self.negative_curvature, self.curvature_steps = negative_curvature, curvature_steps
         self.curvature_samples, self.escape_tolerance = curvature_samples, escape_tolerance
+        self.gram_budget = gram_budget
 
     def on_train_begin(self, logs=None):
         if not getattr(self.model, "inputs", None):
@@ -127,7 +130,7 @@ class EmbeddingMonitor(keras.callbacks.Callback):
         self._rng = np.random.default_rng(self.seed)
         graph = read_model(self.model)
         self._layers = graph.editable_groups()
-        check_gram_memory({group: graph.group_width(group) for group in self._layers})  # before the first epoch
+        check_gram_memory({group: graph.group_width(group) for group in self._layers}, self.gram_budget)  # before fit
         self._probe = Prober(build_model(graph, outputs=tensors(probe_requests(graph))))
         self.summary, self.curvature, self.verdict = None, None, None
 

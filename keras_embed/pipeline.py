@@ -33,7 +33,7 @@ from keras_embed.find.data_rules import plan_collapses
 from keras_embed.find.refit import check_refit_memory, compress_groups, search
 from keras_embed.find.weight_rules import find_redundancy
 from keras_embed.measure.regimes import DEFAULT_LIN_TOL, moment_producers, producer_regimes
-from keras_embed.measure.statistics import collect, producer_requests, source_requests
+from keras_embed.measure.statistics import GRAM_BUDGET, collect, producer_requests, source_requests
 from keras_embed.model.build import build_model
 from keras_embed.model.read import nonfinite_weight, read_model
 from keras_embed.stopping import check_reference, class_labels, measure, shortfall
@@ -259,21 +259,22 @@ def _check_approximate_inputs(mode, data, rule, labels, validation, validation_l
                          "and validation .npz files")
 
 
-def _approximate_round(graph, reduced, mode, data, rule, judge, cos, batch_size):
+def _approximate_round(graph, reduced, mode, data, rule, judge, cos, batch_size, gram_budget):
     """The condense merge, or the data-driven refit as far as `rule` allows (each candidate
     judged by `judge`), on `reduced`, the exactly reduced `graph` (a keep ratio is of the
     groups' widths in `graph`)."""
     if mode == "condense":
         return plan_condense(reduced, cos)
     widths = {group: graph.group_width(group) for group in graph.editable_groups()}
-    compress = functools.partial(compress_groups, reduced, data, batch_size=batch_size, cache={}, widths=widths)
+    compress = functools.partial(compress_groups, reduced, data, batch_size=batch_size, cache={}, widths=widths,
+                                 gram_budget=gram_budget)
     widest = max((reduced.group_width(group) for group in reduced.editable_groups()), default=1)
     return search(compress, rule, judge, 1.0 / widest)[1]
 
 
 def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, mode="exact", rule=None, labels=None,
           validation=None, validation_labels=None, cos=0.99, lin_tol=DEFAULT_LIN_TOL, allow_growth=False,
-          batch_size=256, on_batch=None):
+          batch_size=256, on_batch=None, gram_budget=GRAM_BUDGET):
     """Compresses `model` and checks the result.
 
     Modes:
@@ -304,6 +305,7 @@ def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, mode="exact", 
         allow_growth: collapse linearized layers even when the merged layer is larger.
         batch_size: rows per batch.
         on_batch: progress callback of the statistics pass, called with each batch's size.
+        gram_budget: data mode: bytes one channel group's Gram and cross-product may take.
 
     Returns:
         (compressed model of stock Keras layers, `Report`). `model` is untouched.
@@ -321,13 +323,13 @@ def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, mode="exact", 
     if mode != "exact":
         _check_approximate_inputs(mode, data, rule, labels, validation, validation_labels, len(graph.outputs))
     if mode == "data":
-        check_refit_memory(graph)  # before any pass: widths only shrink
+        check_refit_memory(graph, gram_budget)  # before any pass: widths only shrink
     stats = None if data is None else statistics(graph, data, batch_size, on_batch)
     analysis = plan_prune(graph, stats, rtol, lin_tol, allow_growth)
     reduced = apply_plan(graph, analysis.plan)
     if mode != "exact":
         judge = _judge(model, data, labels, validation, validation_labels, batch_size) if mode == "data" else None
-        extra = _approximate_round(graph, reduced, mode, data, rule, judge, cos, batch_size)
+        extra = _approximate_round(graph, reduced, mode, data, rule, judge, cos, batch_size, gram_budget)
         analysis = dataclasses.replace(analysis, plan=Plan(analysis.plan.rounds + ((extra,) if extra else ())))
         reduced = apply_round(reduced, extra) if extra else reduced
     pruned = build_model(reduced)

@@ -36,6 +36,7 @@ from click.testing import CliRunner
 
 from builders import make_mlp
 from keras_embed import prune, read_model
+from keras_embed.callbacks import EmbeddingMonitor
 from keras_embed.errors import InputError
 from keras_embed.measure import statistics as stats
 from keras_embed.measure.statistics import GRAM_BUDGET, Request, check_gram_memory, collect, gram_bytes, producer_requests
@@ -219,7 +220,8 @@ def test_a_pass_with_a_gram_too_large_is_refused_before_allocating(wide_graph):
         tracemalloc.stop()
     message = str(raised.value)
     assert all(word in message for word in ("'hidden_0'", "8192 units", "512 MiB", "256 MiB", "--batch-size",
-                                            "--mode exact"))
+                                            "--mode exact", f"--gram-budget {gram_bytes(8192) // 2**20 + 1}",
+                                            f"gram_budget={gram_bytes(8192)}"))
     assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MiB allocated before refusing"
 
 
@@ -228,6 +230,36 @@ def test_the_library_refuses_data_mode_on_the_wide_layer_before_any_pass():
     x = np.ones((4, 1), "float32")
     with pytest.raises(InputError, match="8192 units"):
         prune(model, data=x, mode="data", rule=StoppingRule("keep_ratio", 0.5))
+
+
+def test_the_cli_default_budget_is_the_library_one():
+    default = next(option.default for option in main.commands["prune"].params if option.name == "gram_budget")
+    assert default * 2**20 == GRAM_BUDGET
+
+
+def test_gram_budget_decides_what_data_mode_takes_on(tmp_path):
+    """A 600-unit layer (2.9 MiB of Gram and 4.6 KiB of cross-product) is refused under a 2 MiB
+    budget, before any pass and with nothing written, and compressed under the default one."""
+    make_mlp([600, 2], inputs=3, seed=0).save(tmp_path / "model.keras")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(64, 3)).astype("float32"))
+    arguments = ["prune", str(tmp_path / "model.keras"), "-o", str(tmp_path / "small.keras"), "--mode", "data",
+                 "--keep-ratio", "0.5", "--data", str(tmp_path / "x.npy")]
+    refused = CliRunner().invoke(main, arguments + ["--gram-budget", "2"])
+    assert refused.exit_code == 2 and "--gram-budget 3" in refused.output, refused.output
+    assert not (tmp_path / "small.keras").exists()
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output
+    assert keras.saving.load_model(tmp_path / "small.keras").layers[0].units == 300
+
+
+def test_the_library_and_the_monitor_take_a_gram_budget():
+    model = make_mlp([600, 2], inputs=3, seed=0)
+    x = np.random.default_rng(0).normal(size=(8, 3)).astype("float32")
+    with pytest.raises(InputError, match="above the 2 MiB budget"):
+        prune(model, data=x, mode="data", rule=StoppingRule("keep_ratio", 0.5), gram_budget=2 * 2**20)
+    model.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(InputError, match="above the 2 MiB budget"):
+        model.fit(x, x[:, :2], epochs=1, verbose=0, callbacks=[EmbeddingMonitor(x, gram_budget=2 * 2**20)])
 
 
 def test_the_budget_counts_every_gram_held_at_once():

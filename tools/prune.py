@@ -23,6 +23,8 @@ from keras_embed.tools.common import (FiniteFloat, calibration_data, data_option
 @click.option("--keep-ratio", type=FiniteFloat(), metavar="R", help="Data mode: keep this fraction (0, 1] of every channel group (of its width in MODEL).")
 @click.option("--target-params", type=int, metavar="N", help="Data mode: at most N parameters.")
 @click.option("--cos", type=FiniteFloat(-1, 1), default=0.99, show_default=True, help="Condense mode: cosine similarity that groups units.")
+@click.option("--gram-budget", type=click.IntRange(min=1), default=256, show_default=True, metavar="MIB",
+              help="Data mode: memory one channel group's Gram matrix and cross-product may take, in MiB.")
 @click.option("--finetune", type=click.IntRange(min=1), metavar="EPOCHS", help="Train the result this many epochs on the calibration data (needs labels y); reported separately.")
 @click.option("--lin-tol", type=FiniteFloat(min=0), default=1e-4, show_default=True,
               help="Affine-fit residual sqrt(1-R^2) below which a smooth unit counts as linear on the data.")
@@ -39,8 +41,8 @@ from keras_embed.tools.common import (FiniteFloat, calibration_data, data_option
                    "within 1e-2 (float16) or 1e-1 (int8) times the output scale.")
 @handles_errors
 def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_size, validation, mode, max_accuracy_drop,
-          max_output_error, keep_ratio, target_params, cos, finetune, lin_tol, allow_growth, report, as_json, rtol, force,
-          keep_format, quantize):
+          max_output_error, keep_ratio, target_params, cos, gram_budget, finetune, lin_tol, allow_growth, report,
+          as_json, rtol, force, keep_format, quantize):
     """Remove redundant units and layers from MODEL and write the smaller model to OUTPUT.
 
     MODEL is a .keras or .h5 file (Keras 3 or tf_keras), or a SavedModel folder: one
@@ -102,7 +104,7 @@ def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
         pruned, result = prune_model(
             original, rtol, x, atol, force, mode=mode, rule=rule, labels=y, validation=held_out,
             validation_labels=held_out_y, cos=cos, lin_tol=lin_tol, allow_growth=allow_growth,
-            batch_size=batch_size, on_batch=bar.update,
+            batch_size=batch_size, on_batch=bar.update, gram_budget=gram_budget * 2**20,
         )
     figures = {"input": {"kind": kind, **notes}, **result.to_dict()}
     sparsity = sparsity_figures(original, pruned)

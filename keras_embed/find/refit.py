@@ -29,7 +29,7 @@ from keras_embed.files.data import batches, check_inputs
 from keras_embed.edit.plan import Refit
 from keras_embed.edit.surgery import apply_round
 from keras_embed.measure.reduce import as_list, call, input_signature, input_tensors
-from keras_embed.measure.statistics import check_gram_memory, group_request, tensors
+from keras_embed.measure.statistics import GRAM_BUDGET, check_gram_memory, group_request, tensors
 from keras_embed.model.build import build_model
 
 RIDGE = 1e-8
@@ -217,14 +217,16 @@ def group_refit(group, width, stats, weighting, intercept, tolerance=None, keep_
     return Refit(group, width, tuple(kept), rows @ inverse, constant @ inverse)
 
 
-def check_refit_memory(graph):
-    """Refuses (`InputError`) a group whose Gram and cross-product exceed `GRAM_BUDGET`: one is held at a time."""
+def check_refit_memory(graph, budget=GRAM_BUDGET):
+    """Refuses (`InputError`) a group whose Gram and cross-product exceed `budget` bytes: one is held at a time."""
     for group in graph.editable_groups():
-        columns = min(graph.group_width(group), sum(block.shape[1] for block in _reader_rows(graph, group)) or 1)
-        check_gram_memory({group: graph.group_width(group)}, extra={group: 8 * (graph.group_width(group) + 1) * columns})
+        width = graph.group_width(group)
+        columns = min(width, sum(block.shape[1] for block in _reader_rows(graph, group)) or 1)
+        check_gram_memory({group: width}, budget, extra={group: 8 * (width + 1) * columns})
 
 
-def compress_groups(graph, data, tolerance=None, keep_ratio=None, batch_size=256, cache=None, widths=None):
+def compress_groups(graph, data, tolerance=None, keep_ratio=None, batch_size=256, cache=None, widths=None,
+                    gram_budget=GRAM_BUDGET):
     """Compresses every editable group of `graph`, in graph order.
 
     Args:
@@ -237,16 +239,17 @@ def compress_groups(graph, data, tolerance=None, keep_ratio=None, batch_size=256
         cache: a dict reused across calls on the same `graph` and `data`: a group's
             statistics are gathered once for each choice of channels kept before it (the
             attempts of `search` share most of them).
+        gram_budget: bytes one group's Gram and cross-product may take (see `check_refit_memory`).
 
     Returns:
         (compressed `Graph`, tuple of `Refit` edits).
 
     Raises:
-        InputError: a group whose statistics exceed `GRAM_BUDGET` (before any pass).
+        InputError: a group whose statistics exceed `gram_budget` (before any pass).
     """
     if (tolerance is None) == (keep_ratio is None):
         raise ValueError("give exactly one of tolerance and keep_ratio")
-    check_refit_memory(graph)
+    check_refit_memory(graph, gram_budget)
     cache = {} if cache is None else cache
     current, edits = graph, []
     for group in graph.editable_groups():

@@ -21,6 +21,7 @@ Example:
 
 import dataclasses
 import functools
+import math
 
 import numpy as np
 import threadpoolctl
@@ -57,7 +58,9 @@ def check_gram_memory(widths, budget=GRAM_BUDGET, extra=None):
         raise InputError(
             f"layer '{name}' has {widths[name]} units: its statistics need a {need / 2**20:.0f} MiB Gram "
             f"matrix (float64), above the {budget / 2**20:.0f} MiB budget, and a smaller --batch-size does not "
-            "change that; use --mode exact or analyze, which need no Gram, or a narrower layer"
+            f"change that; where the machine has that memory free raise the budget (--gram-budget "
+            f"{math.ceil(need / 2**20)}, or gram_budget={need} in the library), or use --mode exact or analyze, "
+            "which need no Gram"
         )
 
 
