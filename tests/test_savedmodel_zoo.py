@@ -1,6 +1,7 @@
 """Plain SavedModels of branching networks are rebuilt as Keras models computing the same
 (`keras_embed.files.savedmodel`): residual Adds, Concatenate, depthwise-separable blocks
-with ZeroPadding2D and relu6, squeeze-and-excitation gates, and (marked `zoo`)
+with ZeroPadding2D and relu6, squeeze-and-excitation gates, decoders of Conv2DTranspose,
+Cropping2D and UpSampling2D, and (marked `zoo`)
 keras.applications models at 32x32 with random weights, each exported with
 `model.export` and read back from its graph without TensorFlow loading it.
 """
@@ -91,6 +92,19 @@ def _perturbed(model, seed):
     return model
 
 
+def decoder(padding, kernel, strides, output_padding, size):
+    """A U-Net's upward path: Conv2DTranspose (bias and relu folded in), a skip cropped by
+    Cropping2D and joined, an uneven UpSampling2D."""
+    inputs = keras.Input((5, 5, 2))
+    up = L.Conv2DTranspose(3, kernel, strides=strides, padding=padding, output_padding=output_padding,
+                           activation="relu")(inputs)
+    cropped = L.Cropping2D(((1, 0), (0, 2)))(up)
+    skip = L.Cropping2D(((0, 1), (2, 0)))(L.Conv2DTranspose(2, kernel, strides=strides, padding=padding,
+                                                           output_padding=output_padding)(inputs))
+    joined = L.BatchNormalization()(L.Concatenate()([cropped, skip]))
+    return keras.Model(inputs, L.UpSampling2D(size)(joined))
+
+
 def classes(model):
     return {type(layer).__name__ for layer in model.layers}
 
@@ -104,6 +118,19 @@ def classes(model):
 def test_branching_models_read_back_from_their_export(tmp_path, build, expected):
     rebuilt = assert_read_back(_randomized(build(), 1), tmp_path / "exported")
     assert expected <= classes(rebuilt)
+
+
+@pytest.mark.parametrize("padding, kernel, strides, output_padding, size", [
+    ("valid", 3, 2, None, 2), ("valid", 3, 2, 1, (2, 3)), ("same", 3, 2, None, (1, 2)), ("same", 3, 2, 1, (3, 1)),
+    ("same", 2, 2, None, 2), ("valid", 1, 3, 2, (2, 1)),
+])
+def test_decoders_read_back_from_their_export(tmp_path, padding, kernel, strides, output_padding, size):
+    rebuilt = assert_read_back(_randomized(decoder(padding, kernel, strides, output_padding, size), 8),
+                               tmp_path / "exported")
+    assert {"Conv2DTranspose", "Cropping2D", "UpSampling2D"} <= classes(rebuilt)
+    upsampling = next(layer for layer in rebuilt.layers if isinstance(layer, L.UpSampling2D))
+    assert upsampling.size == ((size, size) if isinstance(size, int) else size)  # one layer for both axes
+    assert sum(isinstance(layer, L.BatchNormalization) for layer in rebuilt.layers) == 1  # after the Concatenate
 
 
 def test_biases_batch_norms_and_activations_fold_into_the_layers_before_them(tmp_path):

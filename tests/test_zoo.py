@@ -184,7 +184,7 @@ def test_data_mode_writes_a_smaller_model_that_exports(zoo_model):
 
 
 # what the SavedModel route cannot rebuild yet, and the ops its refusal (exit 4) must name
-SAVEDMODEL_REFUSED = {"unet": ("Conv2DBackpropInput", "StridedSlice")}
+SAVEDMODEL_REFUSED = {}
 
 
 def test_its_exported_savedmodel_prunes_through_the_savedmodel_route(zoo_model):

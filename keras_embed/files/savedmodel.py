@@ -23,12 +23,14 @@ from keras_embed.files.savedmodel_layers import LayerGraph, build_model
 from keras_embed.files.savedmodel_ops import OPS, Op, translate, unsupported
 from keras_embed.files.savedmodel_read import read_serving_graph
 
-_SHAPE_OPS = ("Shape", "StridedSlice", "Pack", "Cast", "Prod", "ConcatV2")  # compute a Reshape's target shape
+_SHAPE_OPS = ("Shape", "StridedSlice", "Pack", "Cast", "Prod", "Mul", "ConcatV2", "GatherV2")  # compute a target shape
+_SHAPE_OPERANDS = {"Reshape": 1, "Conv2DBackpropInput": 0}  # the operand a shape computation may be
 
 
 def _data_path(graph, source):
     """(path ops in graph order, names of every op that depends on `source`, names of the
-    shape computations of Reshape among them: Shape and what reads only it)."""
+    shape computations among them: Shape and what reads only it, read only as a Reshape's
+    target shape or a transposed convolution's output size)."""
     dependent, shape_ops, path = {source.op.name}, set(), []
     for op in graph.get_operations():
         readers = [tensor.op.name for tensor in op.inputs]
@@ -40,10 +42,12 @@ def _data_path(graph, source):
         else:
             path.append(op)
     stray = [op.type for op in path if op.type in _SHAPE_OPS and op.type not in OPS]
-    stray += [op.type for op in path if op.type != "Reshape" and any(t.op.name in shape_ops for t in op.inputs)]
+    stray += [op.type for op in path for index, tensor in enumerate(op.inputs)
+              if tensor.op.name in shape_ops and _SHAPE_OPERANDS.get(op.type) != index]
     if stray or any(op.type not in _SHAPE_OPS for op in graph.get_operations() if op.name in shape_ops):
         raise unsupported(stray or [op.type for op in graph.get_operations() if op.name in shape_ops],
-                          "shape computations outside a Reshape")
+                          "shape computations outside a Reshape's target shape or a "
+                          "transposed convolution's output size")
     return path, dependent, shape_ops
 
 

@@ -34,11 +34,12 @@ import numpy as np
 
 from keras_embed.errors import UnsupportedLayerError
 
-LINEAR = ("Dense", "Conv2D", "DepthwiseConv2D")  # layers with a kernel and a bias an affine map can fold into
+LINEAR = ("Dense", "Conv2D", "DepthwiseConv2D", "Conv2DTranspose")  # a kernel and a bias an affine map folds into
 _EPSILON = 1e-3  # BatchNormalization's default, kept as the epsilon of an Affine layer
 _HARD_SIGMOID_SHIFT, _HARD_SIGMOID_SCALE = 3.0, 1.0 / 6.0  # hard_sigmoid(x) = relu6(x + 3) / 6
 _CLASSES = {"Affine": keras.layers.BatchNormalization}
-_UNFINISHED = {"SpaceToBatch": "dilated convolution (SpaceToBatchND without its BatchToSpaceND)"}
+_UNFINISHED = {"SpaceToBatch": "dilated convolution (SpaceToBatchND without its BatchToSpaceND)",
+               "Expanded": "repeat (ExpandDims without its Tile)", "Tiled": "repeat (Tile without its Reshape)"}
 
 
 @dataclasses.dataclass(eq=False)
@@ -88,7 +89,11 @@ class LayerGraph:
             return hard_sigmoid
         if layer.readers == 1 and layer.open_linear:
             kernel, bias = layer.weights
-            per_output = scale.reshape(kernel.shape[2:]) if layer.kind == "DepthwiseConv2D" else scale
+            per_output = scale
+            if layer.kind == "DepthwiseConv2D":  # (h, w, channels, multiplier)
+                per_output = scale.reshape(kernel.shape[2:])
+            elif layer.kind == "Conv2DTranspose":  # (h, w, outputs, inputs)
+                per_output = scale[:, None]
             layer.weights = [kernel * per_output, bias * scale + shift]
             return layer
         if layer.readers == 1 and layer.kind == "Affine":

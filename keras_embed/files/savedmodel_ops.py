@@ -5,6 +5,8 @@ of each of its inputs) and returns the `Layer` of its output (`savedmodel_layers
 
     MatMul, Conv2D, DepthwiseConv2dNative   Dense, Conv2D, DepthwiseConv2D (constant kernel;
                                             strides, dilations, SAME or VALID padding)
+    Conv2DBackpropInput                     Conv2DTranspose (its output size static)
+    StridedSlice                            Cropping2D (unit steps, height and width only)
     SpaceToBatchND, conv, BatchToSpaceND    a dilated Conv2D or DepthwiseConv2D (how TensorFlow
                                             writes one with SAME padding)
     BiasAdd, AddV2, Add, Sub, Mul, RealDiv, Neg, FusedBatchNorm(V2, V3)
@@ -16,6 +18,7 @@ of each of its inputs) and returns the `Layer` of its output (`savedmodel_layers
     MaxPool, AvgPool, Pad                   MaxPooling2D, AveragePooling2D, ZeroPadding2D
     Mean, Max over height and width         GlobalAveragePooling2D, GlobalMaxPooling2D (keepdims)
     Reshape, Squeeze                        Flatten (to rows) or Reshape (static shapes)
+    ExpandDims, Tile, Reshape               UpSampling2D (Keras' repeat of height, width or both)
     Identity, IdentityN                     nothing
 
 Anything else, or an entry's op in a form it cannot rebuild exactly, raises
@@ -123,6 +126,42 @@ def _depthwise(op):
                         kernel.shape[2] * kernel.shape[3])
 
 
+def _conv_transpose(op):
+    """Conv2DBackpropInput (Conv2DTranspose): its output size comes from the op's static
+    output shape (the input_sizes operand is a shape computation), matched by output_padding."""
+    if len(op.data) != 1 or op.layers[2] is None or op.constants[1] is None:
+        raise op.refuse("whose input is not its third operand or whose kernel is not a constant")
+    window, kernel, shape = _window(op), op.constants[1], op.op.outputs[0].shape
+    if window.pop("dilation_rate", (1, 1)) != (1, 1) or not shape[1:].is_fully_defined():
+        raise op.refuse("with dilations or without a static output size")
+    size, wanted = np.asarray(op.op.inputs[2].shape[1:3]), np.asarray(shape[1:3])
+    reach, strides = np.asarray(kernel.shape[:2]), np.asarray(window["strides"])
+    same = window["padding"] == "same"
+    natural = size * strides if same else size * strides + np.maximum(reach - strides, 0)  # Keras' own sizes
+    config = {"filters": kernel.shape[2], "kernel_size": kernel.shape[:2], "activation": "linear", **window}
+    if tuple(natural) != tuple(wanted):  # Keras: (size - 1) stride + kernel - 2 pad + output_padding
+        padding = wanted - (size - 1) * strides - reach + (2 * (reach // 2) if same else 0)
+        config["output_padding"] = tuple(int(pad) for pad in padding)
+    return op.graph.add("Conv2DTranspose", config, [kernel, np.zeros(kernel.shape[2])], [op.layers[2]])
+
+
+def _strided_slice(op):
+    """A slice of height and width only, with unit steps: Cropping2D."""
+    data, shape = op.only_first_is_data(), op.op.inputs[0].shape
+    begin, end, steps = (np.asarray(value) for value in op.constants[1:4])
+    masks = [op.attr(f"{kind}_mask") for kind in ("begin", "end", "ellipsis", "new_axis", "shrink_axis")]
+    if len(shape) != 4 or not shape[1:3].is_fully_defined() or begin.shape != (4,) or np.any(steps != 1) or any(masks[2:]):
+        raise op.refuse("that is not a unit-step slice of a 4-D tensor's height and width")
+    bounds = [slice(None if masks[0] >> axis & 1 else int(begin[axis]), None if masks[1] >> axis & 1 else int(end[axis]))
+              for axis in range(4)]
+    full = [bounds[axis].indices(10**9)[:2] == (0, 10**9) for axis in (0, 3)]
+    spans = [bounds[axis].indices(int(shape[axis]))[:2] for axis in (1, 2)]
+    if not all(full) or any(stop <= start for start, stop in spans):
+        raise op.refuse("of the batch or channel axis, or empty")
+    cropping = tuple((start, int(shape[axis]) - stop) for axis, (start, stop) in zip((1, 2), spans))
+    return op.graph.add("Cropping2D", {"cropping": cropping}, (), [data])
+
+
 def _space_to_batch(op):
     data, block, paddings = op.only_first_is_data(), op.constants[1], op.constants[2]
     if np.shape(block) != (2,) or np.shape(paddings) != (2, 2):
@@ -226,11 +265,42 @@ def _global_pool(op):
     return op.graph.add(GLOBAL_POOLING[op.kind], {"keepdims": bool(op.attr("keep_dims"))}, (), [data])
 
 
+def _expand_dims(op):
+    """The first step of Keras' `ops.repeat` (UpSampling2D): a new axis to tile."""
+    axis = int(op.constants[1]) % (len(op.op.inputs[0].shape) + 1)
+    return op.graph.add("Expanded", {"axis": axis}, (), [op.only_first_is_data()])
+
+
+def _tile(op):
+    data, multiples = op.only_first_is_data(), np.asarray(op.constants[1]).reshape(-1)
+    if data.kind != "Expanded" or np.any(np.delete(multiples, data.config["axis"]) != 1):
+        raise op.refuse("other than along a new axis (Keras' repeat)")
+    return op.graph.add("Tiled", {"axis": data.config["axis"], "repeats": int(multiples[data.config["axis"]])}, (),
+                        data.inputs)
+
+
+def _repeat(op, tiled, shape):
+    """The end of Keras' repeat of height or width: UpSampling2D (merged with a repeat of the
+    other axis just before it, as UpSampling2D itself writes one)."""
+    axis, repeats, source = tiled.config["axis"] - 1, tiled.config["repeats"], tiled.inputs[0]
+    expected = list(op.op.inputs[0].shape)
+    expected[axis:axis + 2] = [None if expected[axis] is None else expected[axis] * repeats]
+    if len(shape) != 4 or axis not in (1, 2) or list(shape) != expected:
+        raise op.refuse("that does not end a repeat of height or width")
+    size = (repeats, 1) if axis == 1 else (1, repeats)
+    if (axis == 2 and source.kind == "UpSampling2D" and source.readers == 1 and source.config["size"][1] == 1):
+        source.config["size"] = (source.config["size"][0], repeats)
+        return source
+    return op.graph.add("UpSampling2D", {"size": size, "interpolation": "nearest"}, (), [source])
+
+
 def _reshape(op):
-    """Reshape and Squeeze to a static shape: Flatten to rows, else a Keras Reshape."""
+    """Reshape and Squeeze to a static shape: Flatten to rows, the end of a repeat, else a Keras Reshape."""
     data, shape = op.only_first_is_data(), op.op.outputs[0].shape
     if len(shape) < 2 or not shape[1:].is_fully_defined():
         raise op.refuse("to a shape that is not static, or without a batch axis")
+    if data.kind == "Tiled":
+        return _repeat(op, data, shape)
     if len(shape) == 2:
         return op.graph.add("Flatten", {}, (), [data])
     return op.graph.add("Reshape", {"target_shape": tuple(shape[1:])}, (), [data])
@@ -261,15 +331,17 @@ def _identity(op):
 
 
 OPS = {
-    "MatMul": _matmul, "Conv2D": _conv2d, "DepthwiseConv2dNative": _depthwise,
+    "MatMul": _matmul, "Conv2D": _conv2d, "DepthwiseConv2dNative": _depthwise, "Conv2DBackpropInput": _conv_transpose,
+    "StridedSlice": _strided_slice,
     "BiasAdd": _add, "AddV2": _add, "Add": _add, "Sub": _sub, "Mul": _mul, "RealDiv": _real_div, "Neg": _neg,
     **dict.fromkeys(BATCHNORMS, _batchnorm), **dict.fromkeys(ACTIVATIONS, _activation),
     **dict.fromkeys(POOLING, _pool), **dict.fromkeys(GLOBAL_POOLING, _global_pool),
     "Reshape": _reshape, "Squeeze": _reshape, "ConcatV2": _concat, "Pad": _pad, "PadV2": _pad,
-    "SpaceToBatchND": _space_to_batch, "BatchToSpaceND": _batch_to_space, "Identity": _identity,
-    "IdentityN": _identity,
+    "SpaceToBatchND": _space_to_batch, "BatchToSpaceND": _batch_to_space, "ExpandDims": _expand_dims,
+    "Tile": _tile, "Identity": _identity, "IdentityN": _identity,
 }
-_UNFINISHED = {"SpaceToBatch": ("Conv2D", "DepthwiseConv2dNative")}  # layers only these ops may read
+# layers only these ops may read
+_UNFINISHED = {"SpaceToBatch": ("Conv2D", "DepthwiseConv2dNative"), "Expanded": ("Tile",), "Tiled": ("Reshape",)}
 
 
 def translate(op):
