@@ -1,7 +1,8 @@
 """Plain SavedModels of branching networks are rebuilt as Keras models computing the same
 (`keras_embed.files.savedmodel`): residual Adds, Concatenate, depthwise-separable blocks
 with ZeroPadding2D and relu6, squeeze-and-excitation gates, decoders of Conv2DTranspose,
-Cropping2D and UpSampling2D, and (marked `zoo`)
+Cropping2D and UpSampling2D, ConvNeXt blocks (LayerNormalization, gelu, Dense on 4-D
+tensors, grouped convolutions), and (marked `zoo`)
 keras.applications models at 32x32 with random weights, each exported with
 `model.export` and read back from its graph without TensorFlow loading it.
 """
@@ -105,6 +106,19 @@ def decoder(padding, kernel, strides, output_padding, size):
     return keras.Model(inputs, L.UpSampling2D(size)(joined))
 
 
+def convnext_block():
+    """ConvNeXt's block: a grouped 7x7 Conv2D, LayerNormalization, Dense on a 4-D tensor with
+    the exact gelu, a per-channel scale, a residual Add; a LayerNormalization without scale
+    or offset at the end."""
+    inputs = keras.Input((6, 6, 8))
+    depthwise = L.Conv2D(8, 7, padding="same", groups=8)(inputs)
+    normalized = L.LayerNormalization(epsilon=1e-6)(depthwise)
+    expanded = L.Dense(16, activation="gelu")(normalized)
+    scaled = L.Rescaling(np.linspace(0.5, 2.0, 8).astype("float32"))(L.Dense(8)(expanded))
+    merged = L.Add()([inputs, scaled])
+    return keras.Model(inputs, L.LayerNormalization(center=False, scale=False)(merged))
+
+
 def classes(model):
     return {type(layer).__name__ for layer in model.layers}
 
@@ -131,6 +145,29 @@ def test_decoders_read_back_from_their_export(tmp_path, padding, kernel, strides
     upsampling = next(layer for layer in rebuilt.layers if isinstance(layer, L.UpSampling2D))
     assert upsampling.size == ((size, size) if isinstance(size, int) else size)  # one layer for both axes
     assert sum(isinstance(layer, L.BatchNormalization) for layer in rebuilt.layers) == 1  # after the Concatenate
+
+
+def test_layer_normalization_gelu_and_dense_on_positions_read_back_from_their_export(tmp_path):
+    rebuilt = assert_read_back(_randomized(convnext_block(), 9), tmp_path / "exported")
+    assert [type(layer).__name__ for layer in rebuilt.layers].count("LayerNormalization") == 2
+    assert {keras.activations.serialize(layer.activation) for layer in rebuilt.layers if isinstance(layer, L.Dense)} \
+        == {"gelu", "linear"}
+    assert next(layer for layer in rebuilt.layers if isinstance(layer, L.Conv2D)).groups == 8
+    assert not {"BatchNormalization", "Reshape", "Flatten", "Activation"} & classes(rebuilt)  # the scale folded
+
+
+def test_a_mean_over_channels_that_is_no_layer_normalization_is_refused_naming_it(tmp_path):
+    import tensorflow as tf
+
+    class Centered(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec((None, 4, 4, 3), tf.float32)])
+        def __call__(self, x):
+            return tf.nn.relu(x - tf.reduce_mean(x, axis=-1, keepdims=True))
+
+    module = Centered()
+    tf.saved_model.save(module, str(tmp_path / "centered"), signatures=module.__call__)
+    with pytest.raises(UnsupportedLayerError, match="a Sub inside a LayerNormalization"):
+        read_savedmodel(str(tmp_path / "centered"))
 
 
 def test_biases_batch_norms_and_activations_fold_into_the_layers_before_them(tmp_path):
@@ -214,11 +251,12 @@ APPLICATIONS = {
     "ResNet50": lambda: keras.applications.ResNet50(input_shape=(32, 32, 3), weights=None),
     "DenseNet121": lambda: keras.applications.DenseNet121(input_shape=(32, 32, 3), weights=None),
     "EfficientNetB0": lambda: keras.applications.EfficientNetB0(input_shape=(32, 32, 3), weights=None),
+    "ConvNeXtTiny": lambda: keras.applications.ConvNeXtTiny(input_shape=(32, 32, 3), weights=None),
 }
 # BatchNormalization layers left after folding: the input's Rescaling (and Normalization), and in
 # DenseNet the batch normalizations of concatenated tensors, which no layer before them can absorb
 BATCH_NORMS_LEFT = {"MobileNetV2": 0, "MobileNetV3Small": 1, "MobileNetV3Small-minimalistic": 1, "ResNet50": 0,
-                    "DenseNet121": 62, "EfficientNetB0": 1}
+                    "DenseNet121": 62, "EfficientNetB0": 1, "ConvNeXtTiny": 1}
 
 
 @pytest.mark.zoo

@@ -24,6 +24,7 @@ from keras_embed.files.savedmodel_ops import OPS, Op, translate, unsupported
 from keras_embed.files.savedmodel_read import read_serving_graph
 
 _SHAPE_OPS = ("Shape", "StridedSlice", "Pack", "Cast", "Prod", "Mul", "ConcatV2", "GatherV2")  # compute a target shape
+BATCH = 3  # the input's batch size while the graph is read: every static shape is then known
 _SHAPE_OPERANDS = {"Reshape": 1, "Conv2DBackpropInput": 0}  # the operand a shape computation may be
 
 
@@ -103,7 +104,7 @@ def read_savedmodel(path):
             `savedmodel_ops.OPS` or in a form they cannot be rebuilt in (all of them are listed).
         InputError: a damaged checkpoint.
     """
-    serving = read_serving_graph(path)
+    serving = read_serving_graph(path, batch=BATCH)
     graph, source, output = serving.graph, serving.input, serving.output
     if not source.dtype.is_floating or len(source.shape) < 2:
         raise UnsupportedLayerError(f"SavedModel '{path}' takes a {source.dtype.name} input of shape "

@@ -33,13 +33,12 @@ import keras
 import numpy as np
 
 from keras_embed.errors import UnsupportedLayerError
+from keras_embed.files.savedmodel_ops import UNFINISHED
 
 LINEAR = ("Dense", "Conv2D", "DepthwiseConv2D", "Conv2DTranspose")  # a kernel and a bias an affine map folds into
 _EPSILON = 1e-3  # BatchNormalization's default, kept as the epsilon of an Affine layer
 _HARD_SIGMOID_SHIFT, _HARD_SIGMOID_SCALE = 3.0, 1.0 / 6.0  # hard_sigmoid(x) = relu6(x + 3) / 6
 _CLASSES = {"Affine": keras.layers.BatchNormalization}
-_UNFINISHED = {"SpaceToBatch": "dilated convolution (SpaceToBatchND without its BatchToSpaceND)",
-               "Expanded": "repeat (ExpandDims without its Tile)", "Tiled": "repeat (Tile without its Reshape)"}
 
 
 @dataclasses.dataclass(eq=False)
@@ -164,9 +163,9 @@ def build_model(output, source, name="savedmodel"):
     def call(layer):
         if layer.kind == "Input":
             return inputs
-        if layer.kind in _UNFINISHED:
-            raise UnsupportedLayerError(f"the SavedModel's serving graph ends inside a {_UNFINISHED[layer.kind]}, "
-                                        "which keras-embed cannot rebuild as Keras layers")
+        if layer.kind in UNFINISHED:
+            raise UnsupportedLayerError(f"the SavedModel's serving graph ends inside a {UNFINISHED[layer.kind].pattern}"
+                                        ", which keras-embed cannot rebuild as Keras layers")
         keras_layer = _CLASSES.get(layer.kind) or getattr(keras.layers, layer.kind)
         keras_layer = keras_layer(**layer.config)
         arguments = [built[id(reader)] for reader in layer.inputs]

@@ -19,6 +19,9 @@ of each of its inputs) and returns the `Layer` of its output (`savedmodel_layers
     Mean, Max over height and width         GlobalAveragePooling2D, GlobalMaxPooling2D (keepdims)
     Reshape, Squeeze                        Flatten (to rows) or Reshape (static shapes)
     ExpandDims, Tile, Reshape               UpSampling2D (Keras' repeat of height, width or both)
+    Reshape, MatMul, Reshape                Dense on more than two axes (tf.tensordot)
+    Mean, SquaredDifference, Rsqrt, ...     LayerNormalization, and Erfc the exact gelu
+                                            (`savedmodel_patterns`)
     Identity, IdentityN                     nothing
 
 Anything else, or an entry's op in a form it cannot rebuild exactly, raises
@@ -34,6 +37,8 @@ import dataclasses
 import numpy as np
 
 from keras_embed.errors import UnsupportedLayerError
+from keras_embed.files import savedmodel_patterns as patterns
+from keras_embed.files.savedmodel_patterns import Unfinished
 
 ACTIVATIONS = {"Relu": "relu", "Relu6": "relu6", "Elu": "elu", "Selu": "selu", "Tanh": "tanh",
                "Sigmoid": "sigmoid", "Softplus": "softplus", "Softmax": "softmax", "LeakyRelu": "leaky_relu"}
@@ -115,9 +120,14 @@ def _convolution(op, kind, config, bias_width):
 
 
 def _conv2d(op):
-    kernel = op.constants[1]
-    return _convolution(op, "Conv2D", {"filters": kernel.shape[-1], "kernel_size": kernel.shape[:2]},
-                        kernel.shape[-1])
+    """Conv2D; a kernel reading fewer channels than the input has is a grouped one."""
+    kernel, channels = op.constants[1], op.op.inputs[0].shape[-1]
+    if channels is None or channels % kernel.shape[2]:
+        raise op.refuse("whose input channels are not static or not a multiple of its kernel's")
+    config = {"filters": kernel.shape[-1], "kernel_size": kernel.shape[:2]}
+    if channels != kernel.shape[2]:
+        config["groups"] = channels // kernel.shape[2]
+    return _convolution(op, "Conv2D", config, kernel.shape[-1])
 
 
 def _depthwise(op):
@@ -294,13 +304,41 @@ def _repeat(op, tiled, shape):
     return op.graph.add("UpSampling2D", {"size": size, "interpolation": "nearest"}, (), [source])
 
 
+def _starts_tensordot(op):
+    """Whether this Reshape makes every position of a tensor of more than two axes a row for a
+    MatMul whose result is reshaped back to the positions (`tf.tensordot`, a Dense on it)."""
+    source, rows = list(op.op.inputs[0].shape), list(op.op.outputs[0].shape)
+    if len(source) < 3 or rows != [source[0] * int(np.prod(source[1:-1])), source[-1]]:
+        return False
+    matmuls = op.op.outputs[0].consumers()
+    back = matmuls[0].outputs[0].consumers() if len(matmuls) == 1 and matmuls[0].type == "MatMul" else []
+    return (len(back) == 1 and back[0].type == "Reshape"
+            and list(back[0].outputs[0].shape) == source[:-1] + [matmuls[0].outputs[0].shape[-1]])
+
+
+def _unrows(op, dense, shape):
+    """The end of a Dense on a tensor of more than two axes: the Dense on the tensor itself."""
+    rows = dense.inputs[0]
+    if list(shape) != [*rows.config["shape"][:-1], dense.config["units"]]:
+        raise op.refuse("that does not restore the positions a Dense was applied to")
+    dense.inputs = list(rows.inputs)
+    return dense
+
+
 def _reshape(op):
-    """Reshape and Squeeze to a static shape: Flatten to rows, the end of a repeat, else a Keras Reshape."""
+    """Reshape and Squeeze to a static shape: Flatten to rows, the end of a repeat, a Dense on
+    more than two axes, else a Keras Reshape (the input's batch size is fixed while reading)."""
     data, shape = op.only_first_is_data(), op.op.outputs[0].shape
-    if len(shape) < 2 or not shape[1:].is_fully_defined():
+    if len(shape) < 2 or not shape.is_fully_defined():
         raise op.refuse("to a shape that is not static, or without a batch axis")
     if data.kind == "Tiled":
         return _repeat(op, data, shape)
+    if data.kind == "Dense" and data.inputs[0].kind == "Rows":
+        return _unrows(op, data, shape)
+    if _starts_tensordot(op):
+        return op.graph.add("Rows", {"shape": tuple(op.op.inputs[0].shape)}, (), [data])
+    if shape[0] != op.op.inputs[0].shape[0]:
+        raise op.refuse("that merges the batch axis with others")
     if len(shape) == 2:
         return op.graph.add("Flatten", {}, (), [data])
     return op.graph.add("Reshape", {"target_shape": tuple(shape[1:])}, (), [data])
@@ -325,6 +363,12 @@ def _pad(op):
                                                            for pair in paddings[1:3])}, (), [data])
 
 
+def _transpose(op):
+    if list(np.asarray(op.constants[1]).reshape(-1)) != list(range(len(op.op.inputs[0].shape))):
+        raise op.refuse("that permutes axes")
+    return op.only_first_is_data()
+
+
 def _identity(op):
     """Its inputs; an IdentityN passes constants on too (None: the input's constant)."""
     return op.only_first_is_data() if op.kind == "Identity" else list(op.layers)
@@ -338,17 +382,29 @@ OPS = {
     **dict.fromkeys(POOLING, _pool), **dict.fromkeys(GLOBAL_POOLING, _global_pool),
     "Reshape": _reshape, "Squeeze": _reshape, "ConcatV2": _concat, "Pad": _pad, "PadV2": _pad,
     "SpaceToBatchND": _space_to_batch, "BatchToSpaceND": _batch_to_space, "ExpandDims": _expand_dims,
-    "Tile": _tile, "Identity": _identity, "IdentityN": _identity,
+    "Tile": _tile, "Transpose": _transpose, "Identity": _identity, "IdentityN": _identity,
+    **dict.fromkeys(patterns.OPS, patterns.step),
 }
-# layers only these ops may read
-_UNFINISHED = {"SpaceToBatch": ("Conv2D", "DepthwiseConv2dNative"), "Expanded": ("Tile",), "Tiled": ("Reshape",)}
+
+
+_REPEAT = "repeat (ExpandDims, Tile, Reshape)"
+UNFINISHED = {
+    "SpaceToBatch": Unfinished("dilated convolution (SpaceToBatchND, convolution, BatchToSpaceND)",
+                               ("Conv2D", "DepthwiseConv2dNative"), ("BatchToSpaceND",)),
+    "Rows": Unfinished("Dense on more than two axes (Reshape, MatMul, Reshape)", ("MatMul",), ("Reshape",)),
+    "Expanded": Unfinished(_REPEAT, ("Tile",)),
+    "Tiled": Unfinished(_REPEAT, ("Reshape",)),
+    **patterns.UNFINISHED,
+}
 
 
 def translate(op):
     """The `Layer` (a list for IdentityN) of what `op` computes."""
     for layer in op.data:
-        unfinished = layer.kind in _UNFINISHED or any(reader.kind in _UNFINISHED for reader in layer.inputs)
-        allowed = _UNFINISHED.get(layer.kind, ("BatchToSpaceND",))
-        if unfinished and op.kind not in allowed:
-            raise op.refuse("inside a dilated convolution (SpaceToBatchND ... BatchToSpaceND)")
-    return OPS[op.kind](op)
+        inside = [(UNFINISHED[layer.kind], UNFINISHED[layer.kind].readers)] if layer.kind in UNFINISHED else [
+            (UNFINISHED[reader.kind], UNFINISHED[reader.kind].next) for reader in layer.inputs
+            if reader.kind in UNFINISHED and UNFINISHED[reader.kind].next]
+        for pattern, allowed in inside:
+            if op.kind not in allowed:
+                raise op.refuse(f"inside a {pattern.pattern}")
+    return patterns.step(op) if patterns.applies(op) else OPS[op.kind](op)

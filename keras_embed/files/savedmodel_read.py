@@ -299,11 +299,14 @@ def check_saved_model(path):
     return saved_model
 
 
-def read_serving_graph(path):
+def read_serving_graph(path, batch=None):
     """Reads a plain SavedModel's serving signature as a graph, running nothing from it.
 
     Args:
         path: the SavedModel folder.
+        batch: a batch size to give the input's shape (when its batch axis is open), so that
+            TensorFlow's shape inference knows every static shape the input determines (a
+            shape computed from `tf.shape` of a tensor, as a Dense on a 4-D tensor does).
 
     Returns:
         A `ServingGraph`: a `tf.Graph` of the signature's ops with every variable a
@@ -331,7 +334,16 @@ def read_serving_graph(path):
     if not isinstance(source_ref, str) or not isinstance(output_ref, str):
         raise unreadable(path, "its signature's input or output is not a tensor of its graph")
     _refuse_state(inliner.graph_def, node_name(source_ref), path)
+    if batch is not None:
+        _fix_batch(inliner.graph_def, node_name(source_ref), batch)
     return _imported(inliner.graph_def, source_ref, output_ref, path)
+
+
+def _fix_batch(graph_def, source, batch):
+    """Gives the input Placeholder `source` batch size `batch` where its batch axis is open."""
+    shape = next(node for node in graph_def.node if node.name == source).attr["shape"].shape
+    if not shape.unknown_rank and shape.dim and shape.dim[0].size == -1:
+        shape.dim[0].size = batch
 
 
 def _imported(graph_def, source, output, path):
