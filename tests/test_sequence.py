@@ -1,0 +1,183 @@
+"""Sequence models of 1-D layers (issue 19, part 1): Conv1D (any kernel, stride, dilation,
+'causal' padding), MaxPooling1D, AveragePooling1D, the global poolings, UpSampling1D,
+ZeroPadding1D and Cropping1D, through the same registry entries as their 2-D forms.
+
+Each model is read and rebuilt to the same function; widening a filter of every Conv1D comes
+back through `prune` (library and CLI) to the original size and outputs; `--mode data` with
+a keep ratio writes a smaller model that exports; random 1-D architectures (hypothesis)
+round-trip the same way. Recurrent layers, not supported yet, are refused by name.
+"""
+
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import keras_embed
+from keras_embed.errors import UnsupportedLayerError
+from keras_embed.model.build import build_model
+from keras_embed.stopping import StoppingRule
+from keras_embed.tools.cli import main
+from keras_embed.verify import predict
+
+L = keras.layers
+RELATIVE = 1e-5
+
+
+def _sequence_cnn():
+    x = keras.Input((20, 3), name="signal")
+    h = L.Conv1D(8, 3, padding="same", activation="relu", name="c1")(x)
+    h = L.MaxPooling1D(name="pool")(h)
+    h = L.Conv1D(6, 3, padding="causal", dilation_rate=2, activation="tanh", name="c2")(h)
+    h = L.ZeroPadding1D((1, 2), name="pad")(L.UpSampling1D(2, name="up")(h))
+    h = L.Conv1D(5, 2, strides=2, activation="relu", name="c3")(L.Cropping1D((2, 1), name="crop")(h))
+    h = L.GlobalAveragePooling1D(name="gap")(L.AveragePooling1D(2, name="avg")(h))
+    return keras.Model(x, L.Dense(3, name="scores")(h), name="sequence_cnn")
+
+
+def _branching_sequence():
+    """Two Conv1D branches added and concatenated, SpatialDropout1D, GlobalMaxPooling1D."""
+    x = keras.Input((16, 4), name="signal")
+    stem = L.Conv1D(6, 5, padding="same", activation="relu", name="stem")(x)
+    a = L.Conv1D(6, 3, padding="same", activation="gelu", name="branch_a")(stem)
+    b = L.Conv1D(4, 1, activation="relu", name="branch_b")(stem)
+    h = L.Concatenate(name="join")([L.Add(name="residual")([stem, a]), b])
+    h = L.SpatialDropout1D(0.2, name="drop")(h)
+    h = L.GlobalMaxPooling1D(name="gmp")(L.Conv1D(7, 3, activation="swish", name="mix")(h))
+    return keras.Model(x, L.Dense(2, name="scores")(h), name="branching_sequence")
+
+
+BUILDERS = {"sequence_cnn": _sequence_cnn, "branching": _branching_sequence}
+GROW = {"sequence_cnn": ["c1", "c2", "c3"], "branching": ["stem", "branch_b", "mix"]}
+
+
+def _inputs(model, samples=64, seed=0):
+    return np.random.default_rng(seed).normal(size=(samples, *model.input_shape[1:])).astype("float32")
+
+
+def assert_same_function(reference, candidate, x):
+    expected, actual = predict(reference, x), predict(candidate, x)
+    assert np.abs(expected - actual).max() <= RELATIVE * max(np.abs(expected).max(), 1e-6)
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def case(request):
+    keras.utils.set_random_seed(0)
+    model = BUILDERS[request.param]()
+    return request.param, model, _inputs(model)
+
+
+def test_a_sequence_model_is_read_and_rebuilt_to_the_same_function(case):
+    _, model, x = case
+    assert_same_function(model, build_model(keras_embed.read_model(model)), x)
+
+
+def test_widened_filters_come_back_through_prune(case):
+    kind, model, x = case
+    steps = [(layer, 0, 0.3) for layer in GROW[kind]] + [(GROW[kind][0], 1, -0.4)]
+    grown, _ = keras_embed.embed(model, widen_steps=steps)
+    assert grown.count_params() > model.count_params()
+
+    pruned, report = keras_embed.prune(grown)
+
+    assert pruned.count_params() == model.count_params()
+    assert report.to_dict()["removed"]["duplicate"] >= len(steps)
+    assert_same_function(model, pruned, x)
+
+
+def test_data_mode_writes_a_smaller_sequence_model_that_exports(case, tmp_path):
+    _, model, x = case
+    model.save(tmp_path / "model.keras")
+    np.save(tmp_path / "x.npy", x)
+    for output in ("small.keras", "small.tflite", "small_savedmodel/"):  # each loaded back and compared
+        result = CliRunner().invoke(main, ["prune", str(tmp_path / "model.keras"), "-o", f"{tmp_path}/{output}",
+                                           "--mode", "data", "--keep-ratio", "0.5", "--data", str(tmp_path / "x.npy"),
+                                           "--atol", "1e-3"])
+        assert result.exit_code == 0, result.output
+    assert keras.saving.load_model(tmp_path / "small.keras").count_params() < model.count_params()
+
+
+def test_the_cli_widens_and_prunes_back_a_sequence_model(tmp_path):
+    keras.utils.set_random_seed(1)
+    model = _sequence_cnn()
+    model.save(tmp_path / "model.keras")
+    invoke = CliRunner().invoke
+    grown = invoke(main, ["embed", str(tmp_path / "model.keras"), "-o", str(tmp_path / "grown.keras"),
+                          "--widen", "c1:2:0.25", "--widen", "c2:0:-0.5"])
+    assert grown.exit_code == 0, grown.output
+    back = invoke(main, ["prune", str(tmp_path / "grown.keras"), "-o", str(tmp_path / "back.keras")])
+    assert back.exit_code == 0, back.output
+    restored = keras.saving.load_model(tmp_path / "back.keras")
+    assert restored.count_params() == model.count_params()
+    assert_same_function(model, restored, _inputs(model, seed=3))
+
+
+SEQUENCE_LAYERS = st.sampled_from(["none", "max_pool", "avg_pool", "up", "pad", "crop"])
+
+
+@st.composite
+def sequence_architectures(draw):
+    """(length, channels, [(filters, kernel, strides, padding, dilation, activation, between)], head)."""
+    convs = []
+    for _ in range(draw(st.integers(1, 3))):
+        strides = draw(st.integers(1, 2))
+        convs.append((draw(st.integers(2, 6)), draw(st.integers(1, 4)), strides,
+                      draw(st.sampled_from(["valid", "same", "causal"])),
+                      1 if strides > 1 else draw(st.integers(1, 2)),
+                      draw(st.sampled_from(["relu", "tanh", "linear", "elu"])), draw(SEQUENCE_LAYERS)))
+    return draw(st.integers(24, 40)), draw(st.integers(1, 3)), convs, draw(st.sampled_from(["gap", "gmp", "flatten"]))
+
+
+def _between(kind, index):
+    return {"max_pool": lambda: L.MaxPooling1D(2, padding="same", name=f"between_{index}"),
+            "avg_pool": lambda: L.AveragePooling1D(2, padding="same", name=f"between_{index}"),
+            "up": lambda: L.UpSampling1D(2, name=f"between_{index}"),
+            "pad": lambda: L.ZeroPadding1D((index % 2, 1), name=f"between_{index}"),
+            "crop": lambda: L.Cropping1D((1, 0), name=f"between_{index}")}.get(kind)
+
+
+def _random_sequence_model(length, channels, convs, head, seed):
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((length, channels))
+    h = x
+    for index, (filters, kernel, strides, padding, dilation, activation, between) in enumerate(convs):
+        if padding == "valid" and h.shape[1] - dilation * (kernel - 1) < 2:  # keep every sequence non-empty
+            padding = "same"
+        h = L.Conv1D(filters, kernel, strides=strides, padding=padding, dilation_rate=dilation,
+                     activation=activation, bias_initializer="random_normal", name=f"conv_{index}")(h)
+        layer = _between(between, index) if h.shape[1] >= 4 else None
+        h = layer()(h) if layer is not None else h
+    h = {"gap": L.GlobalAveragePooling1D(), "gmp": L.GlobalMaxPooling1D(), "flatten": L.Flatten()}[head](h)
+    return keras.Model(x, L.Dense(2, name="scores")(h))
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(architecture=sequence_architectures(), seed=st.integers(0, 2**16))
+def test_property_random_sequence_models_round_trip_a_widening(architecture, seed):
+    model = _random_sequence_model(*architecture, seed)
+    x = _inputs(model, samples=16, seed=seed)
+    steps = [(f"conv_{index}", seed % filters, 0.3 + 0.1 * index)
+             for index, (filters, *_) in enumerate(architecture[2])]
+    grown, _ = keras_embed.embed(model, widen_steps=steps)
+
+    pruned, _ = keras_embed.prune(grown)
+
+    assert pruned.count_params() <= model.count_params()
+    assert_same_function(model, pruned, x)
+
+
+@pytest.mark.parametrize("layer", [L.LSTM(4), L.GRU(4), L.SimpleRNN(4)], ids=lambda layer: type(layer).__name__)
+def test_recurrent_layers_are_refused_by_name(layer):
+    x = keras.Input((10, 3))
+    model = keras.Model(x, L.Dense(2)(layer(x)))
+    with pytest.raises(UnsupportedLayerError, match=rf"\({type(layer).__name__}\) is not supported; supported layers"):
+        keras_embed.read_model(model)
+
+
+def test_conv_lstm_is_refused_with_exit_4(tmp_path):
+    x = keras.Input((4, 6, 6, 2))
+    keras.Model(x, L.Flatten()(L.ConvLSTM2D(3, 3)(x))).save(tmp_path / "model.keras")
+    result = CliRunner().invoke(main, ["analyze", str(tmp_path / "model.keras")])
+    assert result.exit_code == 4 and "(ConvLSTM2D) is not supported" in result.output, result.output
