@@ -25,15 +25,26 @@ RELATIVE_ATOL = 1e-4
 ROUNDING_FACTOR = 10
 
 
+def _token_count(model):
+    """The smallest vocabulary (`input_dim`) of the model's Embedding layers, nested ones
+    included; 2 without any."""
+    sizes = [layer.input_dim for layer in model._flatten_layers() if isinstance(layer, keras.layers.Embedding)]
+    return min(sizes, default=2)
+
+
 def calibration_inputs(model, samples=DEFAULT_SAMPLES, seed=0):
-    """Seeded standard-normal inputs shaped like the model input (unknown axes get size 1);
-    for a model of several inputs a dict of them by input name, drawn in input order."""
+    """Seeded standard-normal inputs shaped like the model input (unknown axes get size 1),
+    integer inputs uniform tokens below every Embedding's vocabulary size; for a model of
+    several inputs a dict of them by input name, drawn in input order."""
     generator = np.random.default_rng(seed)
     values = {}
     for tensor in model.inputs:
-        shape = tuple(1 if size is None else size for size in tensor.shape[1:])
-        values[tensor.name] = generator.standard_normal((samples, *shape)).astype(
-            keras.backend.standardize_dtype(tensor.dtype))
+        shape = (samples, *(1 if size is None else size for size in tensor.shape[1:]))
+        dtype = keras.backend.standardize_dtype(tensor.dtype)
+        if np.issubdtype(np.dtype(dtype), np.integer):
+            values[tensor.name] = generator.integers(0, _token_count(model), shape).astype(dtype)
+        else:
+            values[tensor.name] = generator.standard_normal(shape).astype(dtype)
     return values if len(values) > 1 else next(iter(values.values()))
 
 

@@ -1,6 +1,7 @@
 """Sequence models of 1-D layers (issue 19, part 1): Conv1D (any kernel, stride, dilation,
 'causal' padding), MaxPooling1D, AveragePooling1D, the global poolings, UpSampling1D,
-ZeroPadding1D and Cropping1D, through the same registry entries as their 2-D forms.
+ZeroPadding1D and Cropping1D, through the same registry entries as their 2-D forms; and
+text models on integer tokens, whose Embedding dimensions are a channel group.
 
 Each model is read and rebuilt to the same function; widening a filter of every Conv1D comes
 back through `prune` (library and CLI) to the original size and outputs; `--mode data` with
@@ -20,7 +21,7 @@ from keras_embed.errors import UnsupportedLayerError
 from keras_embed.model.build import build_model
 from keras_embed.stopping import StoppingRule
 from keras_embed.tools.cli import main
-from keras_embed.verify import predict
+from keras_embed.verify import calibration_inputs, predict
 
 L = keras.layers
 RELATIVE = 1e-5
@@ -49,12 +50,23 @@ def _branching_sequence():
     return keras.Model(x, L.Dense(2, name="scores")(h), name="branching_sequence")
 
 
-BUILDERS = {"sequence_cnn": _sequence_cnn, "branching": _branching_sequence}
-GROW = {"sequence_cnn": ["c1", "c2", "c3"], "branching": ["stem", "branch_b", "mix"]}
+def _text_classifier():
+    """The Keras examples' text CNN: Embedding, Conv1D, GlobalMaxPooling1D, Dense."""
+    tokens = keras.Input((12,), dtype="int32", name="tokens")
+    h = L.Embedding(VOCABULARY, 8, name="embed")(tokens)
+    h = L.GlobalMaxPooling1D(name="gmp")(L.Conv1D(6, 3, padding="same", activation="relu", name="conv")(h))
+    return keras.Model(tokens, L.Dense(3, name="scores")(L.Dense(5, activation="relu", name="hidden")(h)),
+                       name="text_classifier")
+
+
+VOCABULARY = 50
+BUILDERS = {"sequence_cnn": _sequence_cnn, "branching": _branching_sequence, "text": _text_classifier}
+GROW = {"sequence_cnn": ["c1", "c2", "c3"], "branching": ["stem", "branch_b", "mix"], "text": ["embed", "conv", "hidden"]}
 
 
 def _inputs(model, samples=64, seed=0):
-    return np.random.default_rng(seed).normal(size=(samples, *model.input_shape[1:])).astype("float32")
+    """Standard-normal features, or tokens below the vocabulary size."""
+    return calibration_inputs(model, samples, seed)
 
 
 def assert_same_function(reference, candidate, x):
@@ -112,6 +124,30 @@ def test_the_cli_widens_and_prunes_back_a_sequence_model(tmp_path):
     restored = keras.saving.load_model(tmp_path / "back.keras")
     assert restored.count_params() == model.count_params()
     assert_same_function(model, restored, _inputs(model, seed=3))
+
+
+def test_calibration_tokens_stay_below_every_vocabulary():
+    tokens = calibration_inputs(_text_classifier())
+    assert tokens.dtype == np.int32 and tokens.min() == 0 and tokens.max() == VOCABULARY - 1
+
+
+def test_an_embedding_lifted_and_given_a_null_dimension_comes_back():
+    """A Dense lifted after the Embedding (linear on the data) and a null dimension (zero in
+    every row of the table) are both undone by prune."""
+    keras.utils.set_random_seed(2)
+    tokens = keras.Input((10,), dtype="int32")
+    pooled = L.GlobalAveragePooling1D()(L.Embedding(VOCABULARY, 6, name="embed")(tokens))
+    model = keras.Model(tokens, L.Dense(2)(L.Dense(4, activation="relu", name="hidden")(pooled)))
+    x = _inputs(model, seed=4)
+    grown, _ = keras_embed.embed(model, null_steps=[("embed", 0.0)], deepen_layers=["embed"], data=x)
+    assert len(grown.layers) == len(model.layers) + 1
+    assert next(layer for layer in grown.layers if isinstance(layer, L.Embedding)).output_dim == 7
+
+    pruned, _ = keras_embed.prune(grown, data=x)
+
+    assert [type(layer) for layer in pruned.layers] == [type(layer) for layer in model.layers]
+    assert pruned.count_params() == model.count_params()
+    assert_same_function(model, pruned, x)
 
 
 SEQUENCE_LAYERS = st.sampled_from(["none", "max_pool", "avg_pool", "up", "pad", "crop"])

@@ -21,6 +21,7 @@ Example:
 """
 
 
+import keras
 import numpy as np
 
 from keras_embed.errors import InputError, VerificationError
@@ -114,6 +115,15 @@ def _writer(format, quantize, representative, tf_keras):
     return None  # the format's own writer in io
 
 
+def _as_input_dtypes(model, x):
+    """`x` (an array, or a dict by input name) in the dtypes of the model's inputs (float32
+    features, int32 tokens), as the written file's signature takes them."""
+    dtypes = {tensor.name: keras.backend.standardize_dtype(tensor.dtype) for tensor in model.inputs}
+    if isinstance(x, dict):
+        return {name: values.astype(dtypes[name]) for name, values in x.items()}
+    return x.astype(next(iter(dtypes.values())))
+
+
 def export_model(model, path, x, format=None, quantize=None, representative=None, atol=None, force=False,
                  tf_keras=False):
     """Writes `model` to `path` atomically after checking the written file's outputs.
@@ -139,7 +149,7 @@ def export_model(model, path, x, format=None, quantize=None, representative=None
     format = output_format(path, format)
     check_export_options(format, quantize, representative is not None)
     check_io_format(model, format, tf_keras, quantize)
-    x = take_rows(x, slice(0, CHECK_ROWS)) if isinstance(x, dict) else np.asarray(x[:CHECK_ROWS], dtype=np.float32)
+    x = _as_input_dtypes(model, take_rows(x, slice(0, CHECK_ROWS)))
     expected = predict(model, x)
     scale = float(np.abs(expected).max(initial=0.0)) or 1.0
     if quantize is not None:

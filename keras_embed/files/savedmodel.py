@@ -108,7 +108,8 @@ def read_savedmodel(path):
     graph, source, output = serving.graph, serving.input, serving.output
     if not source.dtype.is_floating or len(source.shape) < 2:
         raise UnsupportedLayerError(f"SavedModel '{path}' takes a {source.dtype.name} input of shape "
-                                    f"{source.shape}; only float inputs with a batch axis are supported")
+                                    f"{source.shape[1:]} per sample; only float inputs with a batch axis are "
+                                    "supported: prune the Keras model it was exported from")
     path_ops, dependent, shape_ops = _data_path(graph, source)
     unknown = [op.type for op in path_ops if op.type not in OPS]
     if unknown:

@@ -19,10 +19,10 @@ from keras_embed.edit.plan import Collapse
 
 
 def collapse_candidates(graph):
-    """Producers that may compose: alone in an editable group."""
+    """Producers that may compose (not an Embedding): alone in an editable group."""
     for node in graph.producers:
         group = graph.group_of(node.name)
-        if group not in graph.frozen_groups and graph.spaces(group) == [node]:
+        if node.entry.composes and group not in graph.frozen_groups and graph.spaces(group) == [node]:
             yield node
 
 

@@ -3,8 +3,8 @@
 An entry says the layer's channel role, how to read it and rebuild it with other
 channel counts (stock Keras layers only), and what the rules may assume about it:
 
-    produces       makes a new channel space from weights (Dense, Conv2D, Conv2DTranspose, the
-                   pointwise part of a SeparableConv2D); its kernel in the canonical form
+    produces       makes a new channel space from weights (Dense, Conv1D, Conv2D, Conv2DTranspose,
+                   Embedding, the pointwise part of a SeparableConv2D); its kernel in the canonical form
                    (*spatial, inputs, outputs), whether it reads zero padding (then a
                    constant input cannot fold into its bias)
     keeps          keeps channel identity: elementwise (Activation, Dropout), per channel
@@ -180,6 +180,7 @@ class Producer(LayerType):
 
     role = "produces"
     width_key = "units"
+    composes = True  # may merge with a producer before or after it when linear on the data
 
     def geometry(self, node):
         return Geometry()
@@ -268,8 +269,47 @@ class Conv(Producer):
 
 
 def _conv2d_lift(node, name, source, bias):
-    """`Producer.pointwise_identity` as a stock 1x1 Conv2D, whatever kind of convolution `node` is."""
-    return CONV.pointwise_identity(dataclasses.replace(node, kind="Conv2D"), name, source, bias)
+    """`Producer.pointwise_identity` as a stock pointwise Conv1D or Conv2D, whatever kind of
+    convolution `node` is."""
+    kind = "Conv1D" if len(node.entry.geometry(node).kernel_size) == 1 else "Conv2D"
+    return CONV.pointwise_identity(dataclasses.replace(node, kind=kind), name, source, bias)
+
+
+class Embedding(Producer):
+    """Embedding: its table (input_dim, output_dim) is the kernel of a Dense without bias on
+    one-hot tokens, its output dimensions a channel group. It composes with nothing (tokens
+    are no channels), and a layer lifted after it is a Dense.
+
+    Example:
+        >>> entry("Embedding").kernel(node).shape          # input_dim 50, output_dim 8
+        (50, 8)
+    """
+
+    width_key = "output_dim"
+    composes = False
+
+    def check(self, layer, config):
+        if config.get("lora_rank") or config.get("embeddings_constraint"):
+            raise UnsupportedLayerError(f"layer '{layer.name}' (Embedding) uses LoRA or a weight constraint; "
+                                        "merge or drop it first")
+
+    def bias(self, node):
+        return None
+
+    def with_weights(self, node, kernel, bias, **config):
+        """A copy with table `kernel` (`bias` is None: there is none)."""
+        config = {**node.config, **config, "output_dim": kernel.shape[-1]}
+        return dataclasses.replace(node, weights=(kernel,), config=config, shape=node.shape[:-1] + (kernel.shape[-1],))
+
+    def config(self, node):
+        return dict(node.config, name=node.name, output_dim=node.width)
+
+    def pointwise_identity(self, node, name, source, bias):
+        dense = dataclasses.replace(node, kind="Dense", config={"dtype": node.config.get("dtype")})
+        return DENSE.pointwise_identity(dense, name, source, bias)
+
+    def flops(self, node):
+        return 0  # a row lookup per position
 
 
 class GroupedConv(Conv):
@@ -804,13 +844,14 @@ class Permute(LayerType):
 
 INFERENCE_IDENTITIES = ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianNoise",
                         "GaussianDropout", "AlphaDropout", "ActivityRegularization")
-CONV, GROUPED_CONV = Conv(), GroupedConv()
+DENSE, CONV, GROUPED_CONV = Dense(), Conv(), GroupedConv()
 POSITION_RESHAPE = PositionReshape()
 DEPTHWISE, MULTIPLIED_DEPTHWISE = DepthwiseConv2D(), MultipliedDepthwise()  # the variants by depth_multiplier
 
 REGISTRY = {
     "InputLayer": Input(),
-    "Dense": Dense(),
+    "Dense": DENSE,
+    "Embedding": Embedding(),
     "Conv2D": CONV,
     "DepthwiseConv2D": DEPTHWISE,
     "SeparableConv2D": SeparableConv(),
