@@ -131,6 +131,16 @@ def test_calibration_tokens_stay_below_every_vocabulary():
     assert tokens.dtype == np.int32 and tokens.min() == 0 and tokens.max() == VOCABULARY - 1
 
 
+def test_a_scale_and_shift_after_an_embedding_fold_into_its_table():
+    tokens = keras.Input((10,), dtype="int32")
+    embedded = L.Embedding(VOCABULARY, 4, name="embed")(tokens)
+    shifted = L.Rescaling(np.array([0.5, 2.0, -1.0, 3.0], "float32"), offset=0.25, name="scale")(embedded)
+    model = keras.Model(tokens, L.Dense(2)(L.GlobalAveragePooling1D()(shifted)))
+    rebuilt = build_model(keras_embed.read_model(model))
+    assert not any(isinstance(layer, L.Rescaling) for layer in rebuilt.layers)
+    assert_same_function(model, rebuilt, _inputs(model))
+
+
 def test_an_embedding_lifted_and_given_a_null_dimension_comes_back():
     """A Dense lifted after the Embedding (linear on the data) and a null dimension (zero in
     every row of the table) are both undone by prune."""

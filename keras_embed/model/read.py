@@ -186,7 +186,7 @@ def _folds_backward(graph, node):
         for reader in (graph.by_name[item] for item in graph.readers[name]):
             if _is_identity(reader):
                 frontier.append(reader.name)
-            elif reader.role == "produces" and not reader.entry.reads_zero_padding(reader):
+            elif reader.role == "produces" and reader.entry.composes and not reader.entry.reads_zero_padding(reader):
                 readers.append(reader)
             else:
                 return None

@@ -276,13 +276,13 @@ def _conv2d_lift(node, name, source, bias):
 
 
 class Embedding(Producer):
-    """Embedding: its table (input_dim, output_dim) is the kernel of a Dense without bias on
-    one-hot tokens, its output dimensions a channel group. It composes with nothing (tokens
-    are no channels), and a layer lifted after it is a Dense.
+    """Embedding: its table (input_dim, output_dim) is the kernel of a Dense on one-hot
+    tokens, its output dimensions a channel group. A bias (a BatchNormalization or Rescaling
+    folded into it) moves every row of the table; it composes with no producer (tokens are
+    no channels), and a layer lifted after it is a Dense.
 
     Example:
-        >>> entry("Embedding").kernel(node).shape          # input_dim 50, output_dim 8
-        (50, 8)
+        >>> entry("Embedding").with_weights(node, table, shift).weights[0] == table + shift
     """
 
     width_key = "output_dim"
@@ -297,9 +297,9 @@ class Embedding(Producer):
         return None
 
     def with_weights(self, node, kernel, bias, **config):
-        """A copy with table `kernel` (`bias` is None: there is none)."""
-        config = {**node.config, **config, "output_dim": kernel.shape[-1]}
-        return dataclasses.replace(node, weights=(kernel,), config=config, shape=node.shape[:-1] + (kernel.shape[-1],))
+        table = kernel if bias is None else kernel + bias
+        config = {**node.config, **config, "output_dim": table.shape[-1]}
+        return dataclasses.replace(node, weights=(table,), config=config, shape=node.shape[:-1] + (table.shape[-1],))
 
     def config(self, node):
         return dict(node.config, name=node.name, output_dim=node.width)
@@ -495,6 +495,13 @@ def _per_channel(value, width):
 
 class Rescaling(ChannelAffine):
     """x * scale + offset, where both are scalars or per-channel lists (kept in the config)."""
+
+    def read(self, layer):
+        config = layer.get_config()
+        for key in ("scale", "offset"):  # a NumPy array is serialized as a dict; the layer holds the values
+            config[key] = np.asarray(keras.ops.convert_to_numpy(getattr(layer, key)), np.float64).tolist()
+        self.check(layer, config)
+        return config, []
 
     def check(self, layer, config):
         for key in ("scale", "offset"):
