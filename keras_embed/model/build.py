@@ -72,7 +72,7 @@ def _tensors(graph, probed, fused):
     layers = []
     for node, layer, weights, inputs, activation in _layers(graph, fused, probed):
         arguments = [tensors[source] for source in inputs]
-        tensors[node.name] = tensors[f"{node.name}/z"] = layer(arguments if len(arguments) > 1 else arguments[0])
+        tensors[node.name] = tensors[f"{node.name}/z"] = node.entry.call(layer, arguments)
         if activation is not None:
             tensors[node.name] = keras.layers.Activation(activation, name=f"{node.name}_probe_activation",
                                                          dtype=node.config.get("dtype"))(tensors[node.name])

@@ -44,7 +44,7 @@ def _endpoints(entries):
 
 def _topology(model):
     """(input names, {layer name: names of the layers it reads}, output names, {layer name:
-    its serialized call arguments})."""
+    its serialized call (positional arguments, keyword arguments)})."""
     if type(model) is keras.Sequential:
         names = [model.inputs[0].name] + [layer.name for layer in model.layers]
         return names[:1], {name: [previous] for previous, name in zip(names, names[1:])}, names[-1:], {}
@@ -56,19 +56,20 @@ def _topology(model):
             raise UnsupportedLayerError(f"layer '{entry['name']}' is called more than once (a shared layer); "
                                         "it is not supported")
         sources[entry["name"]] = _history_names(calls)
-        arguments[entry["name"]] = calls[0].get("args", []) if calls else []
+        arguments[entry["name"]] = (calls[0].get("args", []), calls[0].get("kwargs", {})) if calls else ([], {})
     return _endpoints(config["input_layers"]), sources, _endpoints(config["output_layers"]), arguments
 
 
-def _operation_nodes(operation, sources, arguments):
+def _operation_nodes(operation, sources, arguments, keywords):
     """The nodes of one layer (its entry's `read_nodes`, each reading the one before), or the
     node of a Keras op on symbolic tensors (`operations.as_layer`)."""
     if not isinstance(operation, keras.layers.Layer):
         kind, config = as_layer(operation, arguments)
         return [Node(operation.name, kind, sources, {**config, "name": operation.name, "dtype": operation.output.dtype},
                      shape=tuple(operation.output.shape[1:]))]
-    nodes, reads = [], sources
-    for name, kind, config, weights, shape, *given in registry.entry_of(operation).read_nodes(operation):
+    nodes, reads, entry = [], sources, registry.entry_of(operation)
+    entry.check_call(operation, keywords)
+    for name, kind, config, weights, shape, *given in entry.read_nodes(operation):
         if given:
             reads = tuple(sources[item] if isinstance(item, int) else item for item in given[0])
         nodes.append(Node(name, kind, reads, config, tuple(weights), shape))
@@ -91,7 +92,7 @@ def _layer_nodes(model, bound=()):
                                             "only nested models with one output are supported")
             nodes, nested, rename[operation.name] = nodes + inner, nested + [operation.name, *inner_nested], inner_outputs[0]
         elif not isinstance(operation, keras.layers.InputLayer):
-            nodes += _operation_nodes(operation, reads, arguments.get(operation.name, []))
+            nodes += _operation_nodes(operation, reads, *arguments.get(operation.name, ([], {})))
     return input_names, nodes, [rename.get(name, name) for name in outputs], nested
 
 

@@ -134,6 +134,14 @@ class LayerType:
         convolution), so they cannot change."""
         return False
 
+    def check_call(self, layer, keywords):
+        """Raises `UnsupportedLayerError` for call keywords (`{name: value}`, tensors by their
+        layer's name) the rebuilt layer would not get."""
+
+    def call(self, layer, arguments):
+        """`layer` (the Keras layer built for a node) on the tensors the node reads, in order."""
+        return layer(arguments if len(arguments) > 1 else arguments[0])
+
     def fuse(self, node, source):
         """(Keras class name, config, weights) of one stock layer computing `node` on what
         `source` (the node it reads, read by nothing else) reads, or None."""
@@ -310,6 +318,41 @@ class Embedding(Producer):
 
     def flops(self, node):
         return 0  # a row lookup per position
+
+
+class MultiHeadAttention(LayerType):
+    """MultiHeadAttention read whole, called on (query, value[, key]): it makes a channel
+    space of its output width and fixes the width of that space and of every group it reads
+    (its heads are not units yet). Masks are refused: called with `attention_mask` or
+    `use_causal_mask` it would be rebuilt without them."""
+
+    role = "produces"
+    composes = False
+    CALL_KEYWORDS = ("training", "return_attention_scores")
+
+    def check_call(self, layer, keywords):
+        used = sorted(key for key, value in keywords.items() if key not in self.CALL_KEYWORDS and value not in (None, False))
+        if used or keywords.get("return_attention_scores"):
+            raise UnsupportedLayerError(f"layer '{layer.name}' (MultiHeadAttention) is called with "
+                                        f"{', '.join(used) or 'return_attention_scores'}; only attention without "
+                                        "masks, returning its output alone, is supported")
+
+    def call(self, layer, arguments):
+        return layer(*arguments)
+
+    def freezes(self, node):
+        return True
+
+    def freezes_inputs(self, node):
+        return True
+
+    def propagate(self, node, values, rtol=0.0):
+        return np.full(node.width, np.nan)
+
+    def flops(self, node):
+        positions = math.prod(node.shape[:-1])
+        heads = node.config["num_heads"] * (node.config["key_dim"] + (node.config["value_dim"] or node.config["key_dim"]))
+        return 2 * positions * sum(weight.size for weight in node.weights) + 2 * positions * positions * heads
 
 
 class GroupedConv(Conv):
@@ -878,6 +921,7 @@ REGISTRY = {
     "PReLU": PReLU(),
     "Softmax": Softmax(),
     "LayerNormalization": LayerNormalization(),
+    "MultiHeadAttention": MultiHeadAttention(),
     **{kind: Identity() for kind in INFERENCE_IDENTITIES},
     **dict.fromkeys(("MaxPooling1D", "MaxPooling2D", "GlobalMaxPooling1D", "GlobalMaxPooling2D"), Spatial()),
     **dict.fromkeys(("AveragePooling1D", "AveragePooling2D", "GlobalAveragePooling1D", "GlobalAveragePooling2D"),
