@@ -1,7 +1,9 @@
 """Sequence models of 1-D layers (issue 19, part 1): Conv1D (any kernel, stride, dilation,
 'causal' padding), MaxPooling1D, AveragePooling1D, the global poolings, UpSampling1D,
-ZeroPadding1D and Cropping1D, through the same registry entries as their 2-D forms; and
-text models on integer tokens, whose Embedding dimensions are a channel group.
+ZeroPadding1D and Cropping1D, through the same registry entries as their 2-D forms; text
+models on integer tokens, whose Embedding dimensions are a channel group; and the Keras
+examples' transformer encoder block, whose MultiHeadAttention is read whole (its widths
+fixed; heads are not units yet) so that its feed-forward units prune.
 
 Each model is read and rebuilt to the same function; widening a filter of every Conv1D comes
 back through `prune` (library and CLI) to the original size and outputs; `--mode data` with
@@ -59,9 +61,26 @@ def _text_classifier():
                        name="text_classifier")
 
 
+def _encoder_block(x, name):
+    """The Keras examples' TransformerBlock: attention, Dropout, Add, LayerNormalization, a
+    Dense-relu-Dense feed-forward, residual."""
+    attention = L.MultiHeadAttention(4, 8, name=f"{name}_attention")(x, x)
+    x = L.LayerNormalization(epsilon=1e-6, name=f"{name}_norm_1")(L.Add()([x, L.Dropout(0.1)(attention)]))
+    ffn = L.Dense(16, name=f"{name}_ffn_2")(L.Dense(32, activation="relu", name=f"{name}_ffn_1")(x))
+    return L.LayerNormalization(epsilon=1e-6, name=f"{name}_norm_2")(L.Add()([x, L.Dropout(0.1)(ffn)]))
+
+
+def _transformer_classifier():
+    tokens = keras.Input((10,), dtype="int32", name="tokens")
+    x = _encoder_block(_encoder_block(L.Embedding(VOCABULARY, 16, name="embed")(tokens), "block_1"), "block_2")
+    return keras.Model(tokens, L.Dense(3, name="scores")(L.GlobalAveragePooling1D()(x)), name="transformer")
+
+
 VOCABULARY = 50
-BUILDERS = {"sequence_cnn": _sequence_cnn, "branching": _branching_sequence, "text": _text_classifier}
-GROW = {"sequence_cnn": ["c1", "c2", "c3"], "branching": ["stem", "branch_b", "mix"], "text": ["embed", "conv", "hidden"]}
+BUILDERS = {"sequence_cnn": _sequence_cnn, "branching": _branching_sequence, "text": _text_classifier,
+            "transformer": _transformer_classifier}
+GROW = {"sequence_cnn": ["c1", "c2", "c3"], "branching": ["stem", "branch_b", "mix"], "text": ["embed", "conv", "hidden"],
+        "transformer": ["block_1_ffn_1", "block_2_ffn_1"]}
 
 
 def _inputs(model, samples=64, seed=0):
@@ -124,6 +143,33 @@ def test_the_cli_widens_and_prunes_back_a_sequence_model(tmp_path):
     restored = keras.saving.load_model(tmp_path / "back.keras")
     assert restored.count_params() == model.count_params()
     assert_same_function(model, restored, _inputs(model, seed=3))
+
+
+def test_in_a_transformer_the_feed_forward_units_are_editable_and_the_stream_is_fixed():
+    graph = keras_embed.read_model(_transformer_classifier())
+    assert graph.editable_groups() == ["block_1_ffn_1", "block_2_ffn_1"]
+    assert {graph.group_of(name) for name in ("embed", "block_1_attention", "block_2_ffn_2")} <= graph.frozen_groups
+
+
+def test_cross_attention_of_two_inputs_is_read_and_rebuilt():
+    keras.utils.set_random_seed(3)
+    query, context = keras.Input((5, 6), name="query"), keras.Input((7, 4), name="context")
+    attended = L.MultiHeadAttention(2, 3, value_dim=5, name="cross")(query, L.Dense(4, activation="tanh")(context))
+    model = keras.Model([query, context], L.Dense(2)(L.Flatten()(attended)))
+    x = _inputs(model)
+    assert_same_function(model, build_model(keras_embed.read_model(model)), x)
+
+
+@pytest.mark.parametrize("keywords, named", [({"use_causal_mask": True}, "use_causal_mask"),
+                                             ({"return_attention_scores": True}, "return_attention_scores")])
+def test_attention_with_masks_or_scores_is_refused_by_name(tmp_path, keywords, named):
+    x = keras.Input((6, 4))
+    attended = L.MultiHeadAttention(2, 2, name="attention")(x, x, **keywords)
+    attended = attended[0] if isinstance(attended, tuple) else attended
+    keras.Model(x, L.Dense(1)(L.Flatten()(attended))).save(tmp_path / "model.keras")
+    result = CliRunner().invoke(main, ["analyze", str(tmp_path / "model.keras")])
+    assert result.exit_code == 4 and f"'attention' (MultiHeadAttention) is called with {named}" in result.output, \
+        result.output
 
 
 def test_calibration_tokens_stay_below_every_vocabulary():
