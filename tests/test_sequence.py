@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import keras_embed
+from keras_embed.callbacks import EmbeddingMonitor
 from keras_embed.errors import UnsupportedLayerError
 from keras_embed.model.build import build_model
 from keras_embed.stopping import StoppingRule
@@ -170,6 +171,21 @@ def test_attention_with_masks_or_scores_is_refused_by_name(tmp_path, keywords, n
     result = CliRunner().invoke(main, ["analyze", str(tmp_path / "model.keras")])
     assert result.exit_code == 4 and f"'attention' (MultiHeadAttention) is called with {named}" in result.output, \
         result.output
+
+
+@pytest.mark.parametrize("build", [_text_classifier, _transformer_classifier], ids=["text", "transformer"])
+def test_the_monitor_measures_curvature_through_embedding_tables(build):
+    """Hessian-vector products through an Embedding (whose gradients are IndexedSlices)."""
+    keras.utils.set_random_seed(0)
+    model = build()
+    x = _inputs(model, samples=128)
+    y = np.random.default_rng(0).integers(0, 3, 128)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    monitor = EmbeddingMonitor(x, y, patience=1, min_delta=0.5)  # a check every epoch: each is a plateau
+    history = model.fit(x, y, epochs=3, verbose=0, callbacks=[monitor])
+    assert np.isfinite(history.history["embed/min_curvature"][-1]) and monitor.curvature is not None
+    first_group = keras_embed.read_model(model).editable_groups()[0]
+    assert np.isfinite(history.history[f"embed/{first_group}/effective_width"][-1])
 
 
 def test_calibration_tokens_stay_below_every_vocabulary():

@@ -106,8 +106,10 @@ class ProbeLoss:
             with tf.GradientTape() as inner:
                 value = self._loss()
             grads = inner.gradient(value, self.variables, unconnected_gradients=zero)
-            dot = tf.add_n([tf.reduce_sum(tf.cast(grad, part.dtype) * part) for grad, part in zip(grads, parts)])
-        return outer.gradient(dot, self.variables, unconnected_gradients=zero)
+            dot = tf.add_n([tf.reduce_sum(tf.cast(tf.convert_to_tensor(grad), part.dtype) * part)
+                            for grad, part in zip(grads, parts)])
+        # an Embedding's table gets IndexedSlices (the rows the batch looked up): made dense
+        return [tf.convert_to_tensor(part) for part in outer.gradient(dot, self.variables, unconnected_gradients=zero)]
 
 
 def lanczos(hvp, size, steps, seed=0):
