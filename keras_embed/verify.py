@@ -25,11 +25,19 @@ RELATIVE_ATOL = 1e-4
 ROUNDING_FACTOR = 10
 
 
+def layers_within(model):
+    """Every layer of `model`, those of the models nested in it included."""
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from layers_within(layer)
+
+
 def _token_count(model):
     """The smallest vocabulary (`input_dim`) of the model's Embedding layers, nested ones
     included; 2 without any."""
-    sizes = [layer.input_dim for layer in model._flatten_layers() if isinstance(layer, keras.layers.Embedding)]
-    return min(sizes, default=2)
+    return min((layer.input_dim for layer in layers_within(model) if isinstance(layer, keras.layers.Embedding)),
+               default=2)
 
 
 def calibration_inputs(model, samples=DEFAULT_SAMPLES, seed=0):

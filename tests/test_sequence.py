@@ -3,12 +3,13 @@
 ZeroPadding1D and Cropping1D, through the same registry entries as their 2-D forms; text
 models on integer tokens, whose Embedding dimensions are a channel group; and the Keras
 examples' transformer encoder block, whose MultiHeadAttention is read whole (its widths
-fixed; heads are not units yet) so that its feed-forward units prune.
+fixed; heads are not units yet) so that its feed-forward units prune; and LSTM, GRU and
+SimpleRNN, whose input kernels read their input channels like a Dense (units fixed).
 
 Each model is read and rebuilt to the same function; widening a filter of every Conv1D comes
 back through `prune` (library and CLI) to the original size and outputs; `--mode data` with
 a keep ratio writes a smaller model that exports; random 1-D architectures (hypothesis)
-round-trip the same way. Recurrent layers, not supported yet, are refused by name.
+round-trip the same way. Bidirectional and convolutional recurrent layers are refused by name.
 """
 
 import keras
@@ -77,11 +78,23 @@ def _transformer_classifier():
     return keras.Model(tokens, L.Dense(3, name="scores")(L.GlobalAveragePooling1D()(x)), name="transformer")
 
 
+def _recurrent_classifier(recurrent=lambda: L.LSTM(6, name="recurrent")):
+    """Embedding, a Dense on every token, a recurrent layer, a Dense head."""
+    tokens = keras.Input((9,), dtype="int32", name="tokens")
+    h = recurrent()(L.Dense(7, activation="relu", name="token_dense")(L.Embedding(VOCABULARY, 8, name="embed")(tokens)))
+    h = L.GlobalAveragePooling1D(name="mean")(h) if len(h.shape) == 3 else h
+    return keras.Model(tokens, L.Dense(3, name="scores")(L.Dense(5, activation="relu", name="hidden")(h)),
+                       name="recurrent_classifier")
+
+
 VOCABULARY = 50
 BUILDERS = {"sequence_cnn": _sequence_cnn, "branching": _branching_sequence, "text": _text_classifier,
-            "transformer": _transformer_classifier}
+            "transformer": _transformer_classifier, "lstm": _recurrent_classifier}
 GROW = {"sequence_cnn": ["c1", "c2", "c3"], "branching": ["stem", "branch_b", "mix"], "text": ["embed", "conv", "hidden"],
-        "transformer": ["block_1_ffn_1", "block_2_ffn_1"]}
+        "transformer": ["block_1_ffn_1", "block_2_ffn_1"], "lstm": ["embed", "token_dense", "hidden"]}
+RECURRENT = {"gru": lambda: L.GRU(5, return_sequences=True, name="recurrent"),
+             "gru-reset-before": lambda: L.GRU(5, reset_after=False, use_bias=False, name="recurrent"),
+             "simple-rnn": lambda: L.SimpleRNN(4, activation="relu", name="recurrent")}
 
 
 def _inputs(model, samples=64, seed=0):
@@ -120,14 +133,20 @@ def test_widened_filters_come_back_through_prune(case):
 
 
 def test_data_mode_writes_a_smaller_sequence_model_that_exports(case, tmp_path):
-    _, model, x = case
+    """Each output is loaded back by its runtime and compared; a recurrent model's TFLite file
+    would need the Flex delegate, so it is refused (exit 2) before any work, naming why."""
+    kind, model, x = case
     model.save(tmp_path / "model.keras")
     np.save(tmp_path / "x.npy", x)
-    for output in ("small.keras", "small.tflite", "small_savedmodel/"):  # each loaded back and compared
+    for output in ("small.keras", "small.tflite", "small_savedmodel/"):
         result = CliRunner().invoke(main, ["prune", str(tmp_path / "model.keras"), "-o", f"{tmp_path}/{output}",
                                            "--mode", "data", "--keep-ratio", "0.5", "--data", str(tmp_path / "x.npy"),
                                            "--atol", "1e-3"])
-        assert result.exit_code == 0, result.output
+        if kind == "lstm" and output.endswith(".tflite"):
+            assert result.exit_code == 2 and "Flex delegate" in result.output, result.output
+            assert not (tmp_path / output).exists()
+        else:
+            assert result.exit_code == 0, result.output
     assert keras.saving.load_model(tmp_path / "small.keras").count_params() < model.count_params()
 
 
@@ -276,11 +295,29 @@ def test_property_random_sequence_models_round_trip_a_widening(architecture, see
     assert_same_function(model, pruned, x)
 
 
-@pytest.mark.parametrize("layer", [L.LSTM(4), L.GRU(4), L.SimpleRNN(4)], ids=lambda layer: type(layer).__name__)
-def test_recurrent_layers_are_refused_by_name(layer):
-    x = keras.Input((10, 3))
+@pytest.mark.parametrize("kind", RECURRENT)
+def test_the_channels_a_recurrent_layer_reads_merge_and_refit_exactly(kind):
+    """Widened channels of the layers before a GRU or SimpleRNN come back through prune; data
+    mode refits its input kernel (and input bias) and writes a smaller model."""
+    keras.utils.set_random_seed(5)
+    model = _recurrent_classifier(RECURRENT[kind])
+    x = _inputs(model, seed=6)
+    assert_same_function(model, build_model(keras_embed.read_model(model)), x)
+    grown, _ = keras_embed.embed(model, widen_steps=[("embed", 1, 0.4), ("token_dense", 2, -0.3)])
+    pruned, _ = keras_embed.prune(grown)
+    assert pruned.count_params() <= model.count_params()
+    assert_same_function(model, pruned, x)
+    small, _ = keras_embed.prune(model, mode="data", rule=StoppingRule("keep_ratio", 0.5), data=x, force=True)
+    assert small.get_layer("token_dense").units < 7 and small.get_layer("recurrent").units == model.get_layer(
+        "recurrent").units
+
+
+@pytest.mark.parametrize("layer", [L.Bidirectional(L.LSTM(4)), L.LSTM(4, go_backwards=True), L.LSTM(4, stateful=True)],
+                         ids=["bidirectional", "backwards", "stateful"])
+def test_other_recurrent_layers_are_refused_by_name(layer):
+    x = keras.Input((10, 3), batch_size=2)
     model = keras.Model(x, L.Dense(2)(layer(x)))
-    with pytest.raises(UnsupportedLayerError, match=rf"\({type(layer).__name__}\) is not supported; supported layers"):
+    with pytest.raises(UnsupportedLayerError, match=rf"\(({type(layer).__name__})\) (is not supported|is stateful)"):
         keras_embed.read_model(model)
 
 

@@ -436,6 +436,15 @@ def check_io_format(model, format, tf_keras=False, quantize=None):
     if len(model.inputs) > 1 and quantize == "int8":
         raise InputError(f"model '{model.name}' has {len(model.inputs)} inputs; --quantize int8 calibrates on one "
                          "input array: use --quantize float16 or none")
+    import keras
+
+    from keras_embed.verify import layers_within  # imports Keras, which the checks above do not need
+
+    recurrent = [layer.name for layer in layers_within(model) if isinstance(layer, keras.layers.RNN)]
+    if recurrent and format == "tflite":
+        raise InputError(f"layer '{recurrent[0]}' is recurrent: TFLite converts Keras 3's recurrent layers only to "
+                         "TensorFlow ops (TensorListReserve) that the TFLite runtime cannot run without the Flex "
+                         "delegate; write .keras, .h5 or a SavedModel")
 
 
 def save_model(model, path, format=None, writer=None, check=None):

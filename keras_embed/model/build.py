@@ -28,8 +28,8 @@ def _is_chain(graph):
 def _split(node):
     """(the node without its fused activation, the activation name), or (node, None)."""
     activation = node.config.get("activation", "linear")
-    if node.role != "produces" or activation == "linear":
-        return node, None
+    if node.role != "produces" or activation == "linear" or node.entry.function(node) is None:
+        return node, None  # nothing to split off (a recurrent layer's activation acts inside it)
     return dataclasses.replace(node, config={**node.config, "activation": "linear"}), activation
 
 

@@ -320,6 +320,48 @@ class Embedding(Producer):
         return 0  # a row lookup per position
 
 
+class Recurrent(Producer):
+    """LSTM, GRU and SimpleRNN: the input kernel (inputs, gates x units) is a reader's kernel
+    like a Dense's (the gates are affine in it, so channels it reads merge, drop and refit
+    exactly, with the constant part in the input bias), while its units are fixed (recurrent
+    units are not prunable yet) and nothing composes with it. GRU's `reset_after` bias
+    (2, 3 units) keeps its recurrent row."""
+
+    composes = False
+
+    def check(self, layer, config):
+        if config.get("stateful") or config.get("return_state") or config.get("go_backwards"):
+            raise UnsupportedLayerError(f"layer '{layer.name}' ({type(layer).__name__}) is stateful, returns its "
+                                        "state or runs backwards; only plain recurrent layers are supported")
+
+    def bias(self, node):
+        if len(node.weights) < 3:
+            return None
+        return node.weights[2][0] if node.weights[2].ndim == 2 else node.weights[2]
+
+    def with_weights(self, node, kernel, bias, **config):
+        weights = [kernel, node.weights[1]]
+        if bias is not None:
+            zeros = np.zeros((2, kernel.shape[-1])) if node.config.get("reset_after") else np.zeros(kernel.shape[-1])
+            stored = node.weights[2] if len(node.weights) > 2 else zeros
+            weights.append(np.stack([bias, stored[1]]) if stored.ndim == 2 else bias)
+        return dataclasses.replace(node, weights=tuple(weights), config={**node.config, **config,
+                                                                         "use_bias": bias is not None})
+
+    def config(self, node):
+        return dict(node.config, name=node.name)
+
+    def function(self, node):
+        return None  # its activation acts inside the recurrence
+
+    def propagate(self, node, values, rtol=0.0):
+        return np.full(node.width, np.nan)
+
+    def flops(self, node):
+        """Per output position (one without `return_sequences`: a lower bound)."""
+        return 2 * math.prod(node.shape[:-1]) * (node.weights[0].size + node.weights[1].size)
+
+
 class MultiHeadAttention(LayerType):
     """MultiHeadAttention read whole, called on (query, value[, key]): it makes a channel
     space of its output width and fixes the width of that space and of every group it reads
@@ -922,6 +964,7 @@ REGISTRY = {
     "Softmax": Softmax(),
     "LayerNormalization": LayerNormalization(),
     "MultiHeadAttention": MultiHeadAttention(),
+    **dict.fromkeys(("LSTM", "GRU", "SimpleRNN"), Recurrent()),
     **{kind: Identity() for kind in INFERENCE_IDENTITIES},
     **dict.fromkeys(("MaxPooling1D", "MaxPooling2D", "GlobalMaxPooling1D", "GlobalMaxPooling2D"), Spatial()),
     **dict.fromkeys(("AveragePooling1D", "AveragePooling2D", "GlobalAveragePooling1D", "GlobalAveragePooling2D"),
