@@ -236,8 +236,8 @@ CATALOGUE = [
     Case("lambda-layer-in-safe-mode", 2, ("safe mode", "--unsafe"), LAMBDA_MODEL, commands=MODEL_COMMANDS),
     Case("lambda-layer-with-unsafe", 4, ("Lambda", "supported layers"), LAMBDA_MODEL, args=("--unsafe",)),
     Case("unknown-custom-layer", 4, ("GhostDense", "stock Keras layers"), rezipped(GHOST), commands=MODEL_COMMANDS),
-    Case("bidirectional-layer", 4, ("Bidirectional", "supported layers"),
-         saved(lambda: [keras.layers.Bidirectional(keras.layers.LSTM(2)), keras.layers.Dense(1)], shape=(8, 1))),
+    Case("conv-lstm-layer", 4, ("ConvLSTM1D", "supported layers"),
+         saved(lambda: [keras.layers.ConvLSTM1D(2, 3), keras.layers.Flatten()], shape=(4, 8, 1))),
     Case("unitnorm-layer", 4, ("UnitNormalization", "supported layers"),
          saved(lambda: [keras.layers.Dense(4), keras.layers.UnitNormalization()]), commands=MODEL_COMMANDS),
     # calibration data

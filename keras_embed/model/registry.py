@@ -320,12 +320,27 @@ class Embedding(Producer):
         return 0  # a row lookup per position
 
 
+def _input_bias(weights):
+    """The input bias of a recurrent layer's [kernel, recurrent_kernel, bias?] (GRU's
+    `reset_after` bias (2, 3 units) holds it in its first row), or None."""
+    if len(weights) < 3:
+        return None
+    return weights[2][0] if weights[2].ndim == 2 else weights[2]
+
+
+def _with_input_weights(weights, kernel, bias, reset_after):
+    """[kernel, recurrent_kernel, bias?] with a new input kernel and input bias."""
+    if bias is None:
+        return [kernel, weights[1]]
+    stored = weights[2] if len(weights) > 2 else np.zeros((2, kernel.shape[-1]) if reset_after else kernel.shape[-1])
+    return [kernel, weights[1], np.stack([bias, stored[1]]) if stored.ndim == 2 else bias]
+
+
 class Recurrent(Producer):
     """LSTM, GRU and SimpleRNN: the input kernel (inputs, gates x units) is a reader's kernel
     like a Dense's (the gates are affine in it, so channels it reads merge, drop and refit
     exactly, with the constant part in the input bias), while its units are fixed (recurrent
-    units are not prunable yet) and nothing composes with it. GRU's `reset_after` bias
-    (2, 3 units) keeps its recurrent row."""
+    units are not prunable yet) and nothing composes with it."""
 
     composes = False
 
@@ -335,18 +350,12 @@ class Recurrent(Producer):
                                         "state or runs backwards; only plain recurrent layers are supported")
 
     def bias(self, node):
-        if len(node.weights) < 3:
-            return None
-        return node.weights[2][0] if node.weights[2].ndim == 2 else node.weights[2]
+        return _input_bias(node.weights)
 
     def with_weights(self, node, kernel, bias, **config):
-        weights = [kernel, node.weights[1]]
-        if bias is not None:
-            zeros = np.zeros((2, kernel.shape[-1])) if node.config.get("reset_after") else np.zeros(kernel.shape[-1])
-            stored = node.weights[2] if len(node.weights) > 2 else zeros
-            weights.append(np.stack([bias, stored[1]]) if stored.ndim == 2 else bias)
-        return dataclasses.replace(node, weights=tuple(weights), config={**node.config, **config,
-                                                                         "use_bias": bias is not None})
+        weights = _with_input_weights(node.weights, kernel, bias, node.config.get("reset_after"))
+        return dataclasses.replace(node, weights=tuple(weights),
+                                   config={**node.config, **config, "use_bias": bias is not None})
 
     def config(self, node):
         return dict(node.config, name=node.name)
@@ -359,7 +368,53 @@ class Recurrent(Producer):
 
     def flops(self, node):
         """Per output position (one without `return_sequences`: a lower bound)."""
-        return 2 * math.prod(node.shape[:-1]) * (node.weights[0].size + node.weights[1].size)
+        return 2 * math.prod(node.shape[:-1]) * sum(weight.size for weight in node.weights if weight.ndim == 2)
+
+
+class Bidirectional(Recurrent):
+    """Bidirectional around an LSTM, GRU or SimpleRNN: both directions' input kernels read the
+    same channels, so their columns side by side are the reader's kernel; both directions'
+    units are fixed."""
+
+    RECURRENT = ("LSTM", "GRU", "SimpleRNN")
+
+    def check(self, layer, config):
+        for inner in (layer.forward_layer, layer.backward_layer):
+            if type(inner).__name__ not in self.RECURRENT or type(inner) is not getattr(keras.layers, type(inner).__name__):
+                raise UnsupportedLayerError(f"layer '{layer.name}' (Bidirectional) wraps {type(inner).__name__}; "
+                                            f"only {', '.join(self.RECURRENT)} are supported inside it")
+            if inner.stateful or inner.return_state:
+                raise UnsupportedLayerError(f"layer '{layer.name}' (Bidirectional) is stateful or returns its state; "
+                                            "only plain recurrent layers are supported")
+
+    def _halves(self, node):
+        half = len(node.weights) // 2
+        return list(node.weights[:half]), list(node.weights[half:])
+
+    def kernel(self, node):
+        return np.concatenate([weights[0] for weights in self._halves(node)], axis=-1)
+
+    def bias(self, node):
+        biases = [_input_bias(weights) for weights in self._halves(node)]
+        return None if biases[0] is None else np.concatenate(biases)
+
+    def with_weights(self, node, kernel, bias, **config):
+        split = self._halves(node)[0][0].shape[-1]
+        kernels, biases = np.split(kernel, [split], axis=-1), [None, None] if bias is None else np.split(bias, [split])
+        config = {**node.config, **config}
+        weights = []
+        for key, direction, part, shift in zip(("layer", "backward_layer"), self._halves(node), kernels, biases):
+            inner = config[key]["config"]
+            weights += _with_input_weights(direction, part, shift, inner.get("reset_after"))
+            config[key] = {**config[key], "config": {**inner, "use_bias": shift is not None}}
+        return dataclasses.replace(node, weights=tuple(weights), config=config)
+
+    def config(self, node):
+        """Without the wrapped layers' build configs: they would build for the input width read."""
+        config = dict(node.config, name=node.name)
+        for key in ("layer", "backward_layer"):
+            config[key] = {name: value for name, value in config[key].items() if name != "build_config"}
+        return config
 
 
 class MultiHeadAttention(LayerType):
@@ -965,6 +1020,7 @@ REGISTRY = {
     "LayerNormalization": LayerNormalization(),
     "MultiHeadAttention": MultiHeadAttention(),
     **dict.fromkeys(("LSTM", "GRU", "SimpleRNN"), Recurrent()),
+    "Bidirectional": Bidirectional(),
     **{kind: Identity() for kind in INFERENCE_IDENTITIES},
     **dict.fromkeys(("MaxPooling1D", "MaxPooling2D", "GlobalMaxPooling1D", "GlobalMaxPooling2D"), Spatial()),
     **dict.fromkeys(("AveragePooling1D", "AveragePooling2D", "GlobalAveragePooling1D", "GlobalAveragePooling2D"),
