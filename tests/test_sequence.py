@@ -2,8 +2,9 @@
 'causal' padding), MaxPooling1D, AveragePooling1D, the global poolings, UpSampling1D,
 ZeroPadding1D and Cropping1D, through the same registry entries as their 2-D forms; text
 models on integer tokens, whose Embedding dimensions are a channel group; and the Keras
-examples' transformer encoder block, whose MultiHeadAttention is read whole (its widths
-fixed; heads are not units yet) so that its feed-forward units prune; and LSTM, GRU and
+examples' transformer encoder block, whose MultiHeadAttention fixes the widths around it
+(its feed-forward units prune) and whose heads are units (split, merged, removed exactly);
+and LSTM, GRU and
 SimpleRNN (also inside Bidirectional), whose input kernels read their input channels like a
 Dense (units fixed).
 
@@ -13,6 +14,7 @@ a keep ratio writes a smaller model that exports; random 1-D architectures (hypo
 round-trip the same way. Bidirectional and convolutional recurrent layers are refused by name.
 """
 
+import json
 import re
 
 import keras
@@ -176,6 +178,44 @@ def test_in_a_transformer_the_feed_forward_units_are_editable_and_the_stream_is_
     graph = keras_embed.read_model(_transformer_classifier())
     assert graph.editable_groups() == ["block_1_ffn_1", "block_2_ffn_1"]
     assert {graph.group_of(name) for name in ("embed", "block_1_attention", "block_2_ffn_2")} <= graph.frozen_groups
+
+
+def test_split_heads_come_back_through_the_cli(tmp_path):
+    """`embed --widen ATTENTION:HEAD:ALPHA` adds a copy of a head; prune merges it back."""
+    keras.utils.set_random_seed(4)
+    model = _transformer_classifier()
+    model.save(tmp_path / "model.keras")
+    grown = CliRunner().invoke(main, ["embed", str(tmp_path / "model.keras"), "-o", str(tmp_path / "grown.keras"),
+                                      "--widen", "block_1_attention:1:0.3", "--widen", "block_2_attention:0:-0.4",
+                                      "--widen", "block_2_attention:3:0.8"])
+    assert grown.exit_code == 0, grown.output
+    assert keras.saving.load_model(tmp_path / "grown.keras").get_layer("block_2_attention").num_heads == 6
+    back = CliRunner().invoke(main, ["prune", str(tmp_path / "grown.keras"), "-o", str(tmp_path / "back.keras"),
+                                     "--report", str(tmp_path / "report.json")])
+    assert back.exit_code == 0, back.output
+    restored = keras.saving.load_model(tmp_path / "back.keras")
+    assert restored.count_params() == model.count_params()
+    assert [restored.get_layer(f"block_{index}_attention").num_heads for index in (1, 2)] == [4, 4]
+    assert json.loads((tmp_path / "report.json").read_text())["removed"]["heads"] == 3
+    assert_same_function(model, restored, _inputs(model, seed=5))
+
+
+def test_heads_that_add_nothing_or_a_constant_are_removed_exactly():
+    """Head 0 has zero output rows (it adds nothing), head 2 a zero value kernel (it adds
+    its value bias times its output rows, a constant the output bias absorbs)."""
+    keras.utils.set_random_seed(6)
+    x = keras.Input((6, 8))
+    attention = L.MultiHeadAttention(4, 3, name="attention", bias_initializer="random_normal")
+    model = keras.Model(x, L.Dense(2)(L.Flatten()(attention(x, x))))
+    query, query_bias, key, key_bias, value, value_bias, output, output_bias = attention.get_weights()
+    output[0], value[:, 2] = 0.0, 0.0
+    attention.set_weights([query, query_bias, key, key_bias, value, value_bias, output, output_bias])
+
+    pruned, report = keras_embed.prune(model)
+
+    assert pruned.get_layer("attention").num_heads == 2
+    assert report.to_dict()["removed"]["heads"] == 2
+    assert_same_function(model, pruned, _inputs(model))
 
 
 def test_cross_attention_of_two_inputs_is_read_and_rebuilt():

@@ -24,6 +24,7 @@ import numbers
 
 import numpy as np
 
+from keras_embed.edit.heads import split_head
 from keras_embed.edit.plan import Split
 from keras_embed.edit.channels import ChannelMap, apply_maps
 from keras_embed.edit.surgery import apply_round
@@ -78,8 +79,13 @@ def widen(graph, layer, unit, alpha=0.5):
             any finite number.
 
     Returns:
-        A new `Graph` whose group is one channel wider (the copy is the last channel).
+        A new `Graph` whose group is one channel wider (the copy is the last channel); for
+        a MultiHeadAttention `layer`, `unit` is a head and the layer gets one more head
+        (`heads.split_head`).
     """
+    if isinstance(layer, str) and graph.by_name.get(layer) is not None and graph.by_name[layer].kind == \
+            "MultiHeadAttention":
+        return split_head(graph, layer, int(unit), check_number("alpha", alpha))
     node, group = editable_layer(graph, layer)
     _check_channel(graph, node, group, unit)
     return apply_round(graph, (Split(group, graph.group_width(group), int(unit), check_number("alpha", alpha)),))

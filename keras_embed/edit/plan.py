@@ -4,7 +4,8 @@
 biases or merged into a copy they duplicate); `Refit` keeps some channels of a group and
 gives the readers new weights fitted on data (approximate); `Split` copies a channel (the
 widening embedding); `Collapse` composes a layer that is linear on the data with the one
-layer reading it. `surgery.apply_plan` carries them out.
+layer reading it; `HeadEdit` removes attention heads of one layer. `surgery.apply_plan`
+carries them out.
 
 Example:
     >>> edit = GroupEdit("h", width=4, zero_out=(3,), merges=(Merge(0, (2,), (1.0,)),))
@@ -129,6 +130,30 @@ class Collapse:
 
 
 @dataclasses.dataclass(frozen=True)
+class HeadEdit:
+    """Heads to remove from MultiHeadAttention `layer` (see `edit.heads`): `zero_out` add
+    nothing, `constant` add a constant the output bias absorbs, `merges` are identical heads
+    (the kept one's output rows take the others')."""
+
+    layer: str
+    heads: int
+    zero_out: tuple = ()
+    constant: tuple = ()
+    merges: tuple = ()
+
+    @property
+    def removed_heads(self):
+        return tuple(sorted((*self.zero_out, *self.constant, *(unit for merge in self.merges for unit in merge.units))))
+
+    @property
+    def kept_heads(self):
+        return tuple(head for head in range(self.heads) if head not in set(self.removed_heads))
+
+    def removed(self):
+        return {"heads": len(self.removed_heads)}
+
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
     """Rounds of edits; each round holds at most one edit per group and is planned on the
     graph the rounds before it produced."""
@@ -163,7 +188,8 @@ def _describe(edit):
     fields = {field.name: getattr(edit, field.name) for field in dataclasses.fields(edit)}
     if isinstance(edit, Refit):
         fields["mix"], fields["shift"] = list(np.shape(edit.mix)), list(np.shape(edit.shift))
-    if isinstance(edit, GroupEdit):
+    if isinstance(edit, (GroupEdit, HeadEdit)):
         fields["merges"] = [dataclasses.asdict(merge) for merge in edit.merges]
+    if isinstance(edit, GroupEdit):
         fields["values"] = [list(value) for value in edit.values]
     return {"kind": type(edit).__name__, **fields}

@@ -3,7 +3,8 @@
 Every group edit (a `GroupEdit`, `Refit` or `Split`) is checked against the graph, then
 becomes a `ChannelMap` (`channels`) applied to every layer that holds its group; the
 constants removed channels held go into their readers' biases. A `Collapse` replaces a
-producer by its composition with what reads it (`compose`).
+producer by its composition with what reads it (`compose`), a `HeadEdit` the heads of an
+attention layer (`heads`).
 
 Example:
     >>> plan = plan_exact(graph)                       # keras_embed.pipeline
@@ -15,7 +16,8 @@ import numpy as np
 
 from keras_embed.edit.channels import ChannelMap, apply_maps, layout_gather
 from keras_embed.edit.compose import compose
-from keras_embed.edit.plan import Collapse, GroupEdit, Refit
+from keras_embed.edit.heads import apply_head_edit
+from keras_embed.edit.plan import Collapse, GroupEdit, HeadEdit, Refit
 
 
 def _check(edit, graph):
@@ -45,9 +47,13 @@ def _channel_map(edit):
     return ChannelMap.splitting(edit.width, edit.channel, edit.alpha)
 
 
+_LAYER_EDITS = (Collapse, HeadEdit)  # edits of one layer, not of a channel group
+
+
 def apply_round(graph, edits):
-    """Applies edits planned on `graph` together (at most one per group, plus collapses)."""
-    groups = [edit for edit in edits if not isinstance(edit, Collapse)]
+    """Applies edits planned on `graph` together (at most one per group, plus collapses and
+    head edits)."""
+    groups = [edit for edit in edits if not isinstance(edit, _LAYER_EDITS)]
     for edit in groups:
         _check(edit, graph)
     if groups:
@@ -59,6 +65,8 @@ def apply_round(graph, edits):
     for edit in edits:
         if isinstance(edit, Collapse):
             graph = compose(graph, edit)
+        elif isinstance(edit, HeadEdit):
+            graph = apply_head_edit(graph, edit)
     return graph
 
 
@@ -69,13 +77,12 @@ def apply_plan(graph, plan):
     return graph
 
 
-
 def follow(graph, edits, arrays, after=None):
     """`arrays` ({tensor name: one value per position of its last axis, e.g. `Regimes`
     with `subset`}) re-indexed for the graph `edits` make of `graph` (`after`, when known);
     tensors that go, or whose positions a collapse changed, are dropped."""
     after = apply_round(graph, edits) if after is None else after
-    maps = {edit.group: _channel_map(edit) for edit in edits if not isinstance(edit, Collapse)}
+    maps = {edit.group: _channel_map(edit) for edit in edits if not isinstance(edit, _LAYER_EDITS)}
     collapses = any(isinstance(edit, Collapse) for edit in edits)
     return {name: _take(values, layout_gather(graph, name, maps)) for name, values in arrays.items()
             if name in after.by_name and not (collapses and after.by_name[name].shape != graph.by_name[name].shape)}

@@ -21,6 +21,7 @@ Example:
 
 import numpy as np
 
+from keras_embed.edit.heads import find_head_edits
 from keras_embed.edit.plan import GroupEdit, Merge
 from keras_embed.errors import check_number
 from keras_embed.find.constants import weight_constants
@@ -164,9 +165,10 @@ def find_redundancy(graph, rtol=1e-6, data_constants=None):
             are *dead* (zero) or *constant* on the data.
 
     Returns:
-        One `GroupEdit` per group that loses channels, in graph order.
+        One `GroupEdit` per group that loses channels, in graph order, then one `HeadEdit`
+        per attention layer that loses heads (`edit.heads`).
     """
     rtol = check_number("rtol", rtol, low=0)
     constants = weight_constants(graph, rtol)
     edits = (group_edit(graph, group, constants, rtol, data_constants) for group in graph.editable_groups())
-    return tuple(edit for edit in edits if edit.removed_units)
+    return tuple(edit for edit in edits if edit.removed_units) + find_head_edits(graph, rtol)

@@ -418,14 +418,19 @@ class Bidirectional(Recurrent):
 
 
 class MultiHeadAttention(LayerType):
-    """MultiHeadAttention read whole, called on (query, value[, key]): it makes a channel
-    space of its output width and fixes the width of that space and of every group it reads
-    (its heads are not units yet). Masks are refused: called with `attention_mask` or
+    """MultiHeadAttention called on (query, value[, key]): it makes a channel space of its
+    output width and fixes the width of that space and of every group it reads; its heads are
+    units of their own (`edit.heads`). Masks are refused: called with `attention_mask` or
     `use_causal_mask` it would be rebuilt without them."""
 
     role = "produces"
     composes = False
     CALL_KEYWORDS = ("training", "return_attention_scores")
+
+    def check(self, layer, config):
+        if config.get("use_gate") or config.get("sliding_window") or layer.output_dense.kernel.ndim != 3:
+            raise UnsupportedLayerError(f"layer '{layer.name}' (MultiHeadAttention) is gated, uses a sliding window "
+                                        "or an output_shape of several axes; only plain attention is supported")
 
     def check_call(self, layer, keywords):
         used = sorted(key for key, value in keywords.items() if key not in self.CALL_KEYWORDS and value not in (None, False))

@@ -1,0 +1,125 @@
+"""Attention heads as units: the rules, the edit and the widening of MultiHeadAttention heads.
+
+A head h reads the query, key and value through its own columns of the three projections
+(kernels (inputs, heads, dim), biases (heads, dim)) and adds `attention_h @ V_h @ W_o[h]`
+to the output (output kernel (heads, value_dim, outputs)). Since attention weights sum to 1
+over the keys (no mask, no dropout at inference), exactly:
+- a head whose output rows are zero, or whose value columns and bias are zero, adds nothing
+  (*zero_out*);
+- a head whose value kernel is zero adds the constant `b_v[h] @ W_o[h]`, which the output
+  bias absorbs (*constant*);
+- heads with the same query, key and value weights and biases compute the same values, so
+  one keeps the sum of their output rows (*duplicate*).
+`split_head` is the one-step embedding for heads (the test oracle of the last rule): a copy
+of head h, output rows split `1 - alpha` and `alpha`.
+
+Example:
+    >>> edits = find_head_edits(graph)        # after split_head(graph, "attention", 1, 0.3)
+    >>> edits[0].merges
+    (Merge(keep=1, units=(4,), scales=(1.0,)),)
+"""
+
+import dataclasses
+
+import numpy as np
+
+from keras_embed.edit.plan import HeadEdit, Merge
+
+_PARTS = ("query", "query_bias", "key", "key_bias", "value", "value_bias", "output", "output_bias")
+
+
+def head_weights(node):
+    """{part: array} of a MultiHeadAttention node (biases absent without `use_bias`)."""
+    names = _PARTS if node.config.get("use_bias", True) else _PARTS[::2]
+    return dict(zip(names, node.weights))
+
+
+def _with_head_weights(node, parts, heads):
+    names = _PARTS if node.config.get("use_bias", True) else _PARTS[::2]
+    return dataclasses.replace(node, weights=tuple(parts[name] for name in names),
+                               config={**node.config, "num_heads": heads})
+
+
+def _per_head(parts, names):
+    """Every head's weights among `names` as one row (heads, ...)."""
+    return np.concatenate([np.moveaxis(parts[name], -2 if name in ("query", "key", "value") else 0, 0)
+                           .reshape(parts["output"].shape[0], -1) for name in names if name in parts], axis=1)
+
+
+def _small(values, scale, rtol):
+    return np.abs(values).reshape(len(values), -1).max(axis=1, initial=0.0) <= rtol * scale
+
+
+def head_edit(node, rtol=1e-6):
+    """The `HeadEdit` of one MultiHeadAttention node (nothing removed: no head is redundant)."""
+    parts = head_weights(node)
+    heads = parts["output"].shape[0]
+    scale = max(float(np.abs(weight).max(initial=0.0)) for weight in node.weights)
+    silent = _small(parts["output"], scale, rtol)
+    flat_values = _small(_per_head(parts, ("value",)), scale, rtol)
+    value_free = flat_values & _small(_per_head(parts, ("value_bias",)), scale, rtol) if "value_bias" in parts \
+        else flat_values
+    zero_out = tuple(int(head) for head in np.flatnonzero(silent | value_free))
+    constant = tuple(int(head) for head in np.flatnonzero(flat_values & ~silent & ~value_free))
+    rows = _per_head(parts, ("query", "query_bias", "key", "key_bias", "value", "value_bias"))
+    taken, merges = set(zero_out + constant), []
+    for keep in range(heads):
+        if keep in taken:
+            continue
+        same = [other for other in range(keep + 1, heads) if other not in taken
+                and np.abs(rows[other] - rows[keep]).max(initial=0.0) <= rtol * scale]
+        if same:
+            taken.update(same)
+            merges.append(Merge(keep, tuple(same), (1.0,) * len(same)))
+    return HeadEdit(node.name, heads, zero_out, constant, tuple(merges))
+
+
+def find_head_edits(graph, rtol=1e-6):
+    """One `HeadEdit` per MultiHeadAttention node of `graph` that loses heads."""
+    edits = (head_edit(node, rtol) for node in graph.nodes if node.kind == "MultiHeadAttention")
+    return tuple(edit for edit in edits if edit.removed_heads)
+
+
+def apply_head_edit(graph, edit):
+    """`graph` with the heads of `edit` removed from its layer (its outputs unchanged)."""
+    node = graph.by_name[edit.layer]
+    parts = head_weights(node)
+    if parts["output"].shape[0] != edit.heads:
+        raise ValueError(f"plan for layer '{edit.layer}' was made for {edit.heads} heads; it has "
+                         f"{parts['output'].shape[0]}")
+    output = parts["output"].copy()
+    for merge in edit.merges:
+        output[merge.keep] += output[list(merge.units)].sum(axis=0)
+    if edit.constant and "output_bias" in parts:
+        parts["output_bias"] = parts["output_bias"] + np.einsum(
+            "hv,hvo->o", parts["value_bias"][list(edit.constant)], output[list(edit.constant)])
+    kept = list(edit.kept_heads)
+    parts["output"] = output
+    for name, values in parts.items():
+        if name != "output_bias":  # the heads axis: second of a projection kernel, first of the rest
+            parts[name] = values[:, kept] if name in ("query", "key", "value") else values[kept]
+    return graph.with_nodes([_with_head_weights(node, parts, len(kept)) if item.name == node.name else item
+                             for item in graph.nodes])
+
+
+def split_head(graph, layer, head, alpha):
+    """`graph` with head `head` of MultiHeadAttention `layer` copied: the old head's output
+    rows weighted `1 - alpha`, the copy's `alpha` (the same outputs)."""
+    node = graph.by_name[layer]
+    parts = head_weights(node)
+    heads = parts["output"].shape[0]
+    if not 0 <= head < heads:
+        raise ValueError(f"layer '{layer}' has {heads} heads; head {head} is not one of them")
+    grown = {}
+    for name, values in parts.items():
+        if name in ("query", "key", "value"):
+            grown[name] = np.concatenate([values, values[:, [head]]], axis=1)
+        elif name == "output":
+            grown[name] = np.concatenate([values, alpha * values[[head]]], axis=0)
+            grown[name][head] *= 1.0 - alpha
+        elif name == "output_bias":
+            grown[name] = values
+        else:
+            grown[name] = np.concatenate([values, values[[head]]], axis=0)
+    return graph.with_nodes([_with_head_weights(node, grown, heads + 1) if item.name == layer else item
+                             for item in graph.nodes])
