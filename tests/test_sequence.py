@@ -218,6 +218,31 @@ def test_heads_that_add_nothing_or_a_constant_are_removed_exactly():
     assert_same_function(model, pruned, _inputs(model))
 
 
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(heads=st.sampled_from([1, 2, 3, 5]), key_dim=st.integers(1, 4), value_dim=st.integers(1, 3), use_bias=st.booleans(),
+       splits=st.lists(st.tuples(st.integers(0, 4), st.floats(-2.0, 2.0)), min_size=1, max_size=3),
+       seed=st.integers(0, 2**16))
+def test_property_random_head_splits_come_back(heads, key_dim, value_dim, use_bias, splits, seed):
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((4, 5))
+    attended = L.MultiHeadAttention(heads, key_dim, value_dim=value_dim, use_bias=use_bias,
+                                    bias_initializer="random_normal", name="attention")(x, x)
+    model = keras.Model(x, L.Dense(2)(L.GlobalAveragePooling1D()(attended)))
+    grown = model
+    for count, (head, alpha) in enumerate(splits, start=heads + 1):
+        if count == 4:  # the sequence length: Keras computes wrongly with as many heads (`heads.computes_wrongly`)
+            with pytest.raises(ValueError, match="as many heads as positions"):
+                keras_embed.embed(grown, widen_steps=[("attention", head % heads, alpha)])
+            return
+        grown, _ = keras_embed.embed(grown, widen_steps=[("attention", head % heads, alpha)])
+
+    pruned, _ = keras_embed.prune(grown)
+
+    assert pruned.get_layer("attention").num_heads == heads
+    assert pruned.count_params() == model.count_params()
+    assert_same_function(model, pruned, _inputs(model, seed=seed))
+
+
 def test_cross_attention_of_two_inputs_is_read_and_rebuilt():
     keras.utils.set_random_seed(3)
     query, context = keras.Input((5, 6), name="query"), keras.Input((7, 4), name="context")

@@ -28,6 +28,18 @@ from keras_embed.edit.plan import HeadEdit, Merge
 _PARTS = ("query", "query_bias", "key", "key_bias", "value", "value_bias", "output", "output_bias")
 
 
+def _lengths(graph, node):
+    """The sequence lengths a MultiHeadAttention node attends over (query, value, key)."""
+    return {graph.by_name[source].shape[-2] for source in node.inputs if len(graph.by_name[source].shape) >= 2}
+
+
+def computes_wrongly(graph, node, heads):
+    """Whether Keras (3.15, TensorFlow backend) would compute this layer wrongly with `heads`
+    heads: measured, its attention differs from the definition (by 0.1 of the output scale)
+    when the number of heads equals a sequence length, so no edit may make it so."""
+    return heads in _lengths(graph, node)
+
+
 def head_weights(node):
     """{part: array} of a MultiHeadAttention node (biases absent without `use_bias`)."""
     names = _PARTS if node.config.get("use_bias", True) else _PARTS[::2]
@@ -75,9 +87,11 @@ def head_edit(node, rtol=1e-6):
 
 
 def find_head_edits(graph, rtol=1e-6):
-    """One `HeadEdit` per MultiHeadAttention node of `graph` that loses heads."""
+    """One `HeadEdit` per MultiHeadAttention node of `graph` that loses heads (none where the
+    heads left would equal a sequence length: `computes_wrongly`)."""
     edits = (head_edit(node, rtol) for node in graph.nodes if node.kind == "MultiHeadAttention")
-    return tuple(edit for edit in edits if edit.removed_heads)
+    return tuple(edit for edit in edits if edit.removed_heads
+                 and not computes_wrongly(graph, graph.by_name[edit.layer], len(edit.kept_heads)))
 
 
 def apply_head_edit(graph, edit):
@@ -110,6 +124,9 @@ def split_head(graph, layer, head, alpha):
     heads = parts["output"].shape[0]
     if not 0 <= head < heads:
         raise ValueError(f"layer '{layer}' has {heads} heads; head {head} is not one of them")
+    if computes_wrongly(graph, node, heads + 1):
+        raise ValueError(f"layer '{layer}' would get {heads + 1} heads, its sequence length: Keras' "
+                         "MultiHeadAttention computes wrongly with as many heads as positions; split a head twice")
     grown = {}
     for name, values in parts.items():
         if name in ("query", "key", "value"):
