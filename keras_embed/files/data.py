@@ -165,7 +165,9 @@ def _load_npz(path, keyed=False):
         arrays = {info.filename[:-4]: info for info in archive.infolist() if info.filename.endswith(".npy")}
         if not arrays:
             raise InputError(f"data file '{path}' holds no arrays; save x with np.savez(path, x=x)")
-        key = "x" if "x" in arrays else next(iter(arrays))
+        key = "x" if "x" in arrays else next((name for name in arrays if name != "y"), None)
+        if key is None:  # labels alone (a damaged member name can hide x) are no inputs
+            raise InputError(f"data file '{path}' holds labels y but no inputs; save x with np.savez(path, x=x, y=y)")
         y = _member_array(path, archive, arrays["y"]) if "y" in arrays and (keyed or key == "x") else None
         if keyed:
             return {key: _member_array(path, archive, info) for key, info in arrays.items() if key != "y"}, y
