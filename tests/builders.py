@@ -204,3 +204,10 @@ def batchnorm_from_data(model, x):
     for layer, momentum in zip(norms, momenta):
         layer.momentum = momentum
     return model
+
+
+def assert_same_function(reference, candidate, x, relative=1e-5):
+    """The two models' outputs on `x` agree within `relative` of the reference's scale."""
+    expected, actual = predict(reference, x), predict(candidate, x)
+    assert expected.shape == actual.shape
+    assert np.abs(expected - actual).max() <= relative * max(np.abs(expected).max(), 1e-6)

@@ -22,16 +22,9 @@ from keras_embed.model.build import build_model, write_weights
 from keras_embed.model.read import read_model
 from keras_embed.stopping import StoppingRule
 from keras_embed.verify import predict
-from tests.builders import image_inputs, randomize_network
+from tests.builders import assert_same_function, image_inputs, randomize_network
 
-RELATIVE = 1e-5
 L = keras.layers
-
-
-def assert_same_function(reference, candidate, x, relative=RELATIVE):
-    expected, actual = predict(reference, x), predict(candidate, x)
-    assert expected.shape == actual.shape
-    assert np.abs(expected - actual).max() <= relative * np.abs(expected).max()
 
 
 def randomized(model, seed=0):

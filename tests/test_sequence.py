@@ -25,15 +25,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import keras_embed
+from builders import assert_same_function
 from keras_embed.callbacks import EmbeddingMonitor
 from keras_embed.errors import UnsupportedLayerError
 from keras_embed.model.build import build_model
 from keras_embed.stopping import StoppingRule
 from keras_embed.tools.cli import main
-from keras_embed.verify import calibration_inputs, predict
+from keras_embed.verify import calibration_inputs
 
 L = keras.layers
-RELATIVE = 1e-5
 
 
 def _sequence_cnn():
@@ -109,11 +109,6 @@ RECURRENT = {"gru": lambda: L.GRU(5, return_sequences=True, name="recurrent"),
 def _inputs(model, samples=64, seed=0):
     """Standard-normal features, or tokens below the vocabulary size."""
     return calibration_inputs(model, samples, seed)
-
-
-def assert_same_function(reference, candidate, x):
-    expected, actual = predict(reference, x), predict(candidate, x)
-    assert np.abs(expected - actual).max() <= RELATIVE * max(np.abs(expected).max(), 1e-6)
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))

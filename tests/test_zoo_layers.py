@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 import keras_embed
+from builders import assert_same_function
 from keras_embed.errors import UnsupportedLayerError
 from keras_embed.model.build import build_model
 from keras_embed.stopping import StoppingRule
 from keras_embed.verify import predict
 
-RELATIVE = 1e-5
 
 
 def _activations_mlp():
@@ -83,11 +83,6 @@ GROW = {"mlp": ["d1", "d3", "d4"], "preprocessing": ["conv_a", "conv_b"], "gated
 
 def _inputs(model, samples=64, seed=0):
     return np.random.default_rng(seed).uniform(-2, 2, (samples, *model.input_shape[1:])).astype("float32")
-
-
-def assert_same_function(reference, candidate, x):
-    expected, actual = predict(reference, x), predict(candidate, x)
-    assert np.abs(expected - actual).max() <= RELATIVE * max(np.abs(expected).max(), 1e-6)
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
