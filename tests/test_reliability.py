@@ -480,17 +480,14 @@ def test_ctrl_c_and_sigterm_exit_130_and_143_after_removing_temporaries(tmp_path
     """Ctrl-C used to exit 1 (click's 'Aborted!'); SIGTERM left Keras' extraction folder and the temporary."""
     runs = [("load", signal.SIGINT, 130), ("load", signal.SIGTERM, 143), ("write", signal.SIGINT, 130),
             ("write", signal.SIGTERM, 143)]
-    folders, processes = [], []
-    for index, (stage, _, _) in enumerate(runs):
-        folder = tmp_path / str(index)
+    for index, (stage, signum, code) in enumerate(runs):  # one at a time: four TensorFlow starts at once beside
+        folder = tmp_path / str(index)                      # the other tests starved the box past the timeout
         (folder / "tmp").mkdir(parents=True)
         (folder / "out").mkdir()
-        folders.append(folder)
-        processes.append(subprocess.Popen(
+        process = subprocess.Popen(
             [sys.executable, "-c", INTERRUPTED, stage, WIDENED, folder / "out" / "pruned.keras"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "TMPDIR": str(folder / "tmp"), "TF_CPP_MIN_LOG_LEVEL": "3"}))
-    for process, (stage, signum, code), folder in zip(processes, runs, folders):
+            env={**os.environ, "TMPDIR": str(folder / "tmp"), "TF_CPP_MIN_LOG_LEVEL": "3"})
         wait_for(process, "busy")
         process.send_signal(signum)
         stderr = process.communicate(timeout=300)[1]
