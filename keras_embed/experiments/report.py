@@ -173,11 +173,17 @@ def _write_csv(comparison, path):
                     ])
 
 
-def figure_and_axes():
+def figure_and_panels(count):
+    """A figure of `count` panels side by side, and their axes (a list)."""
     from matplotlib.figure import Figure  # no pyplot: no global backend or window
 
-    figure = Figure(figsize=(6.4, 4.0), layout="constrained")
-    return figure, figure.add_subplot()
+    figure = Figure(figsize=(6.4 * count, 4.0), layout="constrained")
+    return figure, list(figure.subplots(1, count, squeeze=False)[0])
+
+
+def figure_and_axes():
+    figure, (axes,) = figure_and_panels(1)
+    return figure, axes
 
 
 def _plot_loss(comparison, path):
