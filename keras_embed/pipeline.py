@@ -266,8 +266,9 @@ def _approximate_round(graph, reduced, mode, data, rule, judge, cos, batch_size,
     if mode == "condense":
         return plan_condense(reduced, cos)
     widths = {group: graph.group_width(group) for group in graph.editable_groups()}
+    heads = {node.name: node.config["num_heads"] for node in graph.nodes if node.kind == "MultiHeadAttention"}
     compress = functools.partial(compress_groups, reduced, data, batch_size=batch_size, cache={}, widths=widths,
-                                 gram_budget=gram_budget)
+                                 gram_budget=gram_budget, heads=heads)
     widest = max((reduced.group_width(group) for group in reduced.editable_groups()), default=1)
     return search(compress, rule, judge, 1.0 / widest)[1]
 

@@ -14,6 +14,7 @@ a keep ratio writes a smaller model that exports; random 1-D architectures (hypo
 round-trip the same way. Bidirectional and convolutional recurrent layers are refused by name.
 """
 
+import dataclasses
 import json
 import re
 
@@ -27,7 +28,10 @@ from hypothesis import strategies as st
 import keras_embed
 from builders import assert_same_function
 from keras_embed.callbacks import EmbeddingMonitor
+from keras_embed.edit.heads import head_weights, split_head
 from keras_embed.errors import UnsupportedLayerError
+from keras_embed.find.head_refit import contexts
+from keras_embed.find.refit import compress_groups
 from keras_embed.model.build import build_model
 from keras_embed.stopping import StoppingRule
 from keras_embed.tools.cli import main
@@ -238,11 +242,79 @@ def test_property_random_head_splits_come_back(heads, key_dim, value_dim, use_bi
     assert_same_function(model, pruned, _inputs(model, seed=seed))
 
 
+def _cross_attention():
+    query, context = keras.Input((5, 6), name="query"), keras.Input((7, 4), name="context")
+    memory = L.Dense(4, activation="tanh", name="memory")(context)
+    attended = L.MultiHeadAttention(3, 3, value_dim=5, name="cross")(query, memory, L.Dense(3, name="keys")(context))
+    return keras.Model([query, context], L.Dense(2)(L.Flatten()(attended)))
+
+
+@pytest.mark.parametrize("build, layer", [(_transformer_classifier, "block_2_attention"), (_cross_attention, "cross")],
+                         ids=["self-attention", "cross-attention with a key"])
+def test_the_head_contexts_reproduce_the_attention_output(build, layer):
+    """`head_refit.contexts`, from the layer's weights, times the output projection is what
+    Keras computes: the data mode's head features are the layer's own."""
+    keras.utils.set_random_seed(2)
+    model = build()
+    graph = keras_embed.read_model(model)
+    node = graph.by_name[layer]
+    values = build_model(graph, outputs=[*node.inputs, layer]).predict(_inputs(model), verbose=0)
+    parts = head_weights(node)
+    context = contexts(parts, values[0], values[1], values[2 if len(node.inputs) > 2 else 1]).numpy()
+    output = context @ parts["output"].reshape(-1, parts["output"].shape[-1]) + parts["output_bias"]
+    expected = values[-1].reshape(-1, values[-1].shape[-1])
+    assert np.abs(output - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_data_mode_drops_one_of_two_near_copies_of_a_head_and_refits_the_output():
+    """Head 1 split and the copy's query moved by 1e-3: no exact rule merges them, and
+    keeping 4 of the 5 heads the data mode drops one of the two near copies, refits the
+    output projection by least squares, and the layer's output stays within 1% of its scale."""
+    keras.utils.set_random_seed(4)
+    model = _transformer_classifier()
+    graph = split_head(keras_embed.read_model(model), "block_1_attention", 1, 0.4)
+    node = graph.by_name["block_1_attention"]
+    parts = head_weights(node)
+    parts["query"] = parts["query"].copy()
+    parts["query"][:, 4] += 1e-3 * np.random.default_rng(0).standard_normal(parts["query"][:, 4].shape)
+    graph = graph.with_nodes([dataclasses.replace(node, weights=tuple(parts.values())) if item is node else item
+                              for item in graph.nodes])
+    grown, x = build_model(graph), _inputs(model, samples=256)
+    assert keras_embed.prune(grown)[0].get_layer("block_1_attention").num_heads == 5  # not an exact copy
+
+    compressed, edits = compress_groups(graph, x, keep_ratio=0.8)
+
+    (edit,) = [edit for edit in edits if getattr(edit, "layer", None) == "block_1_attention"]
+    assert len(edit.kept) == 4 and len({1, 4} & set(edit.kept)) == 1, edit.kept
+    reference, pruned = (build_model(which, outputs=["block_1_attention"]).predict(x, verbose=0)
+                         for which in (graph, compressed))  # the layer's output: the FFN units are cut too
+    assert np.abs(pruned - reference).max() <= 1e-2 * np.abs(reference).max()
+
+
+def test_data_mode_removes_heads_and_feed_forward_units_of_the_transformer(tmp_path):
+    """`prune --mode data --keep-ratio 0.5` keeps 2 of 4 heads in each attention layer and
+    16 of 32 units in each feed-forward layer; the report gives output error and accuracy."""
+    keras.utils.set_random_seed(0)
+    model = _transformer_classifier()
+    x = _inputs(model, samples=256)
+    model.save(tmp_path / "model.keras")
+    np.savez(tmp_path / "data.npz", x=x, y=model.predict(x, verbose=0).argmax(axis=1))
+    result = CliRunner().invoke(main, ["prune", str(tmp_path / "model.keras"), "-o", str(tmp_path / "small.keras"),
+                                       "--mode", "data", "--keep-ratio", "0.5", "--data", str(tmp_path / "data.npz"),
+                                       "--report", str(tmp_path / "report.json")])
+    assert result.exit_code == 0, result.output
+    small = keras.saving.load_model(tmp_path / "small.keras")
+    assert [small.get_layer(f"block_{block}_attention").num_heads for block in (1, 2)] == [2, 2]
+    assert [small.get_layer(f"block_{block}_ffn_1").units for block in (1, 2)] == [16, 16]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["removed"]["heads"] == 4
+    checks = json.dumps(report)
+    assert "output_error" in checks and "accuracy" in checks, checks
+
+
 def test_cross_attention_of_two_inputs_is_read_and_rebuilt():
     keras.utils.set_random_seed(3)
-    query, context = keras.Input((5, 6), name="query"), keras.Input((7, 4), name="context")
-    attended = L.MultiHeadAttention(2, 3, value_dim=5, name="cross")(query, L.Dense(4, activation="tanh")(context))
-    model = keras.Model([query, context], L.Dense(2)(L.Flatten()(attended)))
+    model = _cross_attention()
     x = _inputs(model)
     assert_same_function(model, build_model(keras_embed.read_model(model)), x)
 

@@ -107,8 +107,29 @@ def apply_head_edit(graph, edit):
     if edit.constant and "output_bias" in parts:
         parts["output_bias"] = parts["output_bias"] + np.einsum(
             "hv,hvo->o", parts["value_bias"][list(edit.constant)], output[list(edit.constant)])
-    kept = list(edit.kept_heads)
     parts["output"] = output
+    return _keeping(graph, node, parts, edit.kept_heads)
+
+
+def apply_head_refit(graph, edit):
+    """`graph` with only the heads `edit.kept` of its layer, whose output projection (and
+    bias) the edit gives (see `find.head_refit`)."""
+    node = graph.by_name[edit.layer]
+    parts = head_weights(node)
+    if parts["output"].shape[0] != edit.heads:
+        raise ValueError(f"plan for layer '{edit.layer}' was made for {edit.heads} heads; it has "
+                         f"{parts['output'].shape[0]}")
+    output = parts["output"].copy()
+    output[list(edit.kept)] = edit.output
+    parts["output"] = output
+    if edit.bias is not None:
+        parts["output_bias"] = np.asarray(edit.bias)
+    return _keeping(graph, node, parts, edit.kept)
+
+
+def _keeping(graph, node, parts, kept):
+    """`graph` with `node` of weights `parts` cut to the heads `kept`."""
+    kept = list(kept)
     for name, values in parts.items():
         if name != "output_bias":  # the heads axis: second of a projection kernel, first of the rest
             parts[name] = values[:, kept] if name in ("query", "key", "value") else values[kept]

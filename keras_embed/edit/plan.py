@@ -154,6 +154,22 @@ class HeadEdit:
 
 
 @dataclasses.dataclass(frozen=True)
+class HeadRefit:
+    """Keeps heads `kept` of MultiHeadAttention `layer` (of `heads`) and gives it the output
+    projection `output` (kept, value_dim, outputs) and bias `bias` (None without one),
+    fitted by least squares on the data (`find.head_refit`)."""
+
+    layer: str
+    heads: int
+    kept: tuple
+    output: np.ndarray
+    bias: np.ndarray = None
+
+    def removed(self):
+        return {"heads": self.heads - len(self.kept)}
+
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
     """Rounds of edits; each round holds at most one edit per group and is planned on the
     graph the rounds before it produced."""
@@ -188,6 +204,9 @@ def _describe(edit):
     fields = {field.name: getattr(edit, field.name) for field in dataclasses.fields(edit)}
     if isinstance(edit, Refit):
         fields["mix"], fields["shift"] = list(np.shape(edit.mix)), list(np.shape(edit.shift))
+    if isinstance(edit, HeadRefit):
+        fields["output"] = list(np.shape(edit.output))
+        fields["bias"] = None if edit.bias is None else list(np.shape(edit.bias))
     if isinstance(edit, (GroupEdit, HeadEdit)):
         fields["merges"] = [dataclasses.asdict(merge) for merge in edit.merges]
     if isinstance(edit, GroupEdit):

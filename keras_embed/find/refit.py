@@ -18,7 +18,6 @@ Example:
     [37, 10]
 """
 
-import dataclasses
 import math
 
 import keras
@@ -27,22 +26,12 @@ import tensorflow as tf
 
 from keras_embed.files.data import batches, check_inputs
 from keras_embed.edit.plan import Refit
+from keras_embed.find.head_refit import check_head_memory, head_refit, head_stats, refittable
+from keras_embed.find.least_squares import RegressionStats, refit
 from keras_embed.edit.surgery import apply_round
 from keras_embed.measure.reduce import as_list, call, input_signature, input_tensors
 from keras_embed.measure.statistics import GRAM_BUDGET, check_gram_memory, group_request, tensors
 from keras_embed.model.build import build_model
-
-RIDGE = 1e-8
-
-
-@dataclasses.dataclass(frozen=True)
-class RegressionStats:
-    """Sums over the data: gram = [a,1]^T [a,1], cross = [a,1]^T (r L), energy = sum ||r L||^2."""
-
-    gram: np.ndarray
-    cross: np.ndarray
-    energy: float
-
 
 def _reader_rows(graph, group):
     """Per reader and occurrence, its rows for `group` flattened: (channels, taps * outputs)."""
@@ -90,18 +79,6 @@ def reference_probe(reference):
     return build_model(reference, outputs=sorted({source for node in reference.producers for source in node.inputs}))
 
 
-def _up_to(graph, names):
-    """`graph` cut to the nodes the tensors `names` are computed from (a probe of an early
-    group builds and loads only those layers)."""
-    needed, frontier = set(), list(names)
-    while frontier:
-        name = frontier.pop()
-        if name not in needed:
-            needed.add(name)
-            frontier.extend(graph.by_name[name].inputs)
-    return graph.with_nodes(node for node in graph.nodes if node.name in needed)
-
-
 def regression_stats(graph, target, group, data, weighting, batch_size=256):
     """One pass: `group`'s channels in `graph` against the same channels of the reference
     network (`target`: its `reference_probe`; same node names, the group at the same
@@ -109,7 +86,7 @@ def regression_stats(graph, target, group, data, weighting, batch_size=256):
     traced function that returns only the products the fit needs (rows never reach NumPy)."""
     request = group_request(graph, group)
     names = tensors({group: request})
-    current = build_model(_up_to(graph, names), outputs=names)
+    current = build_model(graph.up_to(names), outputs=names)
     reference = keras.Model(target.inputs, [target.get_layer(name).output for name in names])
 
     @tf.function(input_signature=input_signature(current))
@@ -181,16 +158,6 @@ def _best_pivot(residual_gram, residual_cross, floor, chosen):
     return int(np.argmax(score))
 
 
-def refit(gram, cross, columns, ridge=RIDGE, intercept=True):
-    """Ridge least squares of the target on [a_columns, 1] (on a_columns alone without
-    `intercept`, the constant then 0): returns (rows for the columns, constant row)."""
-    chosen = list(columns) + ([gram.shape[0] - 1] if intercept else [])
-    sub = gram[np.ix_(chosen, chosen)]
-    regularizer = ridge * max(float(np.mean(np.diag(sub))), 1e-300) * np.eye(len(chosen))
-    solution = np.linalg.solve(sub + regularizer, cross[chosen])
-    return solution[:len(columns)], solution[len(columns)] if intercept else np.zeros(cross.shape[1])
-
-
 def units_to_keep(energies, width, tolerance=None, keep_ratio=None, base=None):
     """How many of `width` channels: `keep_ratio` of `base` (default `width`; at most
     `width`), or the fewest whose residual energy is at most `tolerance` times that of the
@@ -218,7 +185,9 @@ def group_refit(group, width, stats, weighting, intercept, tolerance=None, keep_
 
 
 def check_refit_memory(graph, budget=GRAM_BUDGET):
-    """Refuses (`InputError`) a group whose Gram and cross-product exceed `budget` bytes: one is held at a time."""
+    """Refuses (`InputError`) a group or attention layer whose Gram and cross-product exceed
+    `budget` bytes: one is held at a time."""
+    check_head_memory(graph, budget)
     for group in graph.editable_groups():
         width = graph.group_width(group)
         columns = min(width, sum(block.shape[1] for block in _reader_rows(graph, group)) or 1)
@@ -226,23 +195,25 @@ def check_refit_memory(graph, budget=GRAM_BUDGET):
 
 
 def compress_groups(graph, data, tolerance=None, keep_ratio=None, batch_size=256, cache=None, widths=None,
-                    gram_budget=GRAM_BUDGET):
-    """Compresses every editable group of `graph`, in graph order.
+                    gram_budget=GRAM_BUDGET, heads=None):
+    """Compresses every editable group and the heads of every attention layer of `graph`
+    (`find.head_refit`), in graph order.
 
     Args:
         graph: the reference `Graph`; the result approximates its outputs on `data`.
         data: calibration inputs (array, dataset or iterable of batches).
-        tolerance: per group, keep the fewest channels whose refit leaves at most this
-            fraction of what the readers see (centered) unexplained.
+        tolerance: per group (per attention layer), keep the fewest channels (heads) whose
+            refit leaves at most this fraction of what the readers see (centered) unexplained.
         keep_ratio: instead, keep this fraction of each group's channels (of its width in
-            `widths`, {group: width}, when given: the original model's, say).
+            `widths`, {group: width}, when given: the original model's, say) and of each
+            attention layer's heads (of its count in `heads`, {layer: heads}, when given).
         cache: a dict reused across calls on the same `graph` and `data`: a group's
             statistics are gathered once for each choice of channels kept before it (the
             attempts of `search` share most of them).
         gram_budget: bytes one group's Gram and cross-product may take (see `check_refit_memory`).
 
     Returns:
-        (compressed `Graph`, tuple of `Refit` edits).
+        (compressed `Graph`, tuple of `Refit` and `HeadRefit` edits).
 
     Raises:
         InputError: a group whose statistics exceed `gram_budget` (before any pass).
@@ -252,20 +223,40 @@ def compress_groups(graph, data, tolerance=None, keep_ratio=None, batch_size=256
     check_refit_memory(graph, gram_budget)
     cache = {} if cache is None else cache
     current, edits = graph, []
-    for group in graph.editable_groups():
-        if not graph.readers_of(group):
-            continue
-        weighting = reader_weighting(current, group)
-        key = (group,) + tuple((edit.group, edit.kept) for edit in edits)
-        if key not in cache:
-            if "reference" not in cache:
-                cache["reference"] = reference_probe(graph)
-            cache[key] = regression_stats(current, cache["reference"], group, data, weighting, batch_size)
-        edit = group_refit(group, graph.group_width(group), cache[key], weighting, fits_constants(current, group),
-                           tolerance, keep_ratio, (widths or {}).get(group))
-        current = apply_round(current, (edit,))
-        edits.append(edit)
+    for kind, name in _units(graph):
+        key = (kind, name) + tuple((getattr(edit, "group", None) or edit.layer, edit.kept) for edit in edits)
+        if kind == "heads":
+            if key not in cache:
+                if ("target", name) not in cache:
+                    cache["target", name] = build_model(graph.up_to([name]), outputs=[name])
+                cache[key] = head_stats(current, cache["target", name], name, data, batch_size)
+            edit = head_refit(current, current.by_name[name], cache[key], tolerance, keep_ratio, (heads or {}).get(name))
+        else:
+            weighting = reader_weighting(current, name)
+            if key not in cache:
+                if "reference" not in cache:
+                    cache["reference"] = reference_probe(graph)
+                cache[key] = regression_stats(current, cache["reference"], name, data, weighting, batch_size)
+            edit = group_refit(name, graph.group_width(name), cache[key], weighting, fits_constants(current, name),
+                               tolerance, keep_ratio, (widths or {}).get(name))
+        if edit is not None:
+            current = apply_round(current, (edit,))
+            edits.append(edit)
     return current, tuple(edits)
+
+
+def _units(graph):
+    """("heads", attention layer) and ("group", editable group read by a producer), in the
+    order of their first producer."""
+    editable, units = set(graph.editable_groups()), []
+    for node in graph.producers:
+        if refittable(node):
+            units.append(("heads", node.name))
+        group = graph.group_of(node.name)
+        if group in editable and graph.readers_of(group):
+            editable.discard(group)
+            units.append(("group", group))
+    return units
 
 
 def _largest(attempt, low, high, steps):

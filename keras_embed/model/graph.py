@@ -291,6 +291,17 @@ class Graph:
         """A new graph of `nodes` (same name, outputs and kind)."""
         return dataclasses.replace(self, nodes=tuple(nodes))
 
+    def up_to(self, names):
+        """The graph cut to the nodes the tensors `names` are computed from (a probe of an
+        early layer builds and loads only those layers)."""
+        needed, frontier = set(), list(names)
+        while frontier:
+            name = frontier.pop()
+            if name not in needed:
+                needed.add(name)
+                frontier.extend(self.by_name[name].inputs)
+        return self.with_nodes(node for node in self.nodes if node.name in needed)
+
 
 def _join(sources, parent, find, frozen):
     """Joins the groups a merging layer adds segment by segment; freezes them when the
