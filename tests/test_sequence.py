@@ -87,6 +87,16 @@ def _transformer_classifier():
     return keras.Model(tokens, L.Dense(3, name="scores")(L.GlobalAveragePooling1D()(x)), name="transformer")
 
 
+def _positional_transformer():
+    """Token and position embeddings summed (the functional spelling of the Keras examples'
+    TokenAndPositionEmbedding: the positions come as a second integer input), an encoder block."""
+    tokens, positions = (keras.Input((10,), dtype="int32", name=name) for name in ("tokens", "positions"))
+    x = L.Add(name="embed_sum")([L.Embedding(VOCABULARY, 16, name="token_embed")(tokens),
+                                 L.Embedding(10, 16, name="position_embed")(positions)])
+    x = L.GlobalAveragePooling1D()(_encoder_block(x, "block_1"))
+    return keras.Model([tokens, positions], L.Dense(3, name="scores")(x), name="positional_transformer")
+
+
 def _recurrent_classifier(recurrent=lambda: L.LSTM(6, name="recurrent")):
     """Embedding, a Dense on every token, a recurrent layer, a Dense head."""
     tokens = keras.Input((9,), dtype="int32", name="tokens")
@@ -310,6 +320,28 @@ def test_data_mode_removes_heads_and_feed_forward_units_of_the_transformer(tmp_p
     assert report["removed"]["heads"] == 4
     checks = json.dumps(report)
     assert "output_error" in checks and "accuracy" in checks, checks
+
+
+def test_a_positional_embedding_sum_widens_prunes_back_and_compresses(tmp_path):
+    """A split head and a split FFN unit come back exactly; `--mode data` on an .npz keyed
+    by input name removes heads and units."""
+    keras.utils.set_random_seed(5)
+    model = _positional_transformer()
+    x = _inputs(model, samples=128)
+    grown, _ = keras_embed.embed(model, widen_steps=[("block_1_attention", 1, 0.3), ("block_1_ffn_1", 2, 0.4)])
+
+    pruned, report = keras_embed.prune(grown)
+
+    assert pruned.count_params() == model.count_params()
+    assert report.to_dict()["removed"]["heads"] == 1 and report.to_dict()["removed"]["duplicate"] == 1
+    assert_same_function(model, pruned, x)
+    model.save(tmp_path / "model.keras")
+    np.savez(tmp_path / "x.npz", **x)
+    result = CliRunner().invoke(main, ["prune", str(tmp_path / "model.keras"), "-o", str(tmp_path / "small.keras"),
+                                       "--mode", "data", "--keep-ratio", "0.5", "--data", str(tmp_path / "x.npz")])
+    assert result.exit_code == 0, result.output
+    small = keras.saving.load_model(tmp_path / "small.keras")
+    assert (small.get_layer("block_1_attention").num_heads, small.get_layer("block_1_ffn_1").units) == (2, 16)
 
 
 def test_cross_attention_of_two_inputs_is_read_and_rebuilt():
