@@ -138,7 +138,8 @@ def _kinds_removed(plan, group):
 def layer_rows(before, after, analysis):
     """One row per producer of `before`: its group, widths before and after, channels removed
     by kind (counted per group: the layers an Add joins share them), duplicate sets merged,
-    share linear on the data (None without data), whether it was collapsed."""
+    share linear on the data (None without data), whether it was collapsed, and an attention
+    layer's heads before and after (None for other layers)."""
     collapsed = set(analysis.plan.collapsed_layers())
     rows = []
     for node in before.producers:
@@ -152,8 +153,15 @@ def layer_rows(before, after, analysis):
             "refit": removed["refit"],
             "linear_fraction": None if group in before.frozen_groups else analysis.linear_fraction(node.name),
             "collapsed": node.name in collapsed,
+            "heads_before": _heads(before, node.name), "heads_after": _heads(after, node.name),
         })
     return rows
+
+
+def _heads(graph, name):
+    """The number of heads of attention layer `name` in `graph` (None for other layers)."""
+    node = graph.by_name.get(name)
+    return node.config["num_heads"] if node is not None and node.kind == "MultiHeadAttention" else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -393,7 +401,8 @@ def embed(model, widen_steps=(), null_steps=(), deepen_layers=(), data=None, mar
     diff, atol = assert_outputs_preserved(model, grown, calibration_inputs(model) if data is None else data, atol,
                                           batch_size=batch_size)
     widths = {node.name: node.width for node in before.producers}
-    layers = [{"name": node.name, "width_before": widths.get(node.name, "(new)"), "width_after": node.width}
+    layers = [{"name": node.name, "width_before": widths.get(node.name, "(new)"), "width_after": node.width,
+               "heads_before": _heads(before, node.name), "heads_after": _heads(graph, node.name)}
               for node in graph.producers]
     return grown, {"layers": layers, "params_before": model.count_params(), "params_after": grown.count_params(),
                    "max_abs_diff": diff, "atol": atol}

@@ -209,6 +209,23 @@ def test_split_heads_come_back_through_the_cli(tmp_path):
     assert_same_function(model, restored, _inputs(model, seed=5))
 
 
+def test_the_tables_show_heads_before_and_after(tmp_path):
+    """A split head: embed's table says 4 -> 5, analyze's and prune's 5 -> 4 (the width columns do not change)."""
+    keras.utils.set_random_seed(1)
+    _transformer_classifier().save(tmp_path / "model.keras")
+    invoke = CliRunner().invoke
+    grown = invoke(main, ["embed", str(tmp_path / "model.keras"), "-o", str(tmp_path / "grown.keras"),
+                          "--widen", "block_2_attention:3:0.5"])
+    analyzed = invoke(main, ["analyze", str(tmp_path / "grown.keras")])
+    pruned = invoke(main, ["prune", str(tmp_path / "grown.keras"), "-o", str(tmp_path / "back.keras")])
+    for result, heads in ((grown, ["4", "5"]), (analyzed, ["5", "4"]), (pruned, ["5", "4"])):
+        assert result.exit_code == 0, result.output
+        header, _, *rows = result.output.splitlines()
+        assert header.split()[-2:] == ["heads_before", "heads_after"], header
+        (row,) = [line for line in rows if line.startswith("block_2_attention ")]
+        assert row.split()[-2:] == heads, row
+
+
 def test_heads_that_add_nothing_or_a_constant_are_removed_exactly():
     """Head 0 has zero output rows (it adds nothing), head 2 a zero value kernel (it adds
     its value bias times its output rows, a constant the output bias absorbs)."""

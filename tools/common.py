@@ -116,7 +116,10 @@ class FiniteFloat(click.FloatRange):
 
 
 def table(rows, columns):
-    """Formats dict rows as an aligned text table with the given columns."""
+    """Formats dict rows as an aligned text table with the given columns (with
+    heads_before and heads_after after them when a row is an attention layer)."""
+    if any(row.get("heads_before") is not None for row in rows):
+        columns = (*columns, "heads_before", "heads_after")
     cells = [[str(column) for column in columns]] + [
         ["-" if row[column] is None else str(row[column]) for column in columns] for row in rows
     ]
