@@ -94,13 +94,19 @@ def find_head_edits(graph, rtol=1e-6):
                  and not computes_wrongly(graph, graph.by_name[edit.layer], len(edit.kept_heads)))
 
 
-def apply_head_edit(graph, edit):
-    """`graph` with the heads of `edit` removed from its layer (its outputs unchanged)."""
+def _planned(graph, edit):
+    """(node, its `head_weights`) of the layer of a head edit, checked against the heads it was planned for."""
     node = graph.by_name[edit.layer]
     parts = head_weights(node)
     if parts["output"].shape[0] != edit.heads:
         raise ValueError(f"plan for layer '{edit.layer}' was made for {edit.heads} heads; it has "
                          f"{parts['output'].shape[0]}")
+    return node, parts
+
+
+def apply_head_edit(graph, edit):
+    """`graph` with the heads of `edit` removed from its layer (its outputs unchanged)."""
+    node, parts = _planned(graph, edit)
     output = parts["output"].copy()
     for merge in edit.merges:
         output[merge.keep] += output[list(merge.units)].sum(axis=0)
@@ -114,11 +120,7 @@ def apply_head_edit(graph, edit):
 def apply_head_refit(graph, edit):
     """`graph` with only the heads `edit.kept` of its layer, whose output projection (and
     bias) the edit gives (see `find.head_refit`)."""
-    node = graph.by_name[edit.layer]
-    parts = head_weights(node)
-    if parts["output"].shape[0] != edit.heads:
-        raise ValueError(f"plan for layer '{edit.layer}' was made for {edit.heads} heads; it has "
-                         f"{parts['output'].shape[0]}")
+    node, parts = _planned(graph, edit)
     output = parts["output"].copy()
     output[list(edit.kept)] = edit.output
     parts["output"] = output
