@@ -28,7 +28,8 @@ from hypothesis import strategies as st
 import keras_embed
 from builders import assert_same_function
 from keras_embed.callbacks import EmbeddingMonitor
-from keras_embed.edit.heads import head_weights, split_head
+from keras_embed.edit.heads import apply_head_edit, head_weights, split_head
+from keras_embed.edit.plan import HeadEdit
 from keras_embed.errors import UnsupportedLayerError
 from keras_embed.find.head_refit import contexts
 from keras_embed.find.refit import compress_groups
@@ -316,6 +317,32 @@ def test_data_mode_drops_one_of_two_near_copies_of_a_head_and_refits_the_output(
     reference, pruned = (build_model(which, outputs=["block_1_attention"]).predict(x, verbose=0)
                          for which in (graph, compressed))  # the layer's output: the FFN units are cut too
     assert np.abs(pruned - reference).max() <= 1e-2 * np.abs(reference).max()
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(heads=st.integers(2, 5), key_dim=st.integers(1, 4), value_dim=st.integers(1, 3), use_bias=st.booleans(),
+       dropped=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_property_the_head_refit_fits_the_calibration_data_best(heads, key_dim, value_dim, use_bias, dropped, seed):
+    """On the calibration rows the refitted layer is at least as close to the original as the
+    same heads kept with their own output rows (least squares can only do better), and a
+    keep ratio of 1 changes nothing."""
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((6, 5))
+    attended = L.MultiHeadAttention(heads, key_dim, value_dim=value_dim, use_bias=use_bias,
+                                    bias_initializer="random_normal", name="attention")(x, x)
+    model = keras.Model(x, L.Dense(2)(L.GlobalAveragePooling1D()(attended)))
+    graph, rows = keras_embed.read_model(model), _inputs(model, samples=128, seed=seed)
+    assert compress_groups(graph, rows, keep_ratio=1.0)[1] == ()
+
+    compressed, edits = compress_groups(graph, rows, keep_ratio=max(1, heads - dropped) / heads)
+
+    (edit,) = edits
+    assert len(edit.kept) == max(1, heads - dropped)
+    dropped = tuple(head for head in range(heads) if head not in edit.kept)
+    unfitted = apply_head_edit(graph, HeadEdit("attention", heads, zero_out=dropped))
+    reference, refitted, kept = (build_model(which, outputs=["attention"]).predict(rows, verbose=0)
+                                 for which in (graph, compressed, unfitted))
+    assert np.sum((refitted - reference) ** 2) <= np.sum((kept - reference) ** 2) * (1 + 1e-4) + 1e-9
 
 
 def test_data_mode_removes_heads_and_feed_forward_units_of_the_transformer(tmp_path):
