@@ -210,6 +210,27 @@ def test_split_heads_come_back_through_the_cli(tmp_path):
     assert_same_function(model, restored, _inputs(model, seed=5))
 
 
+def test_an_identity_feed_forward_layer_lifted_into_the_encoder_is_pruned_away(tmp_path):
+    """`embed --deepen` after the first FFN layer inserts a relu Dense that is the identity on
+    the data; `prune` with the same data composes it away: the original size and function."""
+    keras.utils.set_random_seed(2)
+    model = _transformer_classifier()
+    x = _inputs(model, samples=128)
+    model.save(tmp_path / "model.keras")
+    np.save(tmp_path / "x.npy", x)
+    invoke = CliRunner().invoke
+    lifted = invoke(main, ["embed", str(tmp_path / "model.keras"), "-o", str(tmp_path / "lifted.keras"),
+                           "--deepen", "block_1_ffn_1", "--data", str(tmp_path / "x.npy")])
+    assert lifted.exit_code == 0, lifted.output
+    assert keras.saving.load_model(tmp_path / "lifted.keras").count_params() > model.count_params()
+    back = invoke(main, ["prune", str(tmp_path / "lifted.keras"), "-o", str(tmp_path / "back.keras"),
+                         "--data", str(tmp_path / "x.npy")])
+    assert back.exit_code == 0, back.output
+    restored = keras.saving.load_model(tmp_path / "back.keras")
+    assert restored.count_params() == model.count_params()
+    assert_same_function(model, restored, x)
+
+
 def test_the_tables_show_heads_before_and_after(tmp_path):
     """A split head: embed's table says 4 -> 5, analyze's and prune's 5 -> 4 (the width columns do not change)."""
     keras.utils.set_random_seed(1)
