@@ -266,6 +266,38 @@ def test_heads_that_add_nothing_or_a_constant_are_removed_exactly():
     assert_same_function(model, pruned, _inputs(model))
 
 
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_key_and_value_columns_that_add_nothing_or_a_constant_are_removed_exactly(use_bias):
+    """Inside each of 3 heads (key_dim 4, value_dim 3): one query/key column silenced (a zero
+    query column in heads 0 and 1, a zero key column in head 2) and one value column (zero
+    output rows; with biases, a zero value kernel column in head 1: its constant goes to the
+    output bias). Every head loses one of each: key_dim 3, value_dim 2, the same function,
+    the query rescaled for the new 1/sqrt(key_dim)."""
+    keras.utils.set_random_seed(7)
+    x = keras.Input((6, 5))
+    attention = L.MultiHeadAttention(3, 4, value_dim=3, use_bias=use_bias, bias_initializer="random_normal",
+                                     name="attention")
+    model = keras.Model(x, L.Dense(2)(L.Flatten()(attention(x, x))))
+    weights = dict(zip(("query", "key", "value", "output") if not use_bias else
+                       ("query", "query_bias", "key", "key_bias", "value", "value_bias", "output", "output_bias"),
+                       attention.get_weights()))
+    weights["query"][:, 0, 1] = weights["query"][:, 1, 3] = weights["key"][:, 2, 0] = 0.0
+    if use_bias:
+        weights["query_bias"][0, 1] = weights["query_bias"][1, 3] = 0.0
+        weights["value"][:, 1, 2] = 0.0
+    weights["output"][0, 0] = weights["output"][2, 1] = 0.0
+    if not use_bias:
+        weights["output"][1, 2] = 0.0
+    attention.set_weights(list(weights.values()))
+
+    pruned, report = keras_embed.prune(model)
+
+    layer = pruned.get_layer("attention")
+    assert (layer.num_heads, layer.key_dim, layer.value_dim) == (3, 3, 2)
+    assert report.to_dict()["removed"]["head_columns"] == 6
+    assert_same_function(model, pruned, _inputs(model))
+
+
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(heads=st.sampled_from([1, 2, 3, 5]), key_dim=st.integers(1, 4), value_dim=st.integers(1, 3), use_bias=st.booleans(),
        splits=st.lists(st.tuples(st.integers(0, 4), st.floats(-2.0, 2.0)), min_size=1, max_size=3),

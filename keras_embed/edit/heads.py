@@ -20,10 +20,11 @@ Example:
 """
 
 import dataclasses
+import math
 
 import numpy as np
 
-from keras_embed.edit.plan import HeadEdit, Merge
+from keras_embed.edit.plan import HeadColumns, HeadEdit, Merge
 
 _PARTS = ("query", "query_bias", "key", "key_bias", "value", "value_bias", "output", "output_bias")
 
@@ -49,7 +50,8 @@ def head_weights(node):
 def _with_head_weights(node, parts, heads):
     names = _PARTS if node.config.get("use_bias", True) else _PARTS[::2]
     return dataclasses.replace(node, weights=tuple(parts[name] for name in names),
-                               config={**node.config, "num_heads": heads})
+                               config={**node.config, "num_heads": heads, "key_dim": parts["query"].shape[-1],
+                                       "value_dim": parts["value"].shape[-1]})
 
 
 def _per_head(parts, names):
@@ -86,12 +88,77 @@ def head_edit(node, rtol=1e-6):
     return HeadEdit(node.name, heads, zero_out, constant, tuple(merges))
 
 
+def column_edit(node, rtol=1e-6):
+    """The `HeadColumns` of one MultiHeadAttention node, or None. Inside head h, exactly
+    (attention sums to 1 over the keys, and a term constant over the keys leaves the softmax
+    as it is):
+    - a value column whose output rows are zero, or whose kernel column and bias are zero,
+      adds nothing; one whose kernel column alone is zero adds its bias times its output
+      rows, a constant the output bias absorbs;
+    - a query/key column whose query kernel column and bias are zero, or whose key kernel
+      column is zero (the key then constant), adds nothing to the softmax.
+    Keras gives every head one key_dim and one value_dim, so every head loses as many
+    columns as the head that can lose fewest (keeping at least one)."""
+    parts = head_weights(node)
+    scale = max(float(np.abs(weight).max(initial=0.0)) for weight in node.weights)
+
+    def small(values, axis):
+        return np.abs(values).max(axis=axis, initial=0.0) <= rtol * scale
+
+    value_flat = small(parts["value"], 0)  # (heads, value_dim)
+    value_free = value_flat & small(parts["value_bias"][..., None], -1) if "value_bias" in parts else value_flat
+    value_silent = small(parts["output"], -1) | value_free
+    key_silent = small(parts["key"], 0) | (small(parts["query"], 0) & (
+        small(parts["query_bias"][..., None], -1) if "query_bias" in parts else True))
+
+    def kept(removable):
+        count = min(int(removable.sum(axis=1).min()), removable.shape[1] - 1)
+        return count, tuple(tuple(int(c) for c in np.flatnonzero(~row).tolist()
+                                  + np.flatnonzero(row).tolist()[count:]) for row in removable)
+
+    key_count, key_kept = kept(key_silent)
+    value_count, value_kept = kept(value_silent | value_flat)
+    if not key_count and not value_count:
+        return None
+    value_kept = tuple(tuple(sorted(row)) for row in value_kept)
+    constant = tuple((head, column) for head in range(len(value_kept)) for column in range(value_flat.shape[1])
+                     if column not in value_kept[head] and value_flat[head, column] and not value_silent[head, column])
+    return HeadColumns(node.name, *parts["output"].shape[:1], parts["query"].shape[-1], parts["value"].shape[-1],
+                       tuple(tuple(sorted(row)) for row in key_kept), value_kept, constant)
+
+
+def apply_head_columns(graph, edit):
+    """`graph` with the query/key and value columns of `edit` kept in every head of its
+    layer (the query scaled by sqrt(new key_dim / key_dim), so the scores stay)."""
+    node, parts = _planned(graph, edit)
+    key_kept, value_kept = np.asarray(edit.key_kept), np.asarray(edit.value_kept)
+    if "output_bias" in parts and edit.constant:
+        heads, columns = (list(axis) for axis in zip(*edit.constant))
+        parts["output_bias"] = parts["output_bias"] + np.einsum(
+            "c,co->o", parts["value_bias"][heads, columns], parts["output"][heads, columns])
+    shrink = math.sqrt(key_kept.shape[1] / edit.key_dim)
+    for name, kept in (("query", key_kept), ("key", key_kept), ("value", value_kept)):
+        parts[name] = np.take_along_axis(parts[name], kept[None], axis=2) * (shrink if name == "query" else 1.0)
+        if f"{name}_bias" in parts:
+            parts[f"{name}_bias"] = np.take_along_axis(parts[f"{name}_bias"], kept, axis=1) * (
+                shrink if name == "query" else 1.0)
+    parts["output"] = np.take_along_axis(parts["output"], value_kept[..., None], axis=1)
+    return graph.with_nodes([_with_head_weights(node, parts, edit.heads) if item.name == node.name else item
+                             for item in graph.nodes])
+
+
 def find_head_edits(graph, rtol=1e-6):
     """One `HeadEdit` per MultiHeadAttention node of `graph` that loses heads (none where the
-    heads left would equal a sequence length: `computes_wrongly`)."""
-    edits = (head_edit(node, rtol) for node in graph.nodes if node.kind == "MultiHeadAttention")
-    return tuple(edit for edit in edits if edit.removed_heads
-                 and not computes_wrongly(graph, graph.by_name[edit.layer], len(edit.kept_heads)))
+    heads left would equal a sequence length: `computes_wrongly`), else its `HeadColumns`
+    when columns inside the heads go (the next round looks again)."""
+    edits = []
+    for node in (node for node in graph.nodes if node.kind == "MultiHeadAttention"):
+        edit = head_edit(node, rtol)
+        if not edit.removed_heads or computes_wrongly(graph, node, len(edit.kept_heads)):
+            edit = column_edit(node, rtol)
+        if edit is not None:
+            edits.append(edit)
+    return tuple(edits)
 
 
 def _planned(graph, edit):

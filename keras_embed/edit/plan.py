@@ -154,6 +154,26 @@ class HeadEdit:
 
 
 @dataclasses.dataclass(frozen=True)
+class HeadColumns:
+    """Columns to keep inside every head of MultiHeadAttention `layer` (see `edit.heads`):
+    per head the query/key columns `key_kept` (of `key_dim`) and the value columns
+    `value_kept` (of `value_dim`), as many in every head; `constant` lists the (head, value
+    column) pairs whose constant value the output bias absorbs."""
+
+    layer: str
+    heads: int
+    key_dim: int
+    value_dim: int
+    key_kept: tuple
+    value_kept: tuple
+    constant: tuple = ()
+
+    def removed(self):
+        return {"head_columns": self.heads * (self.key_dim - len(self.key_kept[0]) + self.value_dim
+                                              - len(self.value_kept[0]))}
+
+
+@dataclasses.dataclass(frozen=True)
 class HeadRefit:
     """Keeps heads `kept` of MultiHeadAttention `layer` (of `heads`) and gives it the output
     projection `output` (kept, value_dim, outputs) and bias `bias` (None without one),

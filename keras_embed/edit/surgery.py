@@ -16,8 +16,8 @@ import numpy as np
 
 from keras_embed.edit.channels import ChannelMap, apply_maps, layout_gather
 from keras_embed.edit.compose import compose
-from keras_embed.edit.heads import apply_head_edit, apply_head_refit
-from keras_embed.edit.plan import Collapse, GroupEdit, HeadEdit, HeadRefit, Refit
+from keras_embed.edit.heads import apply_head_columns, apply_head_edit, apply_head_refit
+from keras_embed.edit.plan import Collapse, GroupEdit, HeadColumns, HeadEdit, HeadRefit, Refit
 
 
 def _check(edit, graph):
@@ -47,7 +47,7 @@ def _channel_map(edit):
     return ChannelMap.splitting(edit.width, edit.channel, edit.alpha)
 
 
-_LAYER_EDITS = (Collapse, HeadEdit, HeadRefit)  # edits of one layer, not of a channel group
+_LAYER_EDITS = (Collapse, HeadColumns, HeadEdit, HeadRefit)  # edits of one layer, not of a channel group
 
 
 def apply_round(graph, edits):
@@ -69,6 +69,8 @@ def apply_round(graph, edits):
             graph = apply_head_edit(graph, edit)
         elif isinstance(edit, HeadRefit):
             graph = apply_head_refit(graph, edit)
+        elif isinstance(edit, HeadColumns):
+            graph = apply_head_columns(graph, edit)
     return graph
 
 
