@@ -266,6 +266,26 @@ def test_heads_that_add_nothing_or_a_constant_are_removed_exactly():
     assert_same_function(model, pruned, _inputs(model))
 
 
+def _attention_model(heads, key_dim, use_bias):
+    """(model, its MultiHeadAttention layer 'attention' of value_dim 3, {part: weights} to
+    edit and set back in order)."""
+    x = keras.Input((6, 5))
+    attention = L.MultiHeadAttention(heads, key_dim, value_dim=3, use_bias=use_bias, bias_initializer="random_normal",
+                                     name="attention")
+    model = keras.Model(x, L.Dense(2)(L.Flatten()(attention(x, x))))
+    names = ("query", "query_bias", "key", "key_bias", "value", "value_bias", "output", "output_bias")
+    return model, attention, dict(zip(names if use_bias else names[::2], attention.get_weights()))
+
+
+def _assert_pruned_to(model, dims, columns):
+    """`prune` leaves layer 'attention' with (heads, key_dim, value_dim) `dims`, `columns` columns removed, the same function."""
+    pruned, report = keras_embed.prune(model)
+    layer = pruned.get_layer("attention")
+    assert (layer.num_heads, layer.key_dim, layer.value_dim) == dims
+    assert report.to_dict()["removed"]["head_columns"] == columns
+    assert_same_function(model, pruned, _inputs(model))
+
+
 @pytest.mark.parametrize("use_bias", [True, False])
 def test_key_and_value_columns_that_add_nothing_or_a_constant_are_removed_exactly(use_bias):
     """Inside each of 3 heads (key_dim 4, value_dim 3): one query/key column silenced (a zero
@@ -274,13 +294,7 @@ def test_key_and_value_columns_that_add_nothing_or_a_constant_are_removed_exactl
     output bias). Every head loses one of each: key_dim 3, value_dim 2, the same function,
     the query rescaled for the new 1/sqrt(key_dim)."""
     keras.utils.set_random_seed(7)
-    x = keras.Input((6, 5))
-    attention = L.MultiHeadAttention(3, 4, value_dim=3, use_bias=use_bias, bias_initializer="random_normal",
-                                     name="attention")
-    model = keras.Model(x, L.Dense(2)(L.Flatten()(attention(x, x))))
-    weights = dict(zip(("query", "key", "value", "output") if not use_bias else
-                       ("query", "query_bias", "key", "key_bias", "value", "value_bias", "output", "output_bias"),
-                       attention.get_weights()))
+    model, attention, weights = _attention_model(3, 4, use_bias)
     weights["query"][:, 0, 1] = weights["query"][:, 1, 3] = weights["key"][:, 2, 0] = 0.0
     if use_bias:
         weights["query_bias"][0, 1] = weights["query_bias"][1, 3] = 0.0
@@ -289,13 +303,22 @@ def test_key_and_value_columns_that_add_nothing_or_a_constant_are_removed_exactl
     if not use_bias:
         weights["output"][1, 2] = 0.0
     attention.set_weights(list(weights.values()))
+    _assert_pruned_to(model, (3, 3, 2), columns=6)
 
-    pruned, report = keras_embed.prune(model)
 
-    layer = pruned.get_layer("attention")
-    assert (layer.num_heads, layer.key_dim, layer.value_dim) == (3, 3, 2)
-    assert report.to_dict()["removed"]["head_columns"] == 6
-    assert_same_function(model, pruned, _inputs(model))
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_copies_of_query_key_and_value_columns_inside_heads_are_merged_exactly(use_bias):
+    """Head 0: query column 2 a copy of column 0 (its key is added to column 0's), value
+    column 1 a copy of column 0 (its output rows go to column 0). Head 1: key column 1 a
+    copy of column 0 (its query is added), value column 2 a copy of column 1."""
+    keras.utils.set_random_seed(8)
+    model, attention, weights = _attention_model(2, 3, use_bias)
+    for name, head, copy, original in (("query", 0, 2, 0), ("value", 0, 1, 0), ("key", 1, 1, 0), ("value", 1, 2, 1)):
+        weights[name][:, head, copy] = weights[name][:, head, original]
+        if use_bias:
+            weights[f"{name}_bias"][head, copy] = weights[f"{name}_bias"][head, original]
+    attention.set_weights(list(weights.values()))
+    _assert_pruned_to(model, (2, 2, 2), columns=4)
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -94,9 +94,12 @@ def column_edit(node, rtol=1e-6):
     as it is):
     - a value column whose output rows are zero, or whose kernel column and bias are zero,
       adds nothing; one whose kernel column alone is zero adds its bias times its output
-      rows, a constant the output bias absorbs;
+      rows, a constant the output bias absorbs; a copy of another value column (kernel and
+      bias) gives it its output rows;
     - a query/key column whose query kernel column and bias are zero, or whose key kernel
-      column is zero (the key then constant), adds nothing to the softmax.
+      column is zero (the key then constant), adds nothing to the softmax; one whose query
+      equals another's adds its key to that one's (q k1 + q k2 = q (k1 + k2)), and one
+      whose key equals another's its query.
     Keras gives every head one key_dim and one value_dim, so every head loses as many
     columns as the head that can lose fewest (keeping at least one)."""
     parts = head_weights(node)
@@ -110,27 +113,67 @@ def column_edit(node, rtol=1e-6):
     value_silent = small(parts["output"], -1) | value_free
     key_silent = small(parts["key"], 0) | (small(parts["query"], 0) & (
         small(parts["query_bias"][..., None], -1) if "query_bias" in parts else True))
+    value_copies = _copies(_columns_of(parts, "value"), value_silent | value_flat, rtol * scale)
+    query_copies = _copies(_columns_of(parts, "query"), key_silent, rtol * scale)
+    involved = key_silent.copy()
+    for head, copies in enumerate(query_copies):
+        involved[head, list(copies) + list(copies.values())] = True
+    key_copies = _copies(_columns_of(parts, "key"), involved, rtol * scale)
+    key_copies = [{**by_query, **by_key} for by_query, by_key in zip(query_copies, key_copies)]
 
-    def kept(removable):
+    def kept(removable, copies):
+        for head, found in enumerate(copies):
+            removable[head, list(found)] = True
         count = min(int(removable.sum(axis=1).min()), removable.shape[1] - 1)
-        return count, tuple(tuple(int(c) for c in np.flatnonzero(~row).tolist()
-                                  + np.flatnonzero(row).tolist()[count:]) for row in removable)
+        gone = [np.flatnonzero(row)[:count].tolist() for row in removable]
+        return count, tuple(tuple(c for c in range(removable.shape[1]) if c not in row) for row in gone), gone
 
-    key_count, key_kept = kept(key_silent)
-    value_count, value_kept = kept(value_silent | value_flat)
+    key_count, key_kept, key_gone = kept(key_silent.copy(), key_copies)
+    value_count, value_kept, value_gone = kept(value_silent | value_flat, value_copies)
     if not key_count and not value_count:
         return None
-    value_kept = tuple(tuple(sorted(row)) for row in value_kept)
-    constant = tuple((head, column) for head in range(len(value_kept)) for column in range(value_flat.shape[1])
-                     if column not in value_kept[head] and value_flat[head, column] and not value_silent[head, column])
-    return HeadColumns(node.name, *parts["output"].shape[:1], parts["query"].shape[-1], parts["value"].shape[-1],
-                       tuple(tuple(sorted(row)) for row in key_kept), value_kept, constant)
+    constant = tuple((head, column) for head, row in enumerate(value_gone) for column in row
+                     if column not in value_copies[head] and value_flat[head, column] and not value_silent[head, column])
+    key_merges = tuple((head, key_copies[head][drop], drop, "key" if drop in query_copies[head] else "query")
+                       for head, row in enumerate(key_gone) for drop in row if drop in key_copies[head])
+    value_merges = tuple((head, value_copies[head][drop], drop) for head, row in enumerate(value_gone)
+                         for drop in row if drop in value_copies[head])
+    return HeadColumns(node.name, parts["output"].shape[0], parts["query"].shape[-1], parts["value"].shape[-1],
+                       key_kept, value_kept, constant, key_merges, value_merges)
+
+
+def _columns_of(parts, name):
+    """(heads, columns, inputs + 1): each column of projection `name` with its bias."""
+    kernel = np.moveaxis(parts[name], 0, -1)
+    bias = parts.get(f"{name}_bias", np.zeros(kernel.shape[:2]))
+    return np.concatenate([kernel, bias[..., None]], axis=-1)
+
+
+def _copies(columns, excluded, tolerance):
+    """Per head {drop: keep}: a column equal (within `tolerance`) to an earlier one, neither `excluded`."""
+    found = []
+    for head in range(columns.shape[0]):
+        copies = {}
+        for drop in range(columns.shape[1]):
+            keep = next((keep for keep in range(drop) if not excluded[head, keep] and keep not in copies
+                         and np.abs(columns[head, keep] - columns[head, drop]).max() <= tolerance), None)
+            if keep is not None and not excluded[head, drop]:
+                copies[drop] = keep
+        found.append(copies)
+    return found
 
 
 def apply_head_columns(graph, edit):
     """`graph` with the query/key and value columns of `edit` kept in every head of its
     layer (the query scaled by sqrt(new key_dim / key_dim), so the scores stay)."""
     node, parts = _planned(graph, edit)
+    parts = {name: values.copy() for name, values in parts.items()}
+    for head, keep, drop, side in edit.key_merges:
+        for name in (side, f"{side}_bias"):
+            if name in parts:
+                parts[name][..., head, keep] += parts[name][..., head, drop]
+    for head, keep, drop in edit.value_merges:
+        parts["output"][head, keep] += parts["output"][head, drop]
     key_kept, value_kept = np.asarray(edit.key_kept), np.asarray(edit.value_kept)
     if "output_bias" in parts and edit.constant:
         heads, columns = (list(axis) for axis in zip(*edit.constant))

@@ -158,7 +158,9 @@ class HeadColumns:
     """Columns to keep inside every head of MultiHeadAttention `layer` (see `edit.heads`):
     per head the query/key columns `key_kept` (of `key_dim`) and the value columns
     `value_kept` (of `value_dim`), as many in every head; `constant` lists the (head, value
-    column) pairs whose constant value the output bias absorbs."""
+    column) pairs whose constant value the output bias absorbs; `key_merges` (head, keep,
+    drop, side) add the `side` ("query" or "key") column of a copy to the one kept, and
+    `value_merges` (head, keep, drop) a copy's output rows, before the columns go."""
 
     layer: str
     heads: int
@@ -167,6 +169,8 @@ class HeadColumns:
     key_kept: tuple
     value_kept: tuple
     constant: tuple = ()
+    key_merges: tuple = ()
+    value_merges: tuple = ()
 
     def removed(self):
         return {"head_columns": self.heads * (self.key_dim - len(self.key_kept[0]) + self.value_dim
