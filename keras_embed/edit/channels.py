@@ -99,14 +99,6 @@ def read_inputs(graph, node, maps, folds=None):
     return entry.with_weights(node, np.moveaxis(_mixed_rows(graph, source, maps, rows), 0, -2), bias)
 
 
-def _select_outputs(node, channel_map):
-    entry = node.entry
-    scale = 1.0 if channel_map.scale is None else channel_map.scale
-    bias = entry.bias(node)
-    return entry.with_weights(node, entry.kernel(node)[..., channel_map.keep] * scale,
-                              None if bias is None else bias[channel_map.keep] * scale)
-
-
 def apply_maps(graph, maps, folds=None):
     """A new graph with the groups in `maps` ({group: ChannelMap}) changed; `folds`
     ({source: [(position, value)]}) are constants readers of `source` absorb."""
@@ -117,7 +109,7 @@ def apply_maps(graph, maps, folds=None):
             node = read_inputs(graph, node, maps, folds)
             own = maps.get(graph.group_of(node.name))
             if own is not None:
-                node = _select_outputs(node, own)
+                node = node.entry.select_outputs(node, own)
         elif node.inputs and node.weights:
             node = node.entry.gather(node, layout_gather(graph, node.inputs[0], maps))
         width = len(layout_gather(graph, node.name, maps))

@@ -125,6 +125,9 @@ def add_null(graph, layer, bias=0.0, incoming=None):
             (default zeros, the paper's null neuron).
     """
     node, group = editable_layer(graph, layer)
+    if node.entry.own_rows(node) is not None:
+        raise ValueError(f"layer '{node.name}' is recurrent: its units grow by --widen (a copy of a unit), not by a "
+                         "null or constant unit")
     bias = check_number("bias", bias)
     kernel = node.entry.kernel(node)
     if node.entry.bias(node) is None and bias != 0:

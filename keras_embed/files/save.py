@@ -216,11 +216,45 @@ def _input_signature(model):
     return (tf.TensorSpec((None, *tensor.shape[1:]), tensor.dtype, name="input"),)
 
 
+_UNROLLED = ("LSTM", "GRU", "SimpleRNN")
+
+
+def _unroll_config(config):
+    """A parsed model config with every LSTM, GRU and SimpleRNN in it (nested, wrapped) unrolled."""
+    if isinstance(config, list):
+        return [_unroll_config(item) for item in config]
+    if not isinstance(config, dict):
+        return config
+    config = {key: _unroll_config(value) for key, value in config.items()}
+    if config.get("class_name") in _UNROLLED and isinstance(config.get("config"), dict):
+        config["config"] = {**config["config"], "unroll": True}
+    return config
+
+
+def unrolled(model):
+    """`model` with its recurrent layers unrolled, same weights: TFLite converts an unrolled
+    LSTM, GRU or SimpleRNN to builtin ops, a looping one only to TensorFlow's TensorList ops,
+    which the TFLite runtime runs only with the Flex delegate.
+
+    Example:
+        >>> unrolled(lstm_classifier).get_layer("lstm").unroll
+        True
+    """
+    copy = type(model).from_config(_unroll_config(model.get_config()))
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def write_tflite(model, path, quantize=None, representative=None):
-    """Converts `model` to TFLite; `quantize` is None, 'float16' or 'int8' (then with
-    `representative` inputs; inputs and outputs stay float)."""
+    """Converts `model` (its recurrent layers `unrolled`) to TFLite; `quantize` is None,
+    'float16' or 'int8' (then with `representative` inputs; inputs and outputs stay float)."""
+    import keras
     import tensorflow as tf
 
+    from keras_embed.verify import layers_within
+
+    if any(isinstance(layer, (keras.layers.RNN, keras.layers.Bidirectional)) for layer in layers_within(model)):
+        model = unrolled(model)
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     if quantize is not None:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -440,11 +474,11 @@ def check_io_format(model, format, tf_keras=False, quantize=None):
 
     from keras_embed.verify import layers_within  # imports Keras, which the checks above do not need
 
-    recurrent = [layer.name for layer in layers_within(model) if isinstance(layer, keras.layers.RNN)]
-    if recurrent and format == "tflite":
-        raise InputError(f"layer '{recurrent[0]}' is recurrent: TFLite converts Keras 3's recurrent layers only to "
-                         "TensorFlow ops (TensorListReserve) that the TFLite runtime cannot run without the Flex "
-                         "delegate; write .keras, .h5 or a SavedModel")
+    for layer in layers_within(model) if format == "tflite" else ():
+        if isinstance(layer, (keras.layers.RNN, keras.layers.Bidirectional)) and layer.input.shape[1] is None:
+            raise InputError(f"layer '{layer.name}' is recurrent and reads sequences of any length: TFLite output "
+                             "unrolls it over a fixed number of steps; build the model on keras.Input((steps, ...)) "
+                             "or write .keras, .h5 or a SavedModel")
 
 
 def save_model(model, path, format=None, writer=None, check=None):

@@ -51,8 +51,8 @@ def _group_edit(graph, group, cos, negligible):
 
 
 def plan_condense(graph, cos, negligible=NEGLIGIBLE):
-    """One `GroupEdit` per editable group that loses channels."""
+    """One `GroupEdit` per approximable group that loses channels."""
     if not -1 <= cos <= 1:
         raise ValueError(f"cos must be in [-1, 1]. Received: cos={cos}")
-    edits = (_group_edit(graph, group, cos, negligible) for group in graph.editable_groups())
+    edits = (_group_edit(graph, group, cos, negligible) for group in graph.approximable_groups())
     return tuple(edit for edit in edits if edit.removed_units)

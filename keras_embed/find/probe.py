@@ -64,7 +64,7 @@ def parallel_sets(gram, channels, cos):
 
 
 def probe_redundancy(graph, x, cos=0.999, rtol=1e-6, lin_tol=1e-4, probe=None):
-    """`GroupRedundancy` of every editable group of `graph` on probe inputs `x`, by group,
+    """`GroupRedundancy` of every approximable group of `graph` on probe inputs `x`, by group,
     measured on the graph with its BatchNormalization folded (what `prune` sees: a linear
     convolution read through BatchNormalization and relu is not linear).
 
@@ -76,7 +76,7 @@ def probe_redundancy(graph, x, cos=0.999, rtol=1e-6, lin_tol=1e-4, probe=None):
     stats = collect(graph, x, requests, batch_size=row_count(x), probe=probe)
     regimes = producer_regimes(graph, {name: stats[("z", name)] for name in _producers(graph)}, lin_tol, rtol)
     summary = {}
-    for group in graph.editable_groups():
+    for group in graph.approximable_groups():
         values = stats[("a", group)]
         scale = max(float(np.abs([values.a_min, values.a_max]).max(initial=0.0)), 1e-30)
         constant = values.a_max - values.a_min <= rtol * scale
@@ -94,12 +94,12 @@ def probe_redundancy(graph, x, cos=0.999, rtol=1e-6, lin_tol=1e-4, probe=None):
 
 
 def _producers(graph):
-    return [node.name for group in graph.editable_groups() for node in graph.spaces(group)]
+    return [node.name for group in graph.approximable_groups() for node in graph.spaces(group)]
 
 
 def probe_requests(graph):
-    """The statistics `probe_redundancy` needs: each editable group's values with their
+    """The statistics `probe_redundancy` needs: each approximable group's values with their
     Gram, and its producers' regimes."""
     producers = producer_requests(graph, [graph.by_name[name] for name in _producers(graph)])
     return {**{("z", name): request for name, request in producers.items()},
-            **{("a", group): group_request(graph, group, gram=True) for group in graph.editable_groups()}}
+            **{("a", group): group_request(graph, group, gram=True) for group in graph.approximable_groups()}}

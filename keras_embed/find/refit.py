@@ -1,8 +1,9 @@
 """Data-driven compression with compensation (`prune --mode data`), channel group by group.
 
-Per editable group, in graph order and through the groups already compressed before it,
-one streaming pass gathers the Gram matrix of [a, 1] (a: the group's channels wherever a
-producer reads them, every sample, position and occurrence a row) and its cross-product
+Per editable group (not a recurrent layer's units: `Graph.approximable_groups`), in graph
+order and through the groups already compressed before it, one streaming pass gathers the
+Gram matrix of [a, 1] (a: the group's channels wherever a producer reads them, every
+sample, position and occurrence a row) and its cross-product
 with the same channels r of the *reference* network (so errors made earlier are
 compensated, not compounded). What matters is what the readers see, a R (R: a reader's
 rows for the group, one per occurrence and kernel tap), so the fit is weighted by
@@ -188,7 +189,7 @@ def check_refit_memory(graph, budget=GRAM_BUDGET):
     """Refuses (`InputError`) a group or attention layer whose Gram and cross-product exceed
     `budget` bytes: one is held at a time."""
     check_head_memory(graph, budget)
-    for group in graph.editable_groups():
+    for group in graph.approximable_groups():
         width = graph.group_width(group)
         columns = min(width, sum(block.shape[1] for block in _reader_rows(graph, group)) or 1)
         check_gram_memory({group: width}, budget, extra={group: 8 * (width + 1) * columns})
@@ -196,7 +197,7 @@ def check_refit_memory(graph, budget=GRAM_BUDGET):
 
 def compress_groups(graph, data, tolerance=None, keep_ratio=None, batch_size=256, cache=None, widths=None,
                     gram_budget=GRAM_BUDGET, heads=None):
-    """Compresses every editable group and the heads of every attention layer of `graph`
+    """Compresses every approximable group and the heads of every attention layer of `graph`
     (`find.head_refit`), in graph order.
 
     Args:
@@ -246,9 +247,9 @@ def compress_groups(graph, data, tolerance=None, keep_ratio=None, batch_size=256
 
 
 def _units(graph):
-    """("heads", attention layer) and ("group", editable group read by a producer), in the
+    """("heads", attention layer) and ("group", approximable group read by a producer), in the
     order of their first producer."""
-    editable, units = set(graph.editable_groups()), []
+    editable, units = set(graph.approximable_groups()), []
     for node in graph.producers:
         if refittable(node):
             units.append(("heads", node.name))

@@ -2,11 +2,13 @@
 
 The redundancy the width embeddings of the Embedding Principle leave behind, per group
 (channels an `Add` joins are judged across every branch):
-- zero-out: every producer reading the channel gives it zero weight (the null embedding);
+- zero-out: every producer reading the channel gives it zero weight (the null embedding),
+  a recurrent layer producing it too, in the rows with which it reads it at the next step;
 - constant: the channel holds one value on every input (a zero kernel slice in every
   producer, carried through the layers on its way; or constant on the calibration data);
   its readers' biases absorb it, where no reader pads with zeros (a constant 0 folds
-  everywhere); zero on the data is *dead*;
+  everywhere) and no recurrent layer reads it (it does from a zero state: a recurrent unit
+  goes only when its weights make it zero); zero on the data is *dead*;
 - duplicate: two channels equal in every producer and per-channel layer of the group (the
   one-step splitting embedding), or positive multiples where every layer on their way
   commutes with positive scaling (relu family, pooling, Flatten, Concatenate, Add):
@@ -54,6 +56,23 @@ def _zero_out(graph, group, readers, rtol):
         scale = float(np.abs(reader.entry.kernel(reader)).max(initial=0.0))
         for occurrence in positions:
             zero &= np.abs(_rows(reader, occurrence)).max(axis=1, initial=0.0) <= rtol * scale
+    for rows in _own_rows(graph, group):
+        zero &= np.abs(rows).max(axis=1, initial=0.0) <= rtol * float(np.abs(rows).max(initial=0.0))
+    return zero
+
+
+def _own_rows(graph, group):
+    """The rows with which the group's recurrent producers read it at the step before."""
+    return [rows for node in graph.spaces(group) if (rows := node.entry.own_rows(node)) is not None]
+
+
+def _zero_state(graph, group, constants):
+    """Per channel: whether it is zero, from the weights, in every producer of the group that
+    reads its own output (a recurrent layer reads it from a zero state, where only 0 folds)."""
+    zero = np.ones(graph.group_width(group), dtype=bool)
+    for node in graph.spaces(group):
+        if node.entry.own_rows(node) is not None:
+            zero &= constants[node.name] == 0
     return zero
 
 
@@ -67,11 +86,7 @@ def signatures(graph, group):
     channels' path commutes with positive scaling (then only the producers' part, first,
     may be a multiple; the per-channel layers' part must be equal). The producers' part is
     normalized per channel when it does, and its norms come back as the third value."""
-    producers = []
-    for node in graph.spaces(group):
-        kernel, bias = node.entry.kernel(node), node.entry.bias(node)
-        producers += [kernel.reshape(-1, kernel.shape[-1]).T] + ([] if bias is None else [bias[:, None]])
-    producers = np.hstack(producers)
+    producers = np.hstack([node.entry.unit_columns(node) for node in graph.spaces(group)])
     per_channel, homogeneous = [], all(node.entry.homogeneous(node) for node in graph.spaces(group))
     for name in graph.holders(group):
         node = graph.by_name[name]
@@ -135,13 +150,13 @@ def _indices(mask):
 def group_edit(graph, group, constants, rtol=1e-6, data_constants=None):
     """The `GroupEdit` of one group: zero-out, constant (dead on the data) and duplicate channels."""
     readers, width = _readers(graph, group), graph.group_width(group)
-    zero_out = _zero_out(graph, group, readers, rtol)
-    constant = _constant_channels(graph, group, readers, constants) & ~zero_out
+    zero_out, zero_state = _zero_out(graph, group, readers, rtol), _zero_state(graph, group, constants)
+    constant = _constant_channels(graph, group, readers, constants) & zero_state & ~zero_out
     on_data = np.zeros(width, dtype=bool)
     if data_constants is not None:
         constants = {name: np.where(np.isnan(values), data_constants.get(name, values), values)
                      for name, values in constants.items()}
-        on_data = _constant_channels(graph, group, readers, constants) & ~zero_out & ~constant
+        on_data = _constant_channels(graph, group, readers, constants) & zero_state & ~zero_out & ~constant
     if (zero_out | constant | on_data).all():  # keep one channel: a layer of width 0 is not a layer
         zero_out[0] = constant[0] = on_data[0] = False
     dead = on_data & ~_nonzero(readers, constants, width)

@@ -243,6 +243,12 @@ class Graph:
                 seen.setdefault(group, None)
         return list(seen)
 
+    def approximable_groups(self):
+        """Editable groups the approximate modes may change from statistics of their values:
+        not a recurrent layer's units (each is read by the others at every step)."""
+        return [group for group in self.editable_groups()
+                if all(node.entry.statistics_suffice for node in self.spaces(group))]
+
     def readers_of(self, group):
         """(reader, source name) for every producer reading a tensor that holds `group`."""
         return [(self.by_name[reader], source) for source in self.holders(group) for reader in self.readers[source]

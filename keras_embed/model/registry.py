@@ -189,6 +189,7 @@ class Producer(LayerType):
     role = "produces"
     width_key = "units"
     composes = True  # may merge with a producer before or after it when linear on the data
+    statistics_suffice = True  # the approximate modes may change its channels from statistics of their values
 
     def geometry(self, node):
         return Geometry()
@@ -244,6 +245,25 @@ class Producer(LayerType):
         """Every kernel weight, its last axis the output channels (the canonical kernel, or
         a smaller array holding the same weights)."""
         return self.kernel(node)
+
+    def unit_columns(self, node):
+        """Per output channel, every weight that makes it: (channels, k), the kernel's
+        columns then the bias; channels with equal rows compute equal values."""
+        kernel, bias = self.kernel(node), self.bias(node)
+        return np.hstack([kernel.reshape(-1, kernel.shape[-1]).T] + ([] if bias is None else [bias[:, None]]))
+
+    def own_rows(self, node):
+        """The weights with which the layer reads its own output at the step before, rows
+        its channels (a recurrent layer's recurrent kernel), or None."""
+        return None
+
+    def select_outputs(self, node, channel_map):
+        """The node producing its old channels `channel_map.keep`, times `channel_map.scale`
+        (an `edit.channels.ChannelMap`; its `mix` recombines what reads the channels)."""
+        scale = 1.0 if channel_map.scale is None else channel_map.scale
+        bias = self.bias(node)
+        return self.with_weights(node, self.kernel(node)[..., channel_map.keep] * scale,
+                                 None if bias is None else bias[channel_map.keep] * scale)
 
     def propagate(self, node, values, rtol=0.0):
         kernel, bias = self.output_columns(node), self.bias(node)
@@ -313,11 +333,16 @@ class Embedding(Producer):
         return dict(node.config, name=node.name, output_dim=node.width)
 
     def pointwise_identity(self, node, name, source, bias):
-        dense = dataclasses.replace(node, kind="Dense", config={"dtype": node.config.get("dtype")})
-        return DENSE.pointwise_identity(dense, name, source, bias)
+        return _dense_lift(node, name, source, bias)
 
     def flops(self, node):
         return 0  # a row lookup per position
+
+
+def _dense_lift(node, name, source, bias):
+    """`Producer.pointwise_identity` as a stock Dense, whatever kind of producer `node` is."""
+    dense = dataclasses.replace(node, kind="Dense", config={"dtype": node.config.get("dtype")})
+    return DENSE.pointwise_identity(dense, name, source, bias)
 
 
 def _input_bias(weights):
@@ -336,18 +361,44 @@ def _with_input_weights(weights, kernel, bias, reset_after):
     return [kernel, weights[1], np.stack([bias, stored[1]]) if stored.ndim == 2 else bias]
 
 
+GATES = {"LSTM": 4, "GRU": 3, "SimpleRNN": 1}  # gate blocks of a recurrent layer's kernels, in Keras' order
+STATE_GATE = {"LSTM": 2, "GRU": 2, "SimpleRNN": 0}  # the block whose pre-activation makes the state (c, h~, h)
+
+
+def _by_gate(weight, gates):
+    """A recurrent weight (..., gates x units) as (..., gates, units)."""
+    return weight.reshape(weight.shape[:-1] + (gates, -1))
+
+
 class Recurrent(Producer):
-    """LSTM, GRU and SimpleRNN: the input kernel (inputs, gates x units) is a reader's kernel
+    """LSTM, GRU and SimpleRNN. The input kernel (inputs, gates x units) is a reader's kernel
     like a Dense's (the gates are affine in it, so channels it reads merge, drop and refit
-    exactly, with the constant part in the input bias), while its units are fixed (recurrent
-    units are not prunable yet) and nothing composes with it."""
+    exactly, with the constant part in the input bias). Its units are a channel group coupled
+    across the gates and through the recurrence: a unit is its column in every gate block of
+    the kernel, the recurrent kernel and the bias, and a row of the recurrent kernel, through
+    which every unit reads it at the next step (`own_rows`, from a zero initial state: as
+    through zero padding, only a zero folds there). Two units with equal columns hold equal
+    values at every step (by induction from the equal initial state), so they merge exactly,
+    the row of one added into the other's; a unit whose state-making block (LSTM's cell
+    candidate, GRU's candidate, SimpleRNN's only one) has zero weights holds zero. Removing a
+    unit changes the later steps of the others, which statistics of the layer's output do not
+    see, so the approximate modes leave its units alone; nothing composes with it.
+
+    Example:
+        >>> entry("LSTM").unit_columns(node).shape    # 6 units reading 7 channels
+        (6, 4 * 7 + 4 * 6 + 4)
+    """
 
     composes = False
+    statistics_suffice = False
 
     def check(self, layer, config):
         if config.get("stateful") or config.get("return_state") or config.get("go_backwards"):
             raise UnsupportedLayerError(f"layer '{layer.name}' ({type(layer).__name__}) is stateful, returns its "
                                         "state or runs backwards; only plain recurrent layers are supported")
+
+    def freezes(self, node):
+        return False
 
     def bias(self, node):
         return _input_bias(node.weights)
@@ -363,8 +414,35 @@ class Recurrent(Producer):
     def function(self, node):
         return None  # its activation acts inside the recurrence
 
+    def unit_columns(self, node):
+        gates = GATES[node.kind]
+        return np.hstack([np.moveaxis(_by_gate(weight, gates), -1, 0).reshape(node.width, -1) for weight in node.weights])
+
+    def own_rows(self, node):
+        return node.weights[1]
+
+    def select_outputs(self, node, channel_map):
+        if channel_map.scale is not None or channel_map.shift is not None and np.any(channel_map.shift != 0):
+            raise ValueError(f"internal: the units of recurrent layer '{node.name}' cannot be scaled or shifted")
+        kernel, recurrent, *bias = node.weights
+        recurrent = np.tensordot(channel_map.mix, recurrent, axes=1)  # the units read at the step before
+        gates, keep = GATES[node.kind], channel_map.keep
+        weights = [_by_gate(weight, gates)[..., keep].reshape(weight.shape[:-1] + (-1,)) for weight in (kernel, recurrent, *bias)]
+        return dataclasses.replace(node, weights=tuple(weights), config={**node.config, "units": len(keep)})
+
     def propagate(self, node, values, rtol=0.0):
-        return np.full(node.width, np.nan)
+        """Zero for a unit whose state-making block has zero weights (within `rtol` of the
+        layer's largest) when the activation maps 0 to 0; unknown otherwise (a unit of constant
+        gates still varies with the step)."""
+        gates, block = GATES[node.kind], STATE_GATE[node.kind]
+        scale = max(float(np.abs(weight).max(initial=0.0)) for weight in node.weights)
+        largest = np.max([np.abs(_by_gate(weight, gates)[..., block, :]).reshape(-1, node.width).max(axis=0)
+                          for weight in node.weights], axis=0)
+        maps_zero = activations.of_name(node.config.get("activation", "tanh"))(np.zeros(1))[0] == 0
+        return np.where((largest <= rtol * scale) & maps_zero, 0.0, np.nan)
+
+    def pointwise_identity(self, node, name, source, bias):
+        return _dense_lift(node, name, source, bias)
 
     def flops(self, node):
         """Per output position (one without `return_sequences`: a lower bound)."""
@@ -377,6 +455,12 @@ class Bidirectional(Recurrent):
     units are fixed."""
 
     RECURRENT = ("LSTM", "GRU", "SimpleRNN")
+
+    def freezes(self, node):
+        return True
+
+    def propagate(self, node, values, rtol=0.0):
+        return np.full(node.width, np.nan)
 
     def check(self, layer, config):
         for inner in (layer.forward_layer, layer.backward_layer):
