@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 BENCH_INSTALLED := $(VENV)/.installed-bench
+ZOO_INSTALLED := $(VENV)/.installed-zoo
 DEMO := build/demo
 
 .PHONY: demo test zoo bench fuzz install clean
@@ -64,8 +65,13 @@ test: $(INSTALLED)
 
 # every keras.applications architecture through the CLI (tests/test_zoo.py) and read back from its model.export()
 # graph (tests/test_savedmodel_zoo.py): the tests marked zoo, which `make test` skips; then the speed and memory
-# of analyze / exact prune on ResNet50 at 224x224 against its own predict (benchmarks/ZOO.md says how to read it)
-zoo: $(INSTALLED)
+# of analyze / exact prune on ResNet50 at 224x224 against its own predict (benchmarks/ZOO.md says how to read it).
+# keras-hub (the `hub` extra) builds the backbones whose custom blocks must be refused by name.
+$(ZOO_INSTALLED): $(INSTALLED)
+	$(BIN)/python -m pip install --quiet -e '.[test,hub]'
+	touch $@
+
+zoo: $(ZOO_INSTALLED)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 tests -m zoo
 	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/bench_zoo_speed.py --size 224 --models ResNet50 --steps analyze,exact
 

@@ -343,6 +343,51 @@ def test_unsupported_model_is_refused_with_a_message_naming_the_culprit(make, me
     assert not missing, f"{error.value} does not mention {missing}"
 
 
+class Scaled(keras.layers.Layer):  # custom classes: what a user's own layers look like to keras-embed
+    def call(self, x):
+        return 2.0 * x
+
+
+class Shifted(Scaled):
+    def call(self, x):
+        return x + 1.0
+
+
+def test_every_unknown_layer_is_named_in_one_message():
+    x = keras.Input((4,))
+    h = Shifted(name="shift_a")(Scaled(name="scale")(keras.layers.Dense(3, name="dense")(x)))
+    model = keras.Model(x, keras.layers.UnitNormalization(name="unit")(Shifted(name="shift_b")(h)))
+    with pytest.raises(UnsupportedLayerError) as error:
+        read_model(model)
+    assert str(error.value).startswith("layer 'scale' (Scaled) is not supported, nor are 'shift_a', 'shift_b' "
+                                       "(Shifted), 'unit' (UnitNormalization); supported layers: InputLayer, Dense")
+
+
+class Backbone(keras.Model):
+    """A subclass of the functional Model with a config of its own, as keras-hub's backbones are."""
+
+    def __init__(self, width, **kwargs):
+        x = keras.Input((6,), name="features")
+        hidden = keras.layers.Dense(width, activation="relu", name="hidden")(x)
+        super().__init__(x, keras.layers.Dense(2, name="scores")(hidden), **kwargs)
+        self.width = width
+
+    def get_config(self):
+        return {"width": self.width, "name": self.name}
+
+
+def test_a_functional_subclass_with_a_config_of_its_own_is_read_as_a_plain_functional_model(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = Backbone(5, name="backbone")
+    x = np.random.default_rng(0).normal(size=(32, 6)).astype("float32")
+    grown, _ = keras_embed.embed(model, widen_steps=[("hidden", 1, 0.3)])
+    pruned, _ = keras_embed.prune(grown)
+    assert type(pruned) is not Backbone and pruned.get_layer("hidden").units == 5
+    pruned.save(tmp_path / "pruned.keras")  # stock layers: loads without the class
+    np.testing.assert_allclose(keras.saving.load_model(tmp_path / "pruned.keras").predict(x, verbose=0),
+                               model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+
+
 def test_layer_used_twice_in_a_sequential_model_is_refused():
     with pytest.raises(UnsupportedLayerError, match="uses a layer more than once"):
         read_model(shared_sequential())

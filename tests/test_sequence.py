@@ -73,10 +73,10 @@ def _text_classifier():
                        name="text_classifier")
 
 
-def _encoder_block(x, name):
+def _encoder_block(x, name, causal=False):
     """The Keras examples' TransformerBlock: attention, Dropout, Add, LayerNormalization, a
     Dense-relu-Dense feed-forward, residual."""
-    attention = L.MultiHeadAttention(4, 8, name=f"{name}_attention")(x, x)
+    attention = L.MultiHeadAttention(4, 8, name=f"{name}_attention")(x, x, use_causal_mask=causal)
     x = L.LayerNormalization(epsilon=1e-6, name=f"{name}_norm_1")(L.Add()([x, L.Dropout(0.1)(attention)]))
     ffn = L.Dense(16, name=f"{name}_ffn_2")(L.Dense(32, activation="relu", name=f"{name}_ffn_1")(x))
     return L.LayerNormalization(epsilon=1e-6, name=f"{name}_norm_2")(L.Add()([x, L.Dropout(0.1)(ffn)]))
@@ -96,6 +96,32 @@ def _positional_transformer():
                                  L.Embedding(10, 16, name="position_embed")(positions)])
     x = L.GlobalAveragePooling1D()(_encoder_block(x, "block_1"))
     return keras.Model([tokens, positions], L.Dense(3, name="scores")(x), name="positional_transformer")
+
+
+def _masked_transformer(mask_zero=True):
+    """Padding tokens (0) masked by the Embedding (mask_zero), causal attention; Keras hands
+    the mask on to the attention and to the (masked) mean over positions."""
+    tokens = keras.Input((10,), dtype="int32", name="tokens")
+    x = _encoder_block(L.Embedding(VOCABULARY, 16, mask_zero=mask_zero, name="embed")(tokens), "block_1", causal=True)
+    return keras.Model(tokens, L.Dense(3, name="scores")(L.GlobalAveragePooling1D()(x)), name="masked_transformer")
+
+
+def _masked_recurrent(mask_zero=True):
+    """Padding tokens masked by the Embedding: the LSTM skips them (Keras passes it the mask)."""
+    tokens = keras.Input((9,), dtype="int32", name="tokens")
+    h = L.Dense(7, activation="relu", name="token_dense")(L.Embedding(VOCABULARY, 8, mask_zero=mask_zero,
+                                                                      name="embed")(tokens))
+    h = L.LSTM(6, return_sequences=True, name="recurrent")(h)
+    h = L.GlobalAveragePooling1D(name="mean")(h)
+    return keras.Model(tokens, L.Dense(3, name="scores")(L.Dense(5, activation="relu", name="hidden")(h)),
+                       name="masked_recurrent")
+
+
+def _padded(tokens, seed=0):
+    """`tokens` with a random tail of every row set to the padding token 0 (one token kept)."""
+    tokens, lengths = tokens.copy(), np.random.default_rng(seed).integers(1, tokens.shape[1] + 1, len(tokens))
+    tokens[np.arange(tokens.shape[1])[None] >= lengths[:, None]] = 0
+    return tokens
 
 
 def _recurrent_classifier(recurrent=lambda: L.LSTM(6, name="recurrent")):
@@ -178,6 +204,37 @@ def test_the_cli_widens_and_prunes_back_a_sequence_model(tmp_path):
     restored = keras.saving.load_model(tmp_path / "back.keras")
     assert restored.count_params() == model.count_params()
     assert_same_function(model, restored, _inputs(model, seed=3))
+
+
+ITEM_3_WIDENINGS = {  # issue 19's model kinds, widened on heads, FFN units and embedding dimensions (recurrent
+    # units: test_recurrent_units)
+    "transformer": (_transformer_classifier, ["block_1_attention:1:0.3", "block_2_ffn_1:4:-0.5", "block_1_ffn_1:0:0.7"]),
+    "text": (_text_classifier, ["embed:1:0.3", "embed:5:-0.4", "conv:0:0.6", "hidden:2:1.5"]),
+    "positional": (_positional_transformer, ["block_1_attention:0:0.4", "block_1_ffn_1:3:0.2"]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ITEM_3_WIDENINGS))
+def test_widened_models_come_back_through_the_cli_and_export(kind, tmp_path):
+    """Through `embed` and `prune` to no more parameters and outputs within 1e-4 relative, and
+    to a SavedModel and a .tflite file, each loaded back and verified by the command."""
+    build, steps = ITEM_3_WIDENINGS[kind]
+    keras.utils.set_random_seed(6)
+    model = build()
+    x = _inputs(model, samples=64)
+    model.save(tmp_path / "model.keras")
+    np.savez(tmp_path / "x.npz", **(x if isinstance(x, dict) else {"x": x}))
+    invoke = CliRunner().invoke
+    grown = invoke(main, ["embed", str(tmp_path / "model.keras"), "-o", str(tmp_path / "grown.keras"),
+                          *[argument for step in steps for argument in ("--widen", step)]])
+    assert grown.exit_code == 0, grown.output
+    for output in ("back.keras", "back.tflite", "back_savedmodel/"):
+        back = invoke(main, ["prune", str(tmp_path / "grown.keras"), "-o", f"{tmp_path}/{output}",
+                             "--data", str(tmp_path / "x.npz")])
+        assert back.exit_code == 0, back.output
+    restored = keras.saving.load_model(tmp_path / "back.keras")
+    assert restored.count_params() <= model.count_params()  # units dead on the data go too
+    assert_same_function(model, restored, x, relative=1e-4)
 
 
 def test_in_a_transformer_the_feed_forward_units_are_editable_and_the_stream_is_fixed():
@@ -349,18 +406,25 @@ def _cross_attention():
     return keras.Model([query, context], L.Dense(2)(L.Flatten()(attended)))
 
 
-@pytest.mark.parametrize("build, layer", [(_transformer_classifier, "block_2_attention"), (_cross_attention, "cross")],
-                         ids=["self-attention", "cross-attention with a key"])
+@pytest.mark.parametrize("build, layer", [(_transformer_classifier, "block_2_attention"), (_cross_attention, "cross"),
+                                         (_masked_transformer, "block_1_attention")],
+                         ids=["self-attention", "cross-attention with a key", "masked causal self-attention"])
 def test_the_head_contexts_reproduce_the_attention_output(build, layer):
     """`head_refit.contexts`, from the layer's weights, times the output projection is what
-    Keras computes: the data mode's head features are the layer's own."""
+    Keras computes (with the masks Keras hands the layer, and its causal mask): the data
+    mode's head features are the layer's own."""
     keras.utils.set_random_seed(2)
     model = build()
     graph = keras_embed.read_model(model)
     node = graph.by_name[layer]
-    values = build_model(graph, outputs=[*node.inputs, layer]).predict(_inputs(model), verbose=0)
+    x = _inputs(model)
+    x = _padded(x) if node.name == "block_1_attention" else x
+    query, value, key = (list(node.inputs) + [node.inputs[1]])[:3]
+    values = build_model(graph, outputs=[query, value, key, f"{query}/mask", f"{value}/mask", f"{key}/mask", layer]
+                         ).predict(x, verbose=0)
     parts = head_weights(node)
-    context = contexts(parts, values[0], values[1], values[2 if len(node.inputs) > 2 else 1]).numpy()
+    context = contexts(parts, *values[:3], node.config.get("use_causal_mask", False),
+                       (values[3], values[4], None if key == value else values[5])).numpy()
     output = context @ parts["output"].reshape(-1, parts["output"].shape[-1]) + parts["output_bias"]
     expected = values[-1].reshape(-1, values[-1].shape[-1])
     assert np.abs(output - expected).max() <= 1e-5 * np.abs(expected).max()
@@ -467,10 +531,58 @@ def test_cross_attention_of_two_inputs_is_read_and_rebuilt():
     assert_same_function(model, build_model(keras_embed.read_model(model)), x)
 
 
-@pytest.mark.parametrize("keywords, named", [({"use_causal_mask": True}, "use_causal_mask"),
+MASKED = {"transformer": _masked_transformer, "lstm": _masked_recurrent}
+
+
+@pytest.mark.parametrize("kind", sorted(MASKED))
+def test_masks_pass_through_widening_pruning_and_export(kind, tmp_path):
+    """The Embedding's padding mask (and the causal mask) reach the rebuilt layers: the models
+    compute what the original does on padded tokens, which a model without the masks does
+    not; split heads, units and embedding dimensions come back through the CLI, and the data
+    mode writes a smaller model that exports."""
+    keras.utils.set_random_seed(7)
+    model = MASKED[kind]()
+    x = _padded(_inputs(model, samples=128))
+    unmasked = MASKED[kind](mask_zero=False)
+    unmasked.set_weights(model.get_weights())
+    expected = model.predict(x, verbose=0)
+    assert np.abs(unmasked.predict(x, verbose=0) - expected).max() > 1e-2 * np.abs(expected).max()
+    assert_same_function(model, build_model(keras_embed.read_model(model)), x)
+    model.save(tmp_path / "model.keras")
+    np.save(tmp_path / "x.npy", x)
+    steps = {"transformer": ["block_1_attention:2:0.3", "block_1_ffn_1:5:-0.4"],
+             "lstm": ["embed:3:0.6", "recurrent:1:0.3", "token_dense:0:-0.5"]}[kind]
+    invoke = CliRunner().invoke
+    grown = invoke(main, ["embed", str(tmp_path / "model.keras"), "-o", str(tmp_path / "grown.keras"), "--data",
+                          str(tmp_path / "x.npy"), *[argument for step in steps for argument in ("--widen", step)]])
+    assert grown.exit_code == 0, grown.output
+    back = invoke(main, ["prune", str(tmp_path / "grown.keras"), "-o", str(tmp_path / "back.keras"),
+                         "--data", str(tmp_path / "x.npy")])
+    assert back.exit_code == 0, back.output
+    restored = keras.saving.load_model(tmp_path / "back.keras")
+    assert restored.count_params() <= model.count_params()
+    assert_same_function(model, restored, x, relative=1e-4)
+    for output in ("small.tflite", "small_savedmodel/"):
+        small = invoke(main, ["prune", str(tmp_path / "model.keras"), "-o", f"{tmp_path}/{output}", "--mode", "data",
+                              "--keep-ratio", "0.5", "--data", str(tmp_path / "x.npy"), "--atol", "1e-3"])
+        assert small.exit_code == 0, small.output
+
+
+def test_a_mask_keras_would_not_propagate_again_is_refused_by_name():
+    tokens = keras.Input((6,), dtype="int32", name="tokens")
+    signal = L.Embedding(VOCABULARY, 4, name="embed")(tokens)  # no mask_zero: the mask below is the user's own
+    mask = keras.ops.not_equal(tokens, 0)
+    model = keras.Model(tokens, L.Dense(2)(L.LSTM(3, name="recurrent")(signal, mask=mask)))
+    with pytest.raises(UnsupportedLayerError, match="layer 'recurrent' \\(LSTM\\) is called with a mask from"):
+        keras_embed.read_model(model)
+
+
+@pytest.mark.parametrize("keywords, named", [({"attention_mask": True}, "attention_mask"),
                                              ({"return_attention_scores": True}, "return_attention_scores")])
-def test_attention_with_masks_or_scores_is_refused_by_name(tmp_path, keywords, named):
+def test_attention_with_a_mask_tensor_or_scores_is_refused_by_name(tmp_path, keywords, named):
     x = keras.Input((6, 4))
+    if "attention_mask" in keywords:
+        keywords = {"attention_mask": keras.ops.ones((1, 6, 6), dtype="bool")}
     attended = L.MultiHeadAttention(2, 2, name="attention")(x, x, **keywords)
     attended = attended[0] if isinstance(attended, tuple) else attended
     keras.Model(x, L.Dense(1)(L.Flatten()(attended))).save(tmp_path / "model.keras")
@@ -610,6 +722,21 @@ def test_other_recurrent_layers_are_refused_by_name(layer, named):
     model = keras.Model(x, L.Dense(2)(layer(x)))
     with pytest.raises(UnsupportedLayerError, match=re.escape(named)):
         keras_embed.read_model(model)
+
+
+@pytest.mark.zoo
+def test_a_keras_hub_backbone_is_refused_naming_its_custom_blocks_and_what_it_would_take(tmp_path):
+    """keras-hub (the `hub` extra, installed by `make zoo`) builds a BERT backbone from a config
+    without weights; its blocks are custom classes (TransformerEncoder, PositionEmbedding)."""
+    keras_hub = pytest.importorskip("keras_hub")
+    keras_hub.models.BertBackbone(vocabulary_size=100, num_layers=2, num_heads=4, hidden_dim=64, intermediate_dim=128,
+                                  max_sequence_length=64).save(tmp_path / "bert.keras")
+    result = CliRunner().invoke(main, ["analyze", str(tmp_path / "bert.keras")])
+    assert result.exit_code == 4, result.output
+    for named in ("'transformer_layer_0', 'transformer_layer_1' (TransformerEncoder)", "(PositionEmbedding)",
+                  "keras-hub's layers are custom classes: rebuild the model from stock Keras layers"):
+        assert named in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
 
 
 def test_conv_lstm_is_refused_with_exit_4(tmp_path):

@@ -474,8 +474,10 @@ def check_io_format(model, format, tf_keras=False, quantize=None):
 
     from keras_embed.verify import layers_within  # imports Keras, which the checks above do not need
 
-    for layer in layers_within(model) if format == "tflite" else ():
-        if isinstance(layer, (keras.layers.RNN, keras.layers.Bidirectional)) and layer.input.shape[1] is None:
+    recurrent = (keras.layers.RNN, keras.layers.Bidirectional)
+    for layer in (layer for layer in layers_within(model) if isinstance(layer, recurrent)) if format == "tflite" else ():
+        sequence = layer.input[0] if isinstance(layer.input, (list, tuple)) else layer.input  # [sequence, mask]
+        if sequence.shape[1] is None:
             raise InputError(f"layer '{layer.name}' is recurrent and reads sequences of any length: TFLite output "
                              "unrolls it over a fixed number of steps; build the model on keras.Input((steps, ...)) "
                              "or write .keras, .h5 or a SavedModel")

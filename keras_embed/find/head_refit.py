@@ -51,9 +51,26 @@ def check_head_memory(graph, budget):
         check_gram_memory({node.name: heads * value_dim}, budget, extra={node.name: 8 * (heads * value_dim + 1) * outputs})
 
 
-def contexts(parts, query, value, key):
+def _allowed(masks, queries, keys, causal):
+    """(batch, 1, queries, keys) float64: 1 where a query may attend to a key, as Keras'
+    MultiHeadAttention decides from the masks of its query, value and key (None: none) and
+    `use_causal_mask`; None when every pair may."""
+    allowed = None
+    for mask, axis in zip(masks, (-1, -2, -2)):
+        if mask is not None:
+            mask = tf.expand_dims(tf.cast(mask, tf.float64), axis)
+            allowed = mask if allowed is None else allowed * mask
+    if causal:
+        lower = tf.linalg.band_part(tf.ones((queries, keys), tf.float64), -1, 0)
+        allowed = lower[None] if allowed is None else allowed * lower
+    return None if allowed is None else allowed[:, None]
+
+
+def contexts(parts, query, value, key, causal=False, masks=(None, None, None)):
     """Every head's context side by side, (rows, heads * value_dim) float64, from the
-    layer's weights `parts` (`heads.head_weights`) and its (batch, positions, channels) inputs."""
+    layer's weights `parts` (`heads.head_weights`) and its (batch, positions, channels) inputs,
+    with the (batch, positions) masks Keras hands it with the query, value and key (None:
+    none; the key's is ignored when the key is the value) and `causal` for `use_causal_mask`."""
 
     def project(name, inputs):
         projected = tf.einsum("btd,dhk->bthk", tf.cast(inputs, tf.float64), tf.constant(parts[name], tf.float64))
@@ -61,6 +78,9 @@ def contexts(parts, query, value, key):
 
     q, k, v = project("query", query), project("key", key), project("value", value)
     scores = tf.einsum("bthk,bshk->bhts", q, k) / math.sqrt(parts["query"].shape[-1])
+    allowed = _allowed(masks, tf.shape(query)[1], tf.shape(value)[1], causal)
+    if allowed is not None:  # Keras' masked softmax: a large negative number where not allowed
+        scores = tf.where(allowed > 0, scores, tf.constant(-1e9, tf.float64))
     context = tf.einsum("bhts,bshv->bthv", tf.nn.softmax(scores, axis=-1), v)
     return tf.reshape(context, (-1, context.shape[2] * context.shape[3]))
 
@@ -70,14 +90,15 @@ def head_stats(graph, target, layer, data, batch_size=256):
     model of the same inputs returning the reference network's output of that layer."""
     node = graph.by_name[layer]
     sources = list(dict.fromkeys(node.inputs))
-    current = build_model(graph.up_to(sources), outputs=sources)
-    parts = head_weights(node)
+    names = sources + [f"{source}/mask" for source in sources]
+    current = build_model(graph.up_to(sources), outputs=names)
+    parts, (query, value, key) = head_weights(node), (list(node.inputs) + [node.inputs[1]])[:3]
 
     @tf.function(input_signature=input_signature(current))
     def products(*inputs):
-        values = dict(zip(sources, as_list(call(current, inputs))))
-        query, value = values[node.inputs[0]], values[node.inputs[1]]
-        c = contexts(parts, query, value, values[node.inputs[2]] if len(node.inputs) > 2 else value)
+        values = dict(zip(names, as_list(call(current, inputs))))
+        masks = (values[f"{query}/mask"], values[f"{value}/mask"], None if key == value else values[f"{key}/mask"])
+        c = contexts(parts, values[query], values[value], values[key], node.config.get("use_causal_mask", False), masks)
         y = tf.cast(tf.reshape(call(target, inputs), (-1, _sizes(node)[2])), tf.float64)
         ones = tf.ones((tf.shape(c)[0], 1), tf.float64)
         a = tf.concat([c, ones], axis=1)

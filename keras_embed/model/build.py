@@ -72,12 +72,22 @@ def _tensors(graph, probed, fused):
     layers = []
     for node, layer, weights, inputs, activation in _layers(graph, fused, probed):
         arguments = [tensors[source] for source in inputs]
-        tensors[node.name] = tensors[f"{node.name}/z"] = node.entry.call(layer, arguments)
+        tensors[node.name] = tensors[f"{node.name}/z"] = node.entry.call(node, layer, arguments)
         if activation is not None:
             tensors[node.name] = keras.layers.Activation(activation, name=f"{node.name}_probe_activation",
                                                          dtype=node.config.get("dtype"))(tensors[node.name])
         layers.append((layer, weights))
     return tensors, layers
+
+
+def _output(tensors, name):
+    """The tensor `name` names: a node's output, "NAME/z" a producer's pre-activation, "NAME/mask"
+    the mask Keras propagates with a node's output (all true where it propagates none)."""
+    if not name.endswith("/mask"):
+        return tensors[name]
+    tensor = tensors[name[:-len("/mask")]]
+    mask = getattr(tensor, "_keras_mask", None)
+    return mask if mask is not None else keras.ops.ones_like(tensor[..., 0], dtype="bool")
 
 
 def load_weights(layers):
@@ -94,7 +104,8 @@ def build_model(graph, outputs=None):
     Args:
         graph: the `Graph`.
         outputs: for a probe, the tensors to return (node names, "NAME/z" for a
-            producer's pre-activation); default: the graph's outputs.
+            producer's pre-activation, "NAME/mask" for the mask Keras propagates with a
+            node's output); default: the graph's outputs.
     """
     fused = fusions(graph) if outputs is None else {}  # a probe may return any node's output
     if outputs is None and graph.sequential and _is_chain(graph):
@@ -104,7 +115,7 @@ def build_model(graph, outputs=None):
         model = keras.Sequential([inputs, *(layer for layer, _ in layers)], name=graph.name)
     else:
         tensors, layers = _tensors(graph, {name[:-2] for name in outputs or () if name.endswith("/z")}, fused)
-        result = [tensors[name] for name in (graph.outputs if outputs is None else outputs)]
+        result = [_output(tensors, name) for name in (graph.outputs if outputs is None else outputs)]
         inputs = [tensors[node.name] for node in graph.inputs]
         model = keras.Model(inputs if len(inputs) > 1 else inputs[0], result if len(result) > 1 else result[0],
                             name=graph.name)

@@ -1,8 +1,11 @@
 """Reads a Keras model into the one `Graph`, and folds BatchNormalization where it is exact.
 
-Sequential and functional models of the layers in `registry.REGISTRY` are read alike;
-each layer's registry entry reads its config and weights, into one node or a few in a row
-(a SeparableConv2D: its depthwise part, then its pointwise part). `fold_batchnorm` then moves
+Sequential and functional models of the layers in `registry.REGISTRY` are read alike (a
+subclass of the functional Model as the plain one of its layers); each layer's registry
+entry reads its config and weights, into one node or a few in a row (a SeparableConv2D: its
+depthwise part, then its pointwise part). The operations that only make the masks Keras
+propagates (from an Embedding with mask_zero) are left out: the rebuilt layers make and hand
+them on again. `fold_batchnorm` then moves
 each inference-mode BatchNormalization into a neighbouring producer when that computes
 the same: into the Dense/Conv2D before it (no activation between, only identity layers
 such as Dropout, no other reader), or into every producer reading it (through identity
@@ -42,22 +45,60 @@ def _endpoints(entries):
     return [entries[0]] if isinstance(entries[0], str) else [entry[0] for entry in entries]
 
 
+MASK_KEYWORDS = ("mask", "query_mask", "value_mask", "key_mask")  # the masks Keras hands a layer from its inputs
+
+
 def _topology(model):
     """(input names, {layer name: names of the layers it reads}, output names, {layer name:
-    its serialized call (positional arguments, keyword arguments)})."""
+    its serialized call (positional arguments, keyword arguments but masks)}, {layer name:
+    names of the operations making the masks it is called with})."""
     if type(model) is keras.Sequential:
         names = [model.inputs[0].name] + [layer.name for layer in model.layers]
-        return names[:1], {name: [previous] for previous, name in zip(names, names[1:])}, names[-1:], {}
+        return names[:1], {name: [previous] for previous, name in zip(names, names[1:])}, names[-1:], {}, {}
     config = model.get_config()
-    sources, arguments = {}, {}
+    sources, arguments, masks = {}, {}, {}
     for entry in config["layers"]:
         calls = entry.get("inbound_nodes", [])
         if len(calls) > 1:
             raise UnsupportedLayerError(f"layer '{entry['name']}' is called more than once (a shared layer); "
                                         "it is not supported")
-        sources[entry["name"]] = _history_names(calls)
-        arguments[entry["name"]] = (calls[0].get("args", []), calls[0].get("kwargs", {})) if calls else ([], {})
-    return _endpoints(config["input_layers"]), sources, _endpoints(config["output_layers"]), arguments
+        args, keywords = (calls[0].get("args", []), calls[0].get("kwargs", {})) if calls else ([], {})
+        keywords = {key: value for key, value in keywords.items() if key not in MASK_KEYWORDS}
+        sources[entry["name"]] = _history_names([args, keywords])
+        masks[entry["name"]] = _history_names([calls[0].get("kwargs", {}).get(key) for key in MASK_KEYWORDS] if calls else [])
+        arguments[entry["name"]] = (args, keywords)
+    return _endpoints(config["input_layers"]), sources, _endpoints(config["output_layers"]), arguments, masks
+
+
+def _mask_operations(model, sources, masks):
+    """Names of the operations (not layers) whose outputs only make masks: Keras computes them
+    again from the layers' configs (an Embedding with mask_zero) when the model is rebuilt."""
+    readers = {}
+    for name, read in sources.items():
+        for source in read:
+            readers.setdefault(source, set()).add(name)
+    made = {source for read in masks.values() for source in read}
+    found = set()
+    for operation in reversed(model.operations):
+        name = operation.name
+        if not isinstance(operation, keras.layers.Layer) and (name in made or name in readers) \
+                and readers.get(name, set()) <= found:
+            found.add(name)
+    return found
+
+
+def _check_masks(operation, mask_sources, mask_operations):
+    """Refuses a layer called with a mask Keras would not hand it again on rebuild: one not
+    made by mask operations, or given to a layer whose inputs carry no mask Keras propagated
+    (a model read back from a file holds the mask operations twice: those its config recorded
+    and those the layers' compute_mask made again, so the two cannot be told apart by identity)."""
+    inputs = operation.input if isinstance(operation.input, (list, tuple)) else [operation.input]
+    propagated = any(getattr(tensor, "_keras_mask", None) is not None for tensor in inputs)
+    for source in mask_sources:
+        if source not in mask_operations or not propagated:
+            raise UnsupportedLayerError(f"layer '{operation.name}' ({type(operation).__name__}) is called with a mask "
+                                        f"from '{source}'; only the masks Keras propagates by itself (from an "
+                                        "Embedding with mask_zero=True) are supported")
 
 
 def _operation_nodes(operation, sources, arguments, keywords):
@@ -74,16 +115,39 @@ def _operation_nodes(operation, sources, arguments, keywords):
             reads = tuple(sources[item] if isinstance(item, int) else item for item in given[0])
         nodes.append(Node(name, kind, reads, config, tuple(weights), shape))
         reads = (name,)
-    return nodes
+    return nodes[:-1] + [entry.with_call(nodes[-1], keywords)]
+
+
+def _plain(model):
+    """`model`, or a plain functional model of its layers when it is a subclass of one whose
+    config does not list them (keras-hub's backbones)."""
+    if type(model) is keras.Sequential or "layers" in model.get_config():
+        return model
+    return keras.Model(model.inputs, model.outputs, name=model.name)
+
+
+def _layers_within(model):
+    """Every layer of `model` but its inputs and nested models, those of the nested models included."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _layers_within(layer)
+        elif not isinstance(layer, keras.layers.InputLayer):
+            yield layer
 
 
 def _layer_nodes(model, bound=()):
     """(input names, nodes of every layer of `model` but its inputs, output names, names of
     the models nested in it), models nested in it read through: their layers join the graph, reading
     what the nested model read. `bound`: the outer names a nested model's inputs stand for."""
-    input_names, sources, outputs, arguments = _topology(model)
+    model = _plain(model)
+    input_names, sources, outputs, arguments, masks = _topology(model)
     rename, nodes, nested = dict(zip(input_names, bound)), [], []
-    for operation in model.layers if type(model) is keras.Sequential else model.operations:
+    operations = model.layers if type(model) is keras.Sequential else model.operations
+    mask_operations = _mask_operations(model, sources, masks) if masks else set()
+    for operation in operations:
+        if operation.name in mask_operations:
+            continue
+        _check_masks(operation, masks.get(operation.name, ()), mask_operations)
         reads = tuple(rename.get(source, source) for source in sources.get(operation.name, ()))
         if isinstance(operation, keras.Model):
             _, inner, inner_outputs, inner_nested = _layer_nodes(operation, reads)
@@ -146,6 +210,7 @@ def read_model(model, fold=True):
     if len({id(layer) for layer in model.layers}) != len(model.layers):
         raise UnsupportedLayerError(f"model '{model.name}' uses a layer more than once (a shared layer); "
                                     "it is not supported")
+    registry.refuse_unknown(_layers_within(model))
     input_names, layers, outputs, nested = _layer_nodes(model)
     nodes = [Node(name, "InputLayer", (), {"dtype": keras.backend.standardize_dtype(tensor.dtype)},
                   shape=tuple(tensor.shape[1:])) for name, tensor in zip(input_names, inputs)] + layers

@@ -138,8 +138,13 @@ class LayerType:
         """Raises `UnsupportedLayerError` for call keywords (`{name: value}`, tensors by their
         layer's name) the rebuilt layer would not get."""
 
-    def call(self, layer, arguments):
-        """`layer` (the Keras layer built for a node) on the tensors the node reads, in order."""
+    def with_call(self, node, keywords):
+        """`node` keeping the call keywords (`{name: value}`, as `check_call` takes them) its
+        rebuilt layer must be called with again."""
+        return node
+
+    def call(self, node, layer, arguments):
+        """`layer` (the Keras layer built for `node`) on the tensors the node reads, in order."""
         return layer(arguments if len(arguments) > 1 else arguments[0])
 
     def fuse(self, node, source):
@@ -504,12 +509,14 @@ class Bidirectional(Recurrent):
 class MultiHeadAttention(LayerType):
     """MultiHeadAttention called on (query, value[, key]): it makes a channel space of its
     output width and fixes the width of that space and of every group it reads; its heads are
-    units of their own (`edit.heads`). Masks are refused: called with `attention_mask` or
-    `use_causal_mask` it would be rebuilt without them."""
+    units of their own (`edit.heads`). `use_causal_mask` is kept and passed again, and the
+    masks Keras propagates to it (from an Embedding with mask_zero) come back by themselves on
+    rebuild; an `attention_mask` tensor is refused (the node would need a mask input that is
+    no channel space)."""
 
     role = "produces"
     composes = False
-    CALL_KEYWORDS = ("training", "return_attention_scores")
+    CALL_KEYWORDS = ("training", "return_attention_scores", "use_causal_mask")
 
     def check(self, layer, config):
         if config.get("use_gate") or config.get("sliding_window") or layer.output_dense.kernel.ndim != 3:
@@ -521,10 +528,16 @@ class MultiHeadAttention(LayerType):
         if used or keywords.get("return_attention_scores"):
             raise UnsupportedLayerError(f"layer '{layer.name}' (MultiHeadAttention) is called with "
                                         f"{', '.join(used) or 'return_attention_scores'}; only attention without "
-                                        "masks, returning its output alone, is supported")
+                                        "an attention_mask tensor, returning its output alone, is supported")
 
-    def call(self, layer, arguments):
-        return layer(*arguments)
+    def with_call(self, node, keywords):
+        return dataclasses.replace(node, config={**node.config, "use_causal_mask": bool(keywords.get("use_causal_mask"))})
+
+    def config(self, node):
+        return {key: value for key, value in node.config.items() if key != "use_causal_mask"} | {"name": node.name}
+
+    def call(self, node, layer, arguments):
+        return layer(*arguments, use_causal_mask=node.config.get("use_causal_mask", False))
 
     def freezes(self, node):
         return True
@@ -1140,18 +1153,47 @@ def entry(kind, config=None):
     return found if config is None else found.variant(config)
 
 
+def known(layer):
+    """Whether the registry has an entry for `layer`'s exact class (a stock one, or one that
+    `keras.applications` ships)."""
+    kind = type(layer).__name__
+    return (f"{type(layer).__module__}.{type(layer).__qualname__}" in APPLICATION_LAYERS
+            or kind in REGISTRY and type(layer) is getattr(keras.layers, kind, None))
+
+
+def refuse_unknown(layers):
+    """Raises `UnsupportedLayerError` naming every one of `layers` the registry does not know
+    (the first with its class, then the others by class), and the supported ones.
+
+    Example:
+        >>> refuse_unknown(bert_backbone.layers)
+        UnsupportedLayerError: layer 'token_embedding' (ReversibleEmbedding) is not supported, nor are
+        'position_embedding' (PositionEmbedding), 'transformer_layer_0', 'transformer_layer_1'
+        (TransformerEncoder); keras-hub's layers are custom classes: ...
+    """
+    unknown = [layer for layer in layers if not known(layer)]
+    if not unknown:
+        return
+    first, *others = unknown
+    by_class = {}
+    for layer in others:
+        by_class.setdefault(type(layer).__name__, []).append(f"'{layer.name}'")
+    also = "".join([", nor are " if others else ""] +
+                   [", ".join(f"{', '.join(names)} ({kind})" for kind, names in by_class.items())])
+    hub = any(type(layer).__module__.startswith("keras_hub") for layer in unknown)
+    hint = ("; keras-hub's layers are custom classes: rebuild the model from stock Keras layers (a transformer from "
+            "the Keras examples' encoder block: MultiHeadAttention, LayerNormalization, Dense) to prune it") if hub else ""
+    raise UnsupportedLayerError(f"layer '{first.name}' ({type(first).__name__}) is not supported{also}{hint}; "
+                                f"supported layers: {', '.join(SUPPORTED)}")
+
+
 def entry_of(layer):
     """The entry of a Keras layer: its exact class must be a stock one in `REGISTRY`.
 
     Raises:
         UnsupportedLayerError: naming the layer, its class and the supported ones.
     """
-    kind = type(layer).__name__
+    refuse_unknown([layer])
     application = APPLICATION_LAYERS.get(f"{type(layer).__module__}.{type(layer).__qualname__}")
-    if application is not None:
-        return application
-    if kind not in REGISTRY or type(layer) is not getattr(keras.layers, kind, None):
-        raise UnsupportedLayerError(f"layer '{layer.name}' ({kind}) is not supported; "
-                                    f"supported layers: {', '.join(SUPPORTED)}")
-    return entry(kind, layer.get_config())
+    return application if application is not None else entry(type(layer).__name__, layer.get_config())
 
