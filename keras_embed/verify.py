@@ -42,14 +42,17 @@ def _token_count(model):
 
 def calibration_inputs(model, samples=DEFAULT_SAMPLES, seed=0):
     """Seeded standard-normal inputs shaped like the model input (unknown axes get size 1),
-    integer inputs uniform tokens below every Embedding's vocabulary size; for a model of
+    integer inputs uniform tokens below every Embedding's vocabulary size, boolean ones (masks)
+    true with probability 0.75; for a model of
     several inputs a dict of them by input name, drawn in input order."""
     generator = np.random.default_rng(seed)
     values = {}
     for tensor in model.inputs:
         shape = (samples, *(1 if size is None else size for size in tensor.shape[1:]))
         dtype = keras.backend.standardize_dtype(tensor.dtype)
-        if np.issubdtype(np.dtype(dtype), np.integer):
+        if dtype == "bool":  # a mask: mostly true
+            values[tensor.name] = generator.random(shape) < 0.75
+        elif np.issubdtype(np.dtype(dtype), np.integer):
             values[tensor.name] = generator.integers(0, _token_count(model), shape).astype(dtype)
         else:
             values[tensor.name] = generator.standard_normal(shape).astype(dtype)

@@ -117,6 +117,17 @@ def _masked_recurrent(mask_zero=True):
                        name="masked_recurrent")
 
 
+def _attention_mask_transformer():
+    """An encoder block whose attention takes an `attention_mask` input (batch, queries, keys)."""
+    tokens, mask = keras.Input((8,), dtype="int32", name="tokens"), keras.Input((8, 8), dtype="bool", name="mask")
+    x = L.Embedding(VOCABULARY, 16, name="embed")(tokens)
+    attention = L.MultiHeadAttention(4, 8, name="block_1_attention")(x, x, attention_mask=mask)
+    x = L.LayerNormalization(epsilon=1e-6, name="norm_1")(L.Add()([x, attention]))
+    ffn = L.Dense(16, name="block_1_ffn_2")(L.Dense(32, activation="relu", name="block_1_ffn_1")(x))
+    x = L.LayerNormalization(epsilon=1e-6, name="norm_2")(L.Add()([x, ffn]))
+    return keras.Model([tokens, mask], L.Dense(3, name="scores")(L.GlobalAveragePooling1D()(x)), name="masked_attention")
+
+
 def _padded(tokens, seed=0):
     """`tokens` with a random tail of every row set to the padding token 0 (one token kept)."""
     tokens, lengths = tokens.copy(), np.random.default_rng(seed).integers(1, tokens.shape[1] + 1, len(tokens))
@@ -407,8 +418,10 @@ def _cross_attention():
 
 
 @pytest.mark.parametrize("build, layer", [(_transformer_classifier, "block_2_attention"), (_cross_attention, "cross"),
-                                         (_masked_transformer, "block_1_attention")],
-                         ids=["self-attention", "cross-attention with a key", "masked causal self-attention"])
+                                         (_masked_transformer, "block_1_attention"),
+                                         (_attention_mask_transformer, "block_1_attention")],
+                         ids=["self-attention", "cross-attention with a key", "masked causal self-attention",
+                              "attention mask input"])
 def test_the_head_contexts_reproduce_the_attention_output(build, layer):
     """`head_refit.contexts`, from the layer's weights, times the output projection is what
     Keras computes (with the masks Keras hands the layer, and its causal mask): the data
@@ -418,13 +431,13 @@ def test_the_head_contexts_reproduce_the_attention_output(build, layer):
     graph = keras_embed.read_model(model)
     node = graph.by_name[layer]
     x = _inputs(model)
-    x = _padded(x) if node.name == "block_1_attention" else x
-    query, value, key = (list(node.inputs) + [node.inputs[1]])[:3]
-    values = build_model(graph, outputs=[query, value, key, f"{query}/mask", f"{value}/mask", f"{key}/mask", layer]
-                         ).predict(x, verbose=0)
+    x = _padded(x) if build is _masked_transformer else x
+    query, value, key, mask = node.entry.attention_inputs(node)
+    values = build_model(graph, outputs=[query, value, key, f"{query}/mask", f"{value}/mask", f"{key}/mask",
+                                         mask or query, layer]).predict(x, verbose=0)
     parts = head_weights(node)
     context = contexts(parts, *values[:3], node.config.get("use_causal_mask", False),
-                       (values[3], values[4], None if key == value else values[5])).numpy()
+                       (values[3], values[4], None if key == value else values[5], mask and values[6])).numpy()
     output = context @ parts["output"].reshape(-1, parts["output"].shape[-1]) + parts["output_bias"]
     expected = values[-1].reshape(-1, values[-1].shape[-1])
     assert np.abs(output - expected).max() <= 1e-5 * np.abs(expected).max()
@@ -531,7 +544,7 @@ def test_cross_attention_of_two_inputs_is_read_and_rebuilt():
     assert_same_function(model, build_model(keras_embed.read_model(model)), x)
 
 
-MASKED = {"transformer": _masked_transformer, "lstm": _masked_recurrent}
+MASKED = {"transformer": _masked_transformer, "lstm": _masked_recurrent, "attention-mask": _attention_mask_transformer}
 
 
 @pytest.mark.parametrize("kind", sorted(MASKED))
@@ -542,29 +555,34 @@ def test_masks_pass_through_widening_pruning_and_export(kind, tmp_path):
     mode writes a smaller model that exports."""
     keras.utils.set_random_seed(7)
     model = MASKED[kind]()
-    x = _padded(_inputs(model, samples=128))
-    unmasked = MASKED[kind](mask_zero=False)
-    unmasked.set_weights(model.get_weights())
-    expected = model.predict(x, verbose=0)
-    assert np.abs(unmasked.predict(x, verbose=0) - expected).max() > 1e-2 * np.abs(expected).max()
+    x = _inputs(model, samples=128)
+    if isinstance(x, dict):  # the mask is an input: all true is no mask
+        expected, everywhere = model.predict(x, verbose=0), model.predict({**x, "mask": np.ones_like(x["mask"])}, verbose=0)
+    else:
+        x = _padded(x)
+        unmasked = MASKED[kind](mask_zero=False)
+        unmasked.set_weights(model.get_weights())
+        expected, everywhere = model.predict(x, verbose=0), unmasked.predict(x, verbose=0)
+    assert np.abs(everywhere - expected).max() > 1e-2 * np.abs(expected).max()
     assert_same_function(model, build_model(keras_embed.read_model(model)), x)
     model.save(tmp_path / "model.keras")
-    np.save(tmp_path / "x.npy", x)
+    np.savez(tmp_path / "x.npz", **(x if isinstance(x, dict) else {"x": x}))
     steps = {"transformer": ["block_1_attention:2:0.3", "block_1_ffn_1:5:-0.4"],
+             "attention-mask": ["block_1_attention:1:-0.3", "block_1_ffn_1:7:0.4"],
              "lstm": ["embed:3:0.6", "recurrent:1:0.3", "token_dense:0:-0.5"]}[kind]
     invoke = CliRunner().invoke
     grown = invoke(main, ["embed", str(tmp_path / "model.keras"), "-o", str(tmp_path / "grown.keras"), "--data",
-                          str(tmp_path / "x.npy"), *[argument for step in steps for argument in ("--widen", step)]])
+                          str(tmp_path / "x.npz"), *[argument for step in steps for argument in ("--widen", step)]])
     assert grown.exit_code == 0, grown.output
     back = invoke(main, ["prune", str(tmp_path / "grown.keras"), "-o", str(tmp_path / "back.keras"),
-                         "--data", str(tmp_path / "x.npy")])
+                         "--data", str(tmp_path / "x.npz")])
     assert back.exit_code == 0, back.output
     restored = keras.saving.load_model(tmp_path / "back.keras")
     assert restored.count_params() <= model.count_params()
     assert_same_function(model, restored, x, relative=1e-4)
     for output in ("small.tflite", "small_savedmodel/"):
         small = invoke(main, ["prune", str(tmp_path / "model.keras"), "-o", f"{tmp_path}/{output}", "--mode", "data",
-                              "--keep-ratio", "0.5", "--data", str(tmp_path / "x.npy"), "--atol", "1e-3"])
+                              "--keep-ratio", "0.5", "--data", str(tmp_path / "x.npz"), "--atol", "1e-3"])
         assert small.exit_code == 0, small.output
 
 
@@ -577,12 +595,9 @@ def test_a_mask_keras_would_not_propagate_again_is_refused_by_name():
         keras_embed.read_model(model)
 
 
-@pytest.mark.parametrize("keywords, named", [({"attention_mask": True}, "attention_mask"),
-                                             ({"return_attention_scores": True}, "return_attention_scores")])
-def test_attention_with_a_mask_tensor_or_scores_is_refused_by_name(tmp_path, keywords, named):
+@pytest.mark.parametrize("keywords, named", [({"return_attention_scores": True}, "return_attention_scores")])
+def test_attention_returning_its_scores_is_refused_by_name(tmp_path, keywords, named):
     x = keras.Input((6, 4))
-    if "attention_mask" in keywords:
-        keywords = {"attention_mask": keras.ops.ones((1, 6, 6), dtype="bool")}
     attended = L.MultiHeadAttention(2, 2, name="attention")(x, x, **keywords)
     attended = attended[0] if isinstance(attended, tuple) else attended
     keras.Model(x, L.Dense(1)(L.Flatten()(attended))).save(tmp_path / "model.keras")

@@ -53,12 +53,13 @@ def check_head_memory(graph, budget):
 
 def _allowed(masks, queries, keys, causal):
     """(batch, 1, queries, keys) float64: 1 where a query may attend to a key, as Keras'
-    MultiHeadAttention decides from the masks of its query, value and key (None: none) and
-    `use_causal_mask`; None when every pair may."""
+    MultiHeadAttention decides from the masks of its query, value and key (None: none), its
+    attention mask (batch, queries, keys) and `use_causal_mask`; None when every pair may."""
     allowed = None
-    for mask, axis in zip(masks, (-1, -2, -2)):
+    for mask, axis in zip(masks, (-1, -2, -2, None)):
         if mask is not None:
-            mask = tf.expand_dims(tf.cast(mask, tf.float64), axis)
+            mask = tf.cast(tf.cast(mask, tf.bool), tf.float64)
+            mask = mask if axis is None else tf.expand_dims(mask, axis)
             allowed = mask if allowed is None else allowed * mask
     if causal:
         lower = tf.linalg.band_part(tf.ones((queries, keys), tf.float64), -1, 0)
@@ -66,11 +67,12 @@ def _allowed(masks, queries, keys, causal):
     return None if allowed is None else allowed[:, None]
 
 
-def contexts(parts, query, value, key, causal=False, masks=(None, None, None)):
+def contexts(parts, query, value, key, causal=False, masks=(None, None, None, None)):
     """Every head's context side by side, (rows, heads * value_dim) float64, from the
     layer's weights `parts` (`heads.head_weights`) and its (batch, positions, channels) inputs,
     with the (batch, positions) masks Keras hands it with the query, value and key (None:
-    none; the key's is ignored when the key is the value) and `causal` for `use_causal_mask`."""
+    none; the key's is ignored when the key is the value), its attention mask (batch,
+    queries, keys) and `causal` for `use_causal_mask`."""
 
     def project(name, inputs):
         projected = tf.einsum("btd,dhk->bthk", tf.cast(inputs, tf.float64), tf.constant(parts[name], tf.float64))
@@ -92,12 +94,13 @@ def head_stats(graph, target, layer, data, batch_size=256):
     sources = list(dict.fromkeys(node.inputs))
     names = sources + [f"{source}/mask" for source in sources]
     current = build_model(graph.up_to(sources), outputs=names)
-    parts, (query, value, key) = head_weights(node), (list(node.inputs) + [node.inputs[1]])[:3]
+    parts, (query, value, key, attention_mask) = head_weights(node), node.entry.attention_inputs(node)
 
     @tf.function(input_signature=input_signature(current))
     def products(*inputs):
         values = dict(zip(names, as_list(call(current, inputs))))
-        masks = (values[f"{query}/mask"], values[f"{value}/mask"], None if key == value else values[f"{key}/mask"])
+        masks = (values[f"{query}/mask"], values[f"{value}/mask"], None if key == value else values[f"{key}/mask"],
+                 None if attention_mask is None else values[attention_mask])
         c = contexts(parts, values[query], values[value], values[key], node.config.get("use_causal_mask", False), masks)
         y = tf.cast(tf.reshape(call(target, inputs), (-1, _sizes(node)[2])), tf.float64)
         ones = tf.ones((tf.shape(c)[0], 1), tf.float64)

@@ -63,7 +63,8 @@ def _topology(model):
             raise UnsupportedLayerError(f"layer '{entry['name']}' is called more than once (a shared layer); "
                                         "it is not supported")
         args, keywords = (calls[0].get("args", []), calls[0].get("kwargs", {})) if calls else ([], {})
-        keywords = {key: value for key, value in keywords.items() if key not in MASK_KEYWORDS}
+        keywords = {key: value for key, value in sorted(keywords.items(), key=lambda item: item[0] == "attention_mask")
+                    if key not in MASK_KEYWORDS}  # an attention mask is read last
         sources[entry["name"]] = _history_names([args, keywords])
         masks[entry["name"]] = _history_names([calls[0].get("kwargs", {}).get(key) for key in MASK_KEYWORDS] if calls else [])
         arguments[entry["name"]] = (args, keywords)

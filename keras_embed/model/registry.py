@@ -509,14 +509,20 @@ class Bidirectional(Recurrent):
 class MultiHeadAttention(LayerType):
     """MultiHeadAttention called on (query, value[, key]): it makes a channel space of its
     output width and fixes the width of that space and of every group it reads; its heads are
-    units of their own (`edit.heads`). `use_causal_mask` is kept and passed again, and the
+    units of their own (`edit.heads`). `use_causal_mask` is kept and passed again, an
+    `attention_mask` tensor is read as the node's last input (`attention_inputs`), and the
     masks Keras propagates to it (from an Embedding with mask_zero) come back by themselves on
-    rebuild; an `attention_mask` tensor is refused (the node would need a mask input that is
-    no channel space)."""
+    rebuild.
+
+    Example:
+        >>> entry("MultiHeadAttention").attention_inputs(node)     # called as (x, x, attention_mask=m)
+        ('x', 'x', 'x', 'm')
+    """
 
     role = "produces"
     composes = False
-    CALL_KEYWORDS = ("training", "return_attention_scores", "use_causal_mask")
+    CALL_KEYWORDS = ("training", "return_attention_scores", "use_causal_mask", "attention_mask")
+    KEPT = ("use_causal_mask", "attention_mask")  # what `with_call` keeps in the node's config
 
     def check(self, layer, config):
         if config.get("use_gate") or config.get("sliding_window") or layer.output_dense.kernel.ndim != 3:
@@ -527,17 +533,26 @@ class MultiHeadAttention(LayerType):
         used = sorted(key for key, value in keywords.items() if key not in self.CALL_KEYWORDS and value not in (None, False))
         if used or keywords.get("return_attention_scores"):
             raise UnsupportedLayerError(f"layer '{layer.name}' (MultiHeadAttention) is called with "
-                                        f"{', '.join(used) or 'return_attention_scores'}; only attention without "
-                                        "an attention_mask tensor, returning its output alone, is supported")
+                                        f"{', '.join(used) or 'return_attention_scores'}; only attention returning "
+                                        "its output alone, on query, value, key and attention_mask, is supported")
 
     def with_call(self, node, keywords):
-        return dataclasses.replace(node, config={**node.config, "use_causal_mask": bool(keywords.get("use_causal_mask"))})
+        kept = {"use_causal_mask": bool(keywords.get("use_causal_mask")),
+                "attention_mask": keywords.get("attention_mask") is not None}  # a tensor: the last input
+        return dataclasses.replace(node, config={**node.config, **kept})
+
+    def attention_inputs(self, node):
+        """(query, value, key, attention mask or None): the names of what the node reads."""
+        inputs = list(node.inputs)
+        mask = inputs.pop() if node.config.get("attention_mask") else None
+        return inputs[0], inputs[1], inputs[2] if len(inputs) > 2 else inputs[1], mask
 
     def config(self, node):
-        return {key: value for key, value in node.config.items() if key != "use_causal_mask"} | {"name": node.name}
+        return {key: value for key, value in node.config.items() if key not in self.KEPT} | {"name": node.name}
 
     def call(self, node, layer, arguments):
-        return layer(*arguments, use_causal_mask=node.config.get("use_causal_mask", False))
+        mask = arguments.pop() if node.config.get("attention_mask") else None
+        return layer(*arguments, attention_mask=mask, use_causal_mask=node.config.get("use_causal_mask", False))
 
     def freezes(self, node):
         return True
