@@ -42,13 +42,13 @@ from keras_embed.verify import assert_outputs_preserved, calibration_inputs, pre
 MODES = ("exact", "condense", "data")
 
 
-def statistics(graph, data, batch_size=256, on_batch=None):
+def statistics(graph, data, batch_size=256, on_batch=None, strategy=None):
     """The one pass for the exact data rules: (regime statistics by producer, value
-    statistics by tensor read by a producer)."""
+    statistics by tensor read by a producer), on the replicas of `strategy` when given."""
     regimes, values = producer_requests(graph, moments=moment_producers(graph)), source_requests(graph)
     requests = {**{("z", name): request for name, request in regimes.items()},
                 **{("a", name): request for name, request in values.items()}}
-    stats = collect(graph, data, requests, batch_size, on_batch)
+    stats = collect(graph, data, requests, batch_size, on_batch, strategy=strategy)
     return ({name: stats[("z", name)] for name in regimes}, {name: stats[("a", name)] for name in values})
 
 
@@ -267,7 +267,7 @@ def _check_approximate_inputs(mode, data, rule, labels, validation, validation_l
                          "and validation .npz files")
 
 
-def _approximate_round(graph, reduced, mode, data, rule, judge, cos, batch_size, gram_budget):
+def _approximate_round(graph, reduced, mode, data, rule, judge, cos, batch_size, gram_budget, strategy):
     """The condense merge, or the data-driven refit as far as `rule` allows (each candidate
     judged by `judge`), on `reduced`, the exactly reduced `graph` (a keep ratio is of the
     groups' widths in `graph`)."""
@@ -276,14 +276,14 @@ def _approximate_round(graph, reduced, mode, data, rule, judge, cos, batch_size,
     widths = {group: graph.group_width(group) for group in graph.editable_groups()}
     heads = {node.name: node.config["num_heads"] for node in graph.nodes if node.kind == "MultiHeadAttention"}
     compress = functools.partial(compress_groups, reduced, data, batch_size=batch_size, cache={}, widths=widths,
-                                 gram_budget=gram_budget, heads=heads)
+                                 gram_budget=gram_budget, heads=heads, strategy=strategy)
     widest = max((reduced.group_width(group) for group in reduced.editable_groups()), default=1)
     return search(compress, rule, judge, 1.0 / widest)[1]
 
 
 def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, mode="exact", rule=None, labels=None,
           validation=None, validation_labels=None, cos=0.99, lin_tol=DEFAULT_LIN_TOL, allow_growth=False,
-          batch_size=256, on_batch=None, gram_budget=GRAM_BUDGET):
+          batch_size=256, on_batch=None, gram_budget=GRAM_BUDGET, strategy=None):
     """Compresses `model` and checks the result.
 
     Modes:
@@ -315,6 +315,9 @@ def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, mode="exact", 
         batch_size: rows per batch.
         on_batch: progress callback of the statistics pass, called with each batch's size.
         gram_budget: data mode: bytes one channel group's Gram and cross-product may take.
+        strategy: a `tf.distribute.Strategy` whose replicas share every batch of the
+            statistics passes (`measure.replicas`); the same result as without, up to
+            float64 rounding.
 
     Returns:
         (compressed model of stock Keras layers, `Report`). `model` is untouched.
@@ -333,12 +336,12 @@ def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, mode="exact", 
         _check_approximate_inputs(mode, data, rule, labels, validation, validation_labels, len(graph.outputs))
     if mode == "data":
         check_refit_memory(graph, gram_budget)  # before any pass: widths only shrink
-    stats = None if data is None else statistics(graph, data, batch_size, on_batch)
+    stats = None if data is None else statistics(graph, data, batch_size, on_batch, strategy)
     analysis = plan_prune(graph, stats, rtol, lin_tol, allow_growth)
     reduced = apply_plan(graph, analysis.plan)
     if mode != "exact":
         judge = _judge(model, data, labels, validation, validation_labels, batch_size) if mode == "data" else None
-        extra = _approximate_round(graph, reduced, mode, data, rule, judge, cos, batch_size, gram_budget)
+        extra = _approximate_round(graph, reduced, mode, data, rule, judge, cos, batch_size, gram_budget, strategy)
         analysis = dataclasses.replace(analysis, plan=Plan(analysis.plan.rounds + ((extra,) if extra else ())))
         reduced = apply_round(reduced, extra) if extra else reduced
     pruned = build_model(reduced)
@@ -353,11 +356,12 @@ def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, mode="exact", 
                           checks, time.perf_counter() - start)
 
 
-def analyze(model, data=None, rtol=1e-6, lin_tol=DEFAULT_LIN_TOL, allow_growth=False, batch_size=256, on_batch=None):
+def analyze(model, data=None, rtol=1e-6, lin_tol=DEFAULT_LIN_TOL, allow_growth=False, batch_size=256, on_batch=None,
+            strategy=None):
     """Per-producer redundancy of `model` (`layer_rows`, plus effective_width: what `prune`
-    keeps, 0 when collapsed); nothing is changed."""
+    keeps, 0 when collapsed); nothing is changed. `strategy` as in `prune`."""
     graph = read_model(model)
-    stats = None if data is None else statistics(graph, data, batch_size, on_batch)
+    stats = None if data is None else statistics(graph, data, batch_size, on_batch, strategy)
     analysis = plan_prune(graph, stats, rtol, lin_tol, allow_growth)
     rows = layer_rows(graph, apply_plan(graph, analysis.plan), analysis)
     return [{**row, "effective_width": row["width_after"]} for row in rows]

@@ -4,8 +4,8 @@ import json
 
 import click
 
-from keras_embed.tools.common import (FiniteFloat, calibration_data, data_options, handles_errors, progress, table,
-                                      unsafe_option)
+from keras_embed.tools.common import (FiniteFloat, calibration_data, data_options, handles_errors, progress,
+                                      start_strategy, strategy_option, table, unsafe_option)
 
 COLUMNS = ("name", "kind", "width_before", "zero_out", "constant", "duplicate_groups", "duplicates", "effective_width")
 DATA_COLUMNS = ("name", "kind", "width_before", "zero_out", "dead", "constant", "duplicate_groups", "duplicates",
@@ -20,9 +20,10 @@ DATA_COLUMNS = ("name", "kind", "width_before", "zero_out", "dead", "constant", 
 @click.option("--lin-tol", type=FiniteFloat(min=0), default=1e-4, show_default=True,
               help="Affine-fit residual sqrt(1-R^2) below which a smooth unit counts as linear on the data.")
 @data_options
+@strategy_option
 @unsafe_option
 @handles_errors
-def analyze(model, json_path, overwrite, rtol, lin_tol, data, dataset, batch_size, unsafe):
+def analyze(model, json_path, overwrite, rtol, lin_tol, data, dataset, batch_size, strategy, unsafe):
     """Show the redundant channels of each Dense and convolution layer of MODEL.
 
     Zero-out channels have all-zero outgoing weights, constant channels all-zero incoming
@@ -33,9 +34,13 @@ def analyze(model, json_path, overwrite, rtol, lin_tol, data, dataset, batch_siz
     what `prune` keeps. Layers an Add joins form one group and share their counts (the
     group column names it).
 
+    With --strategy, the statistics pass shares each batch across the replicas of a
+    tf.distribute strategy; with multi-worker, only the chief writes --json.
+
     \b
     Exit codes: 0 ok, 2 bad usage or input, 4 unsupported model.
     """
+    strategy, shared, writes = start_strategy(strategy)
     from keras_embed.files.data import row_count
     from keras_embed.files.load import load_model
     from keras_embed.files.save import check_side_output, write_text
@@ -46,13 +51,13 @@ def analyze(model, json_path, overwrite, rtol, lin_tol, data, dataset, batch_siz
     original = load_model(model, unsafe)
     x, _ = calibration_data(data, dataset, original)
     with progress(0 if x is None else row_count(x), "statistics") as bar:
-        rows = analyze_model(original, x, rtol, lin_tol, batch_size=batch_size, on_batch=bar.update)
+        rows = analyze_model(original, x, rtol, lin_tol, batch_size=batch_size, on_batch=bar.update, strategy=strategy)
     columns = COLUMNS if x is None else DATA_COLUMNS
     if any(row["group"] != row["name"] for row in rows):
         columns = columns[:2] + ("group",) + columns[2:]
-    text = json.dumps({"model": model, "layers": rows}, indent=2)
+    text = json.dumps({"model": model, "layers": rows, **({"strategy": shared} if shared else {})}, indent=2)
     click.echo(table(rows, columns), err=json_path == "-")
     if json_path == "-":
         click.echo(text)
-    elif json_path:
+    elif json_path and writes:
         write_text(json_path, text + "\n")

@@ -143,6 +143,24 @@ DATASETS = ["digits", "iris", "wine", "breast_cancer", "regression1d"]  # keras_
 
 unsafe_option = click.option("--unsafe", is_flag=True, help=UNSAFE_HELP)
 
+strategy_option = click.option(
+    "--strategy", type=click.Choice(["default", "mirrored", "multi-worker"]), default="default", show_default=True,
+    help="Share every batch of the statistics passes across devices with tf.distribute: mirrored over this "
+         "machine's GPUs, multi-worker over the machines TF_CONFIG names (run the same command on each; the chief "
+         "writes the files). The result is the one-device result, up to rounding.")
+
+
+def start_strategy(name):
+    """(the `tf.distribute.Strategy` of --strategy NAME or None, the report's `strategy`
+    entry or None, whether this process writes the files); made first, as
+    `MultiWorkerMirroredStrategy` must be."""
+    if name == "default":
+        return None, None, True
+    from keras_embed.measure.replicas import is_chief, named_strategy
+
+    strategy = named_strategy(name)
+    return strategy, {"kind": name, "replicas": strategy.num_replicas_in_sync}, is_chief(strategy)
+
 data_options = _options(
     click.option("--data", type=click.Path(dir_okay=False, path_type=str),
                  help="Calibration inputs: .npy, or .npz with key x (else its first array)."),

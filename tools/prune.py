@@ -5,7 +5,7 @@ import json
 import click
 
 from keras_embed.tools.common import (FiniteFloat, calibration_data, data_options, handles_errors, output_options,
-                                      progress, table)
+                                      progress, start_strategy, strategy_option, table)
 
 
 @click.command()
@@ -25,6 +25,7 @@ from keras_embed.tools.common import (FiniteFloat, calibration_data, data_option
 @click.option("--cos", type=FiniteFloat(-1, 1), default=0.99, show_default=True, help="Condense mode: cosine similarity that groups units.")
 @click.option("--gram-budget", type=click.IntRange(min=1), default=256, show_default=True, metavar="MIB",
               help="Data mode: memory one channel group's Gram matrix and cross-product may take, in MiB.")
+@strategy_option
 @click.option("--finetune", type=click.IntRange(min=1), metavar="EPOCHS", help="Train the result this many epochs on the calibration data (needs labels y); reported separately.")
 @click.option("--lin-tol", type=FiniteFloat(min=0), default=1e-4, show_default=True,
               help="Affine-fit residual sqrt(1-R^2) below which a smooth unit counts as linear on the data.")
@@ -41,8 +42,8 @@ from keras_embed.tools.common import (FiniteFloat, calibration_data, data_option
                    "within 1e-2 (float16) or 1e-1 (int8) times the output scale.")
 @handles_errors
 def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_size, validation, mode, max_accuracy_drop,
-          max_output_error, keep_ratio, target_params, cos, gram_budget, finetune, lin_tol, allow_growth, report,
-          as_json, rtol, force, keep_format, quantize):
+          max_output_error, keep_ratio, target_params, cos, gram_budget, strategy, finetune, lin_tol, allow_growth,
+          report, as_json, rtol, force, keep_format, quantize):
     """Remove redundant units and layers from MODEL and write the smaller model to OUTPUT.
 
     MODEL is a .keras or .h5 file (Keras 3 or tf_keras), or a SavedModel folder: one
@@ -65,9 +66,13 @@ def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
     interpreter, tf_keras, onnxruntime) and its outputs compared on the calibration data;
     above the tolerance nothing is written and the exit code is 3.
 
+    With --strategy, the statistics passes share each batch across the replicas of a
+    tf.distribute strategy; with multi-worker, only the chief writes OUTPUT and --report.
+
     \b
     Exit codes: 0 ok, 2 bad usage or input, 3 verification failed, 4 unsupported model.
     """
+    strategy, shared, writes = start_strategy(strategy)
     from keras_embed.pipeline import prune as prune_model
     from keras_embed.files.data import load_checked, row_count
     from keras_embed.files.export import check_export_options, export_model
@@ -104,14 +109,17 @@ def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
         pruned, result = prune_model(
             original, rtol, x, atol, force, mode=mode, rule=rule, labels=y, validation=held_out,
             validation_labels=held_out_y, cos=cos, lin_tol=lin_tol, allow_growth=allow_growth,
-            batch_size=batch_size, on_batch=bar.update, gram_budget=gram_budget * 2**20,
+            batch_size=batch_size, on_batch=bar.update, gram_budget=gram_budget * 2**20, strategy=strategy,
         )
-    figures = {"input": {"kind": kind, **notes}, **result.to_dict()}
+    figures = {"input": {"kind": kind, **notes}, **result.to_dict(), **({"strategy": shared} if shared else {})}
     sparsity = sparsity_figures(original, pruned)
     if sparsity["zero_kernel_weights_before"]:
         figures["sparsity"] = sparsity
     if finetune:
         pruned, figures["finetune"] = _finetune(original, pruned, x, y, finetune, held_out, held_out_y, batch_size)
+    if not writes:
+        click.echo(f"{summary(figures, output)}\n(a worker: the chief writes {output})", err=True)
+        return
     check_x = calibration_inputs(pruned) if x is None else x
     with published_together():  # a report that cannot be written leaves no model behind
         figures.update(export_model(pruned, output, check_x, format_, quantize, x, atol, force,

@@ -28,6 +28,7 @@ from keras_embed.edit.plan import HeadRefit
 from keras_embed.files.data import batches, check_inputs
 from keras_embed.find.least_squares import RegressionStats, refit
 from keras_embed.measure.reduce import as_list, call, input_signature, input_tensors
+from keras_embed.measure.replicas import Sharded, scope
 from keras_embed.measure.statistics import check_gram_memory
 from keras_embed.model.build import build_model
 
@@ -87,30 +88,31 @@ def contexts(parts, query, value, key, causal=False, masks=(None, None, None, No
     return tf.reshape(context, (-1, context.shape[2] * context.shape[3]))
 
 
-def head_stats(graph, target, layer, data, batch_size=256):
+def head_stats(graph, target, layer, data, batch_size=256, strategy=None):
     """One pass: the contexts of MultiHeadAttention `layer` in `graph` against `target`, a
-    model of the same inputs returning the reference network's output of that layer."""
+    model of the same inputs returning the reference network's output of that layer (on
+    the replicas of `strategy` when given)."""
     node = graph.by_name[layer]
     sources = list(dict.fromkeys(node.inputs))
     names = sources + [f"{source}/mask" for source in sources]
-    current = build_model(graph.up_to(sources), outputs=names)
+    with scope(strategy):
+        current = build_model(graph.up_to(sources), outputs=names)
     parts, (query, value, key, attention_mask) = head_weights(node), node.entry.attention_inputs(node)
 
-    @tf.function(input_signature=input_signature(current))
-    def products(*inputs):
+    def products(inputs):
         values = dict(zip(names, as_list(call(current, inputs))))
         masks = (values[f"{query}/mask"], values[f"{value}/mask"], None if key == value else values[f"{key}/mask"],
                  None if attention_mask is None else values[attention_mask])
         c = contexts(parts, values[query], values[value], values[key], node.config.get("use_causal_mask", False), masks)
         y = tf.cast(tf.reshape(call(target, inputs), (-1, _sizes(node)[2])), tf.float64)
-        ones = tf.ones((tf.shape(c)[0], 1), tf.float64)
-        a = tf.concat([c, ones], axis=1)
-        return tf.linalg.matmul(a, a, transpose_a=True), tf.linalg.matmul(a, y, transpose_a=True), tf.reduce_sum(y * y)
+        a = tf.concat([c, tf.ones((tf.shape(c)[0], 1), tf.float64)], axis=1)
+        return (tf.linalg.matmul(a, a, transpose_a=True), tf.linalg.matmul(a, y, transpose_a=True), tf.reduce_sum(y * y)), ()
 
+    sharded = Sharded(products, input_signature(current), strategy)
     gram, cross, energy = 0.0, 0.0, 0.0
     for batch in batches(data, batch_size):
         batch = check_inputs(batch, graph.inputs)
-        sums = [value.numpy() for value in products(*input_tensors(current, batch))]
+        sums, _ = sharded(input_tensors(current, batch))
         gram, cross, energy = gram + sums[0], cross + sums[1], energy + float(sums[2])
     return RegressionStats(gram, cross, energy)
 

@@ -31,6 +31,7 @@ from keras_embed.find.head_refit import check_head_memory, head_refit, head_stat
 from keras_embed.find.least_squares import RegressionStats, refit
 from keras_embed.edit.surgery import apply_round
 from keras_embed.measure.reduce import as_list, call, input_signature, input_tensors
+from keras_embed.measure.replicas import Sharded, scope
 from keras_embed.measure.statistics import GRAM_BUDGET, check_gram_memory, group_request, tensors
 from keras_embed.model.build import build_model
 
@@ -80,28 +81,29 @@ def reference_probe(reference):
     return build_model(reference, outputs=sorted({source for node in reference.producers for source in node.inputs}))
 
 
-def regression_stats(graph, target, group, data, weighting, batch_size=256):
+def regression_stats(graph, target, group, data, weighting, batch_size=256, strategy=None):
     """One pass: `group`'s channels in `graph` against the same channels of the reference
     network (`target`: its `reference_probe`; same node names, the group at the same
     width), weighted by `weighting` (L). Both networks run, as far as the group, in one
-    traced function that returns only the products the fit needs (rows never reach NumPy)."""
+    traced function that returns only the products the fit needs (rows never reach NumPy),
+    on the replicas of `strategy` when given (`measure.replicas`)."""
     request = group_request(graph, group)
     names = tensors({group: request})
-    current = build_model(graph.up_to(names), outputs=names)
+    with scope(strategy):
+        current = build_model(graph.up_to(names), outputs=names)
     reference = keras.Model(target.inputs, [target.get_layer(name).output for name in names])
 
-    @tf.function(input_signature=input_signature(current))
-    def products(*inputs):
+    def products(inputs):
         outputs = [dict(zip(names, as_list(call(model, inputs)))) for model in (current, reference)]
-        return _part_products(*outputs, request.a)
+        return _part_products(*outputs, request.a), ()
 
+    sharded = Sharded(products, input_signature(current), strategy)
     width = graph.group_width(group)
     gram, cross_r = np.zeros((width + 1, width + 1)), np.zeros((width + 1, width))
     target_gram = np.zeros((width, width))
     for batch in batches(data, batch_size):
         batch = check_inputs(batch, graph.inputs)
-        values = products(*input_tensors(current, batch))
-        rows, a_a, a_sum, a_r, r_sum, r_r = (value.numpy() for value in values)
+        (rows, a_a, a_sum, a_r, r_sum, r_r), _ = sharded(input_tensors(current, batch))
         gram[:-1, :-1] += a_a
         gram[:-1, -1] += a_sum
         gram[-1, :-1] += a_sum
@@ -196,7 +198,7 @@ def check_refit_memory(graph, budget=GRAM_BUDGET):
 
 
 def compress_groups(graph, data, tolerance=None, keep_ratio=None, batch_size=256, cache=None, widths=None,
-                    gram_budget=GRAM_BUDGET, heads=None):
+                    gram_budget=GRAM_BUDGET, heads=None, strategy=None):
     """Compresses every approximable group and the heads of every attention layer of `graph`
     (`find.head_refit`), in graph order.
 
@@ -212,6 +214,7 @@ def compress_groups(graph, data, tolerance=None, keep_ratio=None, batch_size=256
             statistics are gathered once for each choice of channels kept before it (the
             attempts of `search` share most of them).
         gram_budget: bytes one group's Gram and cross-product may take (see `check_refit_memory`).
+        strategy: a `tf.distribute.Strategy` whose replicas share each batch of every pass.
 
     Returns:
         (compressed `Graph`, tuple of `Refit` and `HeadRefit` edits).
@@ -229,15 +232,17 @@ def compress_groups(graph, data, tolerance=None, keep_ratio=None, batch_size=256
         if kind == "heads":
             if key not in cache:
                 if ("target", name) not in cache:
-                    cache["target", name] = build_model(graph.up_to([name]), outputs=[name])
-                cache[key] = head_stats(current, cache["target", name], name, data, batch_size)
+                    with scope(strategy):
+                        cache["target", name] = build_model(graph.up_to([name]), outputs=[name])
+                cache[key] = head_stats(current, cache["target", name], name, data, batch_size, strategy)
             edit = head_refit(current, current.by_name[name], cache[key], tolerance, keep_ratio, (heads or {}).get(name))
         else:
             weighting = reader_weighting(current, name)
             if key not in cache:
                 if "reference" not in cache:
-                    cache["reference"] = reference_probe(graph)
-                cache[key] = regression_stats(current, cache["reference"], name, data, weighting, batch_size)
+                    with scope(strategy):
+                        cache["reference"] = reference_probe(graph)
+                cache[key] = regression_stats(current, cache["reference"], name, data, weighting, batch_size, strategy)
             edit = group_refit(name, graph.group_width(name), cache[key], weighting, fits_constants(current, name),
                                tolerance, keep_ratio, (widths or {}).get(name))
         if edit is not None:

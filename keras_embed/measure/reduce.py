@@ -21,6 +21,8 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
+from keras_embed.measure.replicas import Sharded
+
 EAGER_CALLS = 2  # batches a small probe runs eagerly before it is traced
 EAGER_BYTES = 256 * 2**20  # a probe whose layer outputs for one batch exceed this is traced from the start
 
@@ -155,25 +157,69 @@ def as_list(values):
     return list(values) if isinstance(values, (list, tuple)) else [values]
 
 
+_GRAM_BLOCK = 1024  # Gram rows updated per product: 64 MiB of temporary at 8,192 units
+
+
+def add_gram(gram, a):
+    """Adds [a, 1]^T [a, 1] to `gram` in place, in blocks of rows, without building [a, 1]."""
+    width = a.shape[1]
+    for start in range(0, width, _GRAM_BLOCK):
+        rows = slice(start, min(start + _GRAM_BLOCK, width))
+        gram[rows, :-1] += a[:, rows].T @ a
+    sums = a.sum(axis=0)
+    gram[:-1, -1] += sums
+    gram[-1, :-1] += sums
+    gram[-1, -1] += len(a)
+
+
+def gram_part(a):
+    """[a, 1]^T [a, 1] of a (rows, width) tensor, float64: `add_gram` inside TensorFlow."""
+    a = tf.cast(a, tf.float64)
+    a = tf.concat([a, tf.ones((tf.shape(a)[0], 1), tf.float64)], axis=1)
+    return tf.linalg.matmul(a, a, transpose_a=True)
+
+
 class Reducer:
     """Runs a probe model on batches and reduces its outputs for `requests` (a sequence of
-    `statistics.Request`, in order).
+    `statistics.Request`, in order); with a `tf.distribute.Strategy`, on its replicas, each
+    reducing its rows of every batch (`replicas.Sharded`; Gram parts summed in float64).
 
-    Calls return (per tensor name, whether it is finite; per request, its `BatchSummary`;
-    per Gram request, its rows of a as float64).
+    Example:
+        >>> finite, summaries = Reducer(probe, names, requests, 256)(batch, grams)
+        >>> summaries[0][0].count       # the first request's summary of the first replica's rows
+        256
     """
 
-    def __init__(self, model, names, requests, batch_size):
+    def __init__(self, model, names, requests, batch_size, strategy=None):
         self.model, self.calls = model, 0
         self.reduce = _reductions(names, requests)
-        self.traced = _traced(model, names, requests)
-        self.eager = layer_bytes(model, batch_size) <= EAGER_BYTES
+        self.sharded = None if strategy is None else Sharded(self._on_replica, input_signature(model), strategy)
+        self.traced = _traced(model, names, requests) if strategy is None else None
+        self.eager = strategy is None and layer_bytes(model, batch_size) <= EAGER_BYTES
 
-    def __call__(self, batch):
+    def _on_replica(self, inputs):
+        finite, summaries, grams = self.reduce(as_list(call(self.model, inputs)))
+        broken = [tf.cast(tf.logical_not(flag), tf.int32) for flag in finite]  # replicas where not finite
+        return ([gram_part(a) for a in grams], broken), summaries
+
+    def __call__(self, batch, grams):
+        """Reduces `batch` and adds its part of each Gram request's Gram to `grams` (NumPy
+        arrays, in request order), in place.
+
+        Returns:
+            (per tensor name, whether its values are finite; per request, a `BatchSummary`
+            of each replica's rows, one without a strategy).
+        """
         self.calls += 1
+        if self.sharded is not None:
+            (parts, broken), summaries = self.sharded(input_tensors(self.model, batch))
+            for gram, part in zip(grams, parts):
+                gram += part
+            return [not count for count in broken], [[to_summary(row) for row in zip(*values)] for values in summaries]
         if self.eager and self.calls <= EAGER_CALLS:
-            finite, summaries, grams = self.reduce(as_list(self.model(batch, training=False)))
+            finite, summaries, rows = self.reduce(as_list(self.model(batch, training=False)))
         else:
-            finite, summaries, grams = self.traced(*input_tensors(self.model, batch))
-        return ([bool(flag) for flag in finite], [to_summary(values) for values in summaries],
-                [np.asarray(value, dtype=np.float64) for value in grams])
+            finite, summaries, rows = self.traced(*input_tensors(self.model, batch))
+        for gram, a in zip(grams, rows):
+            add_gram(gram, np.asarray(a, dtype=np.float64))
+        return [bool(flag) for flag in finite], [[to_summary(values)] for values in summaries]

@@ -28,11 +28,11 @@ import threadpoolctl
 
 from keras_embed.files.data import batches, check_inputs, row_count
 from keras_embed.errors import InputError
-from keras_embed.measure.reduce import Reducer, batch_summary
+from keras_embed.measure.reduce import Reducer, add_gram, batch_summary
+from keras_embed.measure.replicas import scope
 from keras_embed.model.build import Prober, build_model
 
 GRAM_BUDGET = 256 * 2**20  # bytes of the Gram matrices one pass may hold: 5,791 units in one layer
-_GRAM_BLOCK = 1024  # Gram rows updated per product: 64 MiB of temporary at 8,192 units
 
 
 def gram_bytes(width):
@@ -134,18 +134,6 @@ class LayerStats:
         return self.positive / max(self.count, 1)
 
 
-def add_gram(gram, a):
-    """Adds [a, 1]^T [a, 1] to `gram` in place, in blocks of rows, without building [a, 1]."""
-    width = a.shape[1]
-    for start in range(0, width, _GRAM_BLOCK):
-        rows = slice(start, min(start + _GRAM_BLOCK, width))
-        gram[rows, :-1] += a[:, rows].T @ a
-    sums = a.sum(axis=0)
-    gram[:-1, -1] += sums
-    gram[-1, :-1] += sums
-    gram[-1, -1] += len(a)
-
-
 @dataclasses.dataclass(frozen=True)
 class Request:
     """What one key accumulates: rows of z and of a, each stacked from (tensor name,
@@ -209,7 +197,7 @@ def one_blas_thread():
     return _threadpools().limit(limits=1, user_api="blas")
 
 
-def collect(graph, data, requests, batch_size=256, on_batch=None, probe=None, gram_budget=GRAM_BUDGET):
+def collect(graph, data, requests, batch_size=256, on_batch=None, probe=None, gram_budget=GRAM_BUDGET, strategy=None):
     """Runs the one pass of statistics.
 
     Args:
@@ -222,6 +210,8 @@ def collect(graph, data, requests, batch_size=256, on_batch=None, probe=None, gr
             one built before with `build_model(graph, outputs=tensors(requests))` and given
             the current weights with `build.write_weights`.
         gram_budget: bytes the Grams may take together (see `check_gram_memory`).
+        strategy: a `tf.distribute.Strategy` whose replicas share each batch (see
+            `measure.replicas`); the figures equal the one-device pass up to float64 rounding.
 
     Returns:
         {key: `LayerStats`}.
@@ -234,24 +224,24 @@ def collect(graph, data, requests, batch_size=256, on_batch=None, probe=None, gr
              for key, request in requests.items()}
     names = tensors(requests)
     if probe is None and names:
-        probe = build_model(graph, outputs=names)
+        with scope(strategy):
+            probe = build_model(graph, outputs=names)
     reducer = Reducer(probe.model if isinstance(probe, Prober) else probe, names, list(requests.values()),
-                      batch_size) if names else None
-    grams = [key for key, request in requests.items() if request.gram]
+                      batch_size, strategy) if names else None
+    grams = [stats[key].gram for key, request in requests.items() if request.gram]
     samples = 0
     with one_blas_thread():
         for batch in batches(data, batch_size):
             batch = check_inputs(batch, graph.inputs)
             if names:
-                finite, summaries, gram_rows = reducer(batch)
+                finite, summaries = reducer(batch, grams)
                 if not all(finite):
                     broken = names[finite.index(False)].split("/")[0]
                     raise InputError(f"the model computes NaN or infinite values at '{broken}' on the data; "
                                      "check the model's weights and the data")
-                for key, summary in zip(requests, summaries):
-                    stats[key].merge(summary)
-                for key, a in zip(grams, gram_rows):
-                    add_gram(stats[key].gram, a)
+                for key, shards in zip(requests, summaries):
+                    for summary in shards:
+                        stats[key].merge(summary)
             rows = row_count(batch)
             samples += rows
             if on_batch is not None:
