@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import click
 
@@ -161,13 +162,25 @@ def start_strategy(name):
     strategy = named_strategy(name)
     return strategy, {"kind": name, "replicas": strategy.num_replicas_in_sync}, is_chief(strategy)
 
+
+def _force_progress(context, parameter, value):
+    context.meta["keras_embed.progress"] = value
+
+
+progress_option = click.option("--progress", "progress_", is_flag=True, expose_value=False, callback=_force_progress,
+                               help="Show the progress bar (rows/s, time left) on stderr even when it is not a terminal.")
+
+
 data_options = _options(
-    click.option("--data", type=click.Path(dir_okay=False, path_type=str),
-                 help="Calibration inputs: .npy, or .npz with key x (else its first array)."),
+    click.option("--data", type=click.Path(path_type=str),
+                 help="Calibration inputs: .npy, .npz with key x (else its first array) and optional labels y, or an "
+                      "image folder (one sub-folder per class, labels from the folder names, resized to the model's "
+                      "input)."),
     click.option("--dataset", type=click.Choice(DATASETS),
                  help="Use a dataset bundled with scikit-learn (or the synthetic 1-D regression task) as calibration data (no download)."),
     click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
                  help="Samples per batch of the statistics and verification passes."),
+    progress_option,
 )
 
 output_options = _options(
@@ -212,11 +225,41 @@ class _NoProgress:
         pass
 
 
+
+
 def progress(samples, label):
-    """A stderr progress bar over `samples` (none when stderr is not a terminal).
+    """A stderr progress bar over `samples` with rows/s and time left (none when stderr is
+    not a terminal, unless --progress).
 
     Use as a context manager and call `.update(n)`.
+
+    Example:
+        >>> with progress(100_000, "statistics") as bar:
+        ...     bar.update(256)       # statistics  [#-----]    2%  12,345 rows/s  00:00:08
     """
-    if not sys.stderr.isatty():
+    context = click.get_current_context(silent=True)
+    forced = context is not None and context.meta.get("keras_embed.progress")
+    if not (sys.stderr.isatty() or forced):
         return _NoProgress()
-    return click.progressbar(length=samples, label=label, file=sys.stderr)
+    bar = click.progressbar(length=samples, label=label, file=sys.stderr, item_show_func=lambda text: text,
+                            show_eta=True)
+    bar._is_atty = True  # click 8 draws only on a terminal (no public switch); --progress asks for a pipe too
+    return _RateBar(bar)
+
+
+class _RateBar:
+    """A `click.progressbar` whose `update(rows)` also shows the rows per second so far."""
+
+    def __init__(self, bar):
+        self.bar, self.rows, self.start = bar, 0, time.monotonic()
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc_info):
+        return self.bar.__exit__(*exc_info)
+
+    def update(self, rows):
+        self.rows += rows
+        self.bar.update(rows, f"{self.rows / max(time.monotonic() - self.start, 1e-9):,.0f} rows/s")

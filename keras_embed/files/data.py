@@ -13,6 +13,7 @@ input and all hold the same rows. Batches of such data are dicts of row slices.
 Example:
     >>> x, y = load_data("calib.npz")                 # key x, optional y; else the first array
     >>> x, y = load_checked("calib.npz", model)        # two inputs: keys image, features (and y)
+    >>> x, y = load_checked("photos/", model)          # an image folder: labels from its class sub-folders
     >>> x, y = bundled_dataset("digits")               # scikit-learn's bundled copy, no download
     >>> for batch in batches(x, batch_size=256): ...
 """
@@ -26,6 +27,7 @@ import keras
 import numpy as np
 
 from keras_embed.files.archives import member_start
+from keras_embed.files.images import ImageFolder, image_folder
 from keras_embed.errors import InputError
 
 DATASETS = ("digits", "iris", "wine", "breast_cancer", "regression1d")
@@ -59,8 +61,9 @@ class LazyCast:
 
 
 def is_array(data):
-    """Whether `data` is an array (numpy, memory-mapped or a `LazyCast`), not a dataset or an iterable of batches."""
-    return isinstance(data, (np.ndarray, LazyCast))
+    """Whether `data` is an array (numpy, memory-mapped, a `LazyCast` or an `images.ImageFolder`), not a dataset
+    or an iterable of batches."""
+    return isinstance(data, (np.ndarray, LazyCast, ImageFolder))
 
 
 def is_arrays(data):
@@ -199,8 +202,17 @@ def load_array(path):
 
 def load_checked(path, model):
     """(inputs checked against `model`, labels y checked against them, or None) of a data
-    file: for a model of several inputs an `.npz` keyed by its input names (see `check_inputs`)."""
-    x, y = load_data(path, keyed=len(input_specs(model)) > 1)
+    file (for a model of several inputs an `.npz` keyed by its input names, see
+    `check_inputs`), or of an image folder (`images.image_folder`: labels from its class
+    sub-folders)."""
+    specs = input_specs(model)
+    if Path(path).is_dir():
+        if len(specs) > 1:
+            raise InputError(f"'{path}' is an image folder but the model takes {len(specs)} inputs; pass an .npz "
+                             "keyed by the input names")
+        x, y = image_folder(path, specs[0])
+        return check_inputs(x, model), y
+    x, y = load_data(path, keyed=len(specs) > 1)
     x = check_inputs(x, model)
     return x, check_labels(y, x)
 
@@ -272,7 +284,7 @@ def check_inputs(x, model):
 
 def _check_array(x, shape, dtype, label="data"):
     """One input array checked against (shape, dtype); see `check_inputs`."""
-    source = x.array if isinstance(x, LazyCast) else x if isinstance(x, np.memmap) else np.asarray(x)
+    source = x.array if isinstance(x, LazyCast) else x if isinstance(x, (np.memmap, ImageFolder)) else np.asarray(x)
     if source.ndim == 0 or len(source) == 0:
         raise InputError(f"{label} holds no samples; pass at least one input row")
     if not (np.issubdtype(source.dtype, np.integer) or np.issubdtype(source.dtype, np.floating)
@@ -281,6 +293,8 @@ def _check_array(x, shape, dtype, label="data"):
     if source.ndim != len(shape) + 1 or any(want not in (None, got) for want, got in zip(shape, source.shape[1:])):
         shown = ", ".join("n" if size is None else str(size) for size in (None, *shape))
         raise InputError(f"{label} has shape {source.shape} but the model takes ({shown}); pass inputs of that shape")
+    if isinstance(source, ImageFolder):
+        return source  # decoded pixels, finite, in the model's dtype: read once, when used
     if isinstance(source, np.memmap):
         checked = source if source.dtype == dtype else LazyCast(source, dtype)
     else:
