@@ -91,3 +91,26 @@ def test_a_model_that_takes_no_images_refuses_a_folder(folder, saved_models):
     result = CliRunner().invoke(main, ["analyze", str(saved_models / "digits_widened.keras"), "--data", str(folder)])
     assert result.exit_code == 2
     assert "needs an input of (height, width" in result.output
+
+
+def test_max_samples_spreads_over_every_kind_of_array(folder, rescaled_cnn, tmp_path):
+    from keras_embed.files.data import LazyCast, spread_rows
+
+    images, labels = load_checked(folder, keras.saving.load_model(rescaled_cnn))
+    few, few_labels = spread_rows(images, 100), spread_rows(labels, 100)
+    assert isinstance(few, ImageFolder) and len(few) == len(few_labels) == 100
+    assert set(few_labels) == set(labels)  # every class, though the folder is sorted by class
+    np.testing.assert_array_equal(few[3], images[60])
+    np.save(tmp_path / "x.npy", np.arange(30.0).reshape(10, 3))
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    assert isinstance(spread_rows(mapped, 4), np.memmap)  # still read from disk as needed
+    np.testing.assert_array_equal(spread_rows(LazyCast(mapped, "float32"), 4)[:], mapped[::3].astype("float32"))
+    np.testing.assert_array_equal(spread_rows({"a": np.arange(10)}, 20)["a"], np.arange(10))
+
+
+def test_the_cli_bounds_every_pass_with_max_samples(folder, rescaled_cnn, tmp_path):
+    result = CliRunner().invoke(main, ["prune", str(rescaled_cnn), "-o", str(tmp_path / "small.keras"),
+                                       "--data", str(folder), "--validation", str(folder), "--max-samples", "250",
+                                       "--mode", "data", "--keep-ratio", "0.5", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["accuracy_before"] > 0.9  # on 250 rows of every class

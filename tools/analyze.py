@@ -23,7 +23,7 @@ DATA_COLUMNS = ("name", "kind", "width_before", "zero_out", "dead", "constant", 
 @strategy_option
 @unsafe_option
 @handles_errors
-def analyze(model, json_path, overwrite, rtol, lin_tol, data, dataset, batch_size, strategy, unsafe):
+def analyze(model, json_path, overwrite, rtol, lin_tol, data, dataset, batch_size, max_samples, strategy, unsafe):
     """Show the redundant channels of each Dense and convolution layer of MODEL.
 
     Zero-out channels have all-zero outgoing weights, constant channels all-zero incoming
@@ -49,7 +49,7 @@ def analyze(model, json_path, overwrite, rtol, lin_tol, data, dataset, batch_siz
     if json_path not in (None, "-"):
         check_side_output(json_path, model, overwrite=overwrite)
     original = load_model(model, unsafe)
-    x, _ = calibration_data(data, dataset, original)
+    x, _ = calibration_data(data, dataset, original, max_samples)
     with progress(0 if x is None else row_count(x), "statistics") as bar:
         rows = analyze_model(original, x, rtol, lin_tol, batch_size=batch_size, on_batch=bar.update, strategy=strategy)
     columns = COLUMNS if x is None else DATA_COLUMNS

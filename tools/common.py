@@ -180,6 +180,9 @@ data_options = _options(
                  help="Use a dataset bundled with scikit-learn (or the synthetic 1-D regression task) as calibration data (no download)."),
     click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
                  help="Samples per batch of the statistics and verification passes."),
+    click.option("--max-samples", type=click.IntRange(min=1), metavar="N",
+                 help="Use at most N rows of --data, --dataset and --validation, spread over them (every k-th row), "
+                      "to bound the passes."),
     progress_option,
 )
 
@@ -199,19 +202,22 @@ output_options = _options(
 )
 
 
-def calibration_data(data, dataset, model):
-    """Checked calibration (inputs, labels or None) from --data or --dataset, or (None, None)."""
+def calibration_data(data, dataset, model, max_samples=None):
+    """Checked calibration (inputs, labels or None) from --data or --dataset, at most
+    `max_samples` rows of it (`data.spread_rows`), or (None, None)."""
     if data is not None and dataset is not None:
         raise click.UsageError("give --data or --dataset, not both")
     if data is None and dataset is None:
         return None, None
-    from keras_embed.files.data import bundled_dataset, check_inputs, check_labels, load_checked
+    from keras_embed.files.data import bundled_dataset, check_inputs, check_labels, load_checked, spread_rows
 
     if data is not None:
-        return load_checked(data, model)
-    x, y = bundled_dataset(dataset)
-    x = check_inputs(x, model)
-    return x, check_labels(y, x)
+        x, y = load_checked(data, model)
+    else:
+        x, y = bundled_dataset(dataset)
+        x = check_inputs(x, model)
+        y = check_labels(y, x)
+    return spread_rows(x, max_samples), spread_rows(y, max_samples)
 
 
 class _NoProgress:

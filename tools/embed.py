@@ -38,7 +38,7 @@ def _parse(spec, option, form, numbers):
 @click.option("--margin", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True,
               help="Smallest pre-activation of a --deepen layer on the data.")
 @handles_errors
-def embed(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_size, widen_specs, null_specs,
+def embed(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_size, max_samples, widen_specs, null_specs,
           deepen_layers, margin):
     """Grow MODEL by the Embedding Principle's embeddings; the outputs stay the same.
 
@@ -68,7 +68,7 @@ def embed(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
         raise click.UsageError("--deepen needs calibration data: give --data or --dataset")
     format_ = check_output(output, model, format_, overwrite)
     original = load_model(model, unsafe)
-    x, _ = calibration_data(data, dataset, original)
+    x, _ = calibration_data(data, dataset, original, max_samples)
     try:
         grown, figures = embed_model(original, widen_steps, null_steps, deepen_layers, x, margin, atol, batch_size)
     except ValueError as error:

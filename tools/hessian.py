@@ -33,7 +33,7 @@ from keras_embed.tools.common import FiniteFloat, calibration_data, data_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing --json file.")
 @unsafe_option
 @handles_errors
-def hessian(model, data, dataset, batch_size, loss, from_logits, top_k, full, zero_rtol, trace_samples, seed,
+def hessian(model, data, dataset, batch_size, max_samples, loss, from_logits, top_k, full, zero_rtol, trace_samples, seed,
             json_path, overwrite, unsafe):
     """Gradient norm and Hessian spectrum of the loss of MODEL on the data, in float64.
 
@@ -60,7 +60,7 @@ def hessian(model, data, dataset, batch_size, loss, from_logits, top_k, full, ze
     loss_function = get_loss(loss, from_logits)
     original = load_model(model, unsafe)
     wide = cast_model(original)
-    x, y = calibration_data(data, dataset, wide)
+    x, y = calibration_data(data, dataset, wide, max_samples)
     risk = EmpiricalRisk(wide, x, y, loss_function, batch_size=batch_size)
     figures = analyze_hessian(risk, top_k=top_k, full=full, rtol=zero_rtol, trace_samples=trace_samples, seed=seed)
     click.echo(summary(figures), err=json_path == "-")

@@ -41,7 +41,7 @@ from keras_embed.tools.common import (FiniteFloat, calibration_data, data_option
               help="Quantize a .tflite output; int8 calibrates on --data or --dataset. The export is checked "
                    "within 1e-2 (float16) or 1e-1 (int8) times the output scale.")
 @handles_errors
-def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_size, validation, mode, max_accuracy_drop,
+def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_size, max_samples, validation, mode, max_accuracy_drop,
           max_output_error, keep_ratio, target_params, cos, gram_budget, strategy, finetune, lin_tol, allow_growth,
           report, as_json, rtol, force, keep_format, quantize):
     """Remove redundant units and layers from MODEL and write the smaller model to OUTPUT.
@@ -74,7 +74,7 @@ def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
     """
     strategy, shared, writes = start_strategy(strategy)
     from keras_embed.pipeline import prune as prune_model
-    from keras_embed.files.data import load_checked, row_count
+    from keras_embed.files.data import load_checked, row_count, spread_rows
     from keras_embed.files.export import check_export_options, export_model
     from keras_embed.files.inputs import input_kind, load_input, resolve_output, writes_tf_keras
     from keras_embed.files.save import check_io_format, check_output, check_side_output, published_together, write_text
@@ -95,10 +95,10 @@ def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
         check_side_output(report, model, output, overwrite=overwrite)
     original, notes = load_input(model, kind, unsafe)
     check_io_format(original, format_, writes_tf_keras(kind, keep_format), quantize)
-    x, y = calibration_data(data, dataset, original)
+    x, y = calibration_data(data, dataset, original, max_samples)
     held_out = held_out_y = None
     if validation is not None:
-        held_out, held_out_y = load_checked(validation, original)
+        held_out, held_out_y = (spread_rows(part, max_samples) for part in load_checked(validation, original))
     if finetune and y is None:
         raise click.UsageError("--finetune needs labels: y in the --data .npz, or --dataset")
     if finetune:
