@@ -41,15 +41,16 @@ THROUGHPUT_LIMIT = 2 / 3  # statistics rows/s at least this share of predict's
 INTERPRETATION = """\
 - Memory: the pipeline makes each batch as it is read and the pass keeps per-channel figures only, so the peak is
   the model, TensorFlow and one batch of every layer's outputs, whatever the row count.
-- Throughput: the pass runs the model with every layer's pre-activation and output as extra outputs and reduces
-  each of them in float64 (cast, extremes, means, positive counts; the moments of the layers the linearity rule
-  needs) inside the same traced function. Measured once on 2026-12-03 on a batch of 1,024 rows of this model, in
-  a loop of 30 calls after warm-up: the model alone 14.3 ms, the traced reduction function (model included) 20.7
-  ms, 1.45x; the pipeline's generation thread competes with both for the 2 cores. The float64 casts and passes over
-  the 1,034 channels per row are what costs; reducing in float32 within a batch would meet the target but loses the
-  precision the linearity rule (affine-fit residual below 1e-4, so R^2 to 1e-8) depends on. Not done: the
-  shortfall stands until a cheaper exact reduction (e.g. float32 partial sums per block of rows, merged in float64)
-  is measured against it."""
+- Throughput: `data.batches` prefetches a dataset (`prefetch(AUTOTUNE)`), so the pipeline makes the next batches
+  while the pass reduces this one, as `predict` does with its own iterator. On an array of 100,000 rows, which
+  needs no generation, the pass takes about as long as predict (measured 2.2-2.9 s against 2.3-3.0 s). Per batch
+  the reduction costs about 1.45x the forward pass (the model with every layer's pre-activation and output, cast
+  to float64 and reduced; measured on one batch of 1,024 rows in a loop of 30 calls: 20.7 ms against 14.3 ms);
+  each call also builds and traces its probe once (about 1.5 s), which weighs at 100,000 rows.
+- Runs on 2026-12-03: before the prefetch, 0.55 (100,000) and 0.50 (1,000,000); with it, 0.77 and 1.35 in one run
+  and 0.55 and 0.66 in the next (predict's own rate moved from 24,000 to 48,000 rows/s between them on this shared
+  2-core machine). So at 1,000,000 rows the pass is at the 2/3 line, not safely above it; what would move it is a
+  cheaper exact per-batch reduction (float64 casts of every channel are the cost) or a probe kept across calls."""
 
 
 def _model():

@@ -32,6 +32,7 @@ from keras_embed.errors import InputError
 
 DATASETS = ("digits", "iris", "wine", "breast_cancer", "regression1d")
 INFLATE_LIMIT = 256 * 2**20  # bytes a compressed .npz member may inflate to in memory
+_PREFETCH = -1  # tf.data.AUTOTUNE, without importing TensorFlow here
 _CHUNK_BYTES = 16 * 2**20  # data is read and checked in pieces of about this size
 _NPY_MAGIC, _ZIP_MAGICS = b"\x93NUMPY", (b"PK\x03\x04", b"PK\x05\x06")  # what np.load looks for, too
 
@@ -380,8 +381,8 @@ def batches(data, batch_size=256):
         for start in range(0, row_count(data), batch_size):
             yield take_rows(data, slice(start, start + batch_size))  # plain arrays, even of memory-mapped ones
         return
-    if hasattr(data, "as_numpy_iterator"):  # tf.data.Dataset
-        data = data.as_numpy_iterator()
+    if hasattr(data, "as_numpy_iterator"):  # tf.data.Dataset: the next batches made while this one is used
+        data = data.prefetch(_PREFETCH).as_numpy_iterator()
     for element in data:
         inputs = _first(element)
         yield {name: np.asarray(part) for name, part in inputs.items()} if isinstance(inputs, dict) else np.asarray(inputs)
