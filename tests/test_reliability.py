@@ -38,7 +38,7 @@ from builders import make_mlp
 from keras_embed import prune, read_model
 from keras_embed.callbacks import EmbeddingMonitor
 from keras_embed.errors import InputError
-from keras_embed.measure import statistics as stats
+from keras_embed.measure import reduce, statistics as stats
 from keras_embed.measure.statistics import GRAM_BUDGET, Request, check_gram_memory, collect, gram_bytes, producer_requests
 from keras_embed.stopping import StoppingRule
 from keras_embed.tools.cli import main
@@ -277,7 +277,7 @@ def test_statistics_without_a_gram_run_on_the_wide_layer(wide_graph):
 
 
 def test_the_gram_accumulated_in_row_blocks_equals_the_whole_product(monkeypatch):
-    monkeypatch.setattr(stats, "_GRAM_BLOCK", 3)
+    monkeypatch.setattr(reduce, "_GRAM_BLOCK", 3)
     a = np.random.default_rng(0).standard_normal((50, 10))
     layer = stats.LayerStats(10, np.zeros((11, 11)))
     layer.update(a, a)
