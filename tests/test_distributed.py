@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tensorflow as tf
 from click.testing import CliRunner
 
 from keras_embed.tools.cli import main
@@ -93,3 +94,17 @@ def test_cli_multi_worker_without_tf_config_is_refused(saved_models, monkeypatch
                                        "--strategy", "multi-worker"])
     assert result.exit_code == 2
     assert "needs TF_CONFIG" in result.output and "Traceback" not in result.output
+
+
+def test_cli_device_is_recorded_and_a_missing_gpu_refused(tmp_path, saved_models):
+    model = str(saved_models / "digits_widened.keras")
+    result = CliRunner().invoke(main, ["analyze", model, "--dataset", "digits", "--device", "cpu", "--json", "-"])
+    assert result.exit_code == 0, result.output
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    assert json.loads(result.stdout)["device"] == {"requested": "cpu", "used": "/CPU:0", "gpus_visible": gpus}
+    if not gpus:
+        refused = CliRunner().invoke(main, ["prune", model, "-o", str(tmp_path / "out.keras"), "--device", "gpu"])
+        assert refused.exit_code == 2 and "sees no GPU here" in refused.output
+    both = CliRunner().invoke(main, ["analyze", model, "--device", "cpu", "--strategy", "mirrored"])
+    assert both.exit_code == 2 and "give one of them" in both.output
+    assert not (tmp_path / "out.keras").exists()

@@ -4,8 +4,9 @@ import json
 
 import click
 
-from keras_embed.tools.common import (FiniteFloat, calibration_data, data_options, handles_errors, progress,
-                                      start_strategy, strategy_option, table, unsafe_option)
+from keras_embed.tools.common import (FiniteFloat, calibration_data, data_options, device_option, handles_errors,
+                                      place_computation, progress, start_strategy, strategy_option, table,
+                                      unsafe_option)
 
 COLUMNS = ("name", "kind", "width_before", "zero_out", "constant", "duplicate_groups", "duplicates", "effective_width")
 DATA_COLUMNS = ("name", "kind", "width_before", "zero_out", "dead", "constant", "duplicate_groups", "duplicates",
@@ -21,9 +22,10 @@ DATA_COLUMNS = ("name", "kind", "width_before", "zero_out", "dead", "constant", 
               help="Affine-fit residual sqrt(1-R^2) below which a smooth unit counts as linear on the data.")
 @data_options
 @strategy_option
+@device_option
 @unsafe_option
 @handles_errors
-def analyze(model, json_path, overwrite, rtol, lin_tol, data, dataset, batch_size, max_samples, strategy, unsafe):
+def analyze(model, json_path, overwrite, rtol, lin_tol, data, dataset, batch_size, max_samples, strategy, device, unsafe):
     """Show the redundant channels of each Dense and convolution layer of MODEL.
 
     Zero-out channels have all-zero outgoing weights, constant channels all-zero incoming
@@ -40,6 +42,7 @@ def analyze(model, json_path, overwrite, rtol, lin_tol, data, dataset, batch_siz
     \b
     Exit codes: 0 ok, 2 bad usage or input, 4 unsupported model.
     """
+    placed = place_computation(device, strategy)
     strategy, shared, writes = start_strategy(strategy)
     from keras_embed.files.data import row_count
     from keras_embed.files.load import load_model
@@ -55,7 +58,7 @@ def analyze(model, json_path, overwrite, rtol, lin_tol, data, dataset, batch_siz
     columns = COLUMNS if x is None else DATA_COLUMNS
     if any(row["group"] != row["name"] for row in rows):
         columns = columns[:2] + ("group",) + columns[2:]
-    text = json.dumps({"model": model, "layers": rows, **({"strategy": shared} if shared else {})}, indent=2)
+    text = json.dumps({"model": model, "layers": rows, "device": placed, **({"strategy": shared} if shared else {})}, indent=2)
     click.echo(table(rows, columns), err=json_path == "-")
     if json_path == "-":
         click.echo(text)

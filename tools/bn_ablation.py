@@ -9,7 +9,7 @@ import functools
 
 import click
 
-from keras_embed.tools.common import DATASETS, FiniteFloat, _options, handles_errors, progress
+from keras_embed.tools.common import DATASETS, FiniteFloat, _options, device_option, handles_errors, progress
 
 _experiment_options = _options(
     click.option("--dataset", type=click.Choice(DATASETS), help="Bundled training data [default: digits]."),
@@ -27,8 +27,7 @@ _experiment_options = _options(
     click.option("--checkpoints", type=int, help="Linearity measurements per run after the start [default: 10]."),
     click.option("--seeds", type=int, help="Seeds 0..N-1 [default: 5]."),
     click.option("--probe-size", type=int, help="Training samples the linearity is measured on [default: 512]."),
-    click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
-                 help="auto: a GPU when TensorFlow sees one."),
+    device_option,
     click.option("--mixed-precision", is_flag=True, help="float16 compute with loss scaling (GPU only)."),
     click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False, path_type=str),
                  help="Folder for results.json, curves.csv, summary.md, loss.png, linear_fraction.png."),

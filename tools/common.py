@@ -151,6 +151,31 @@ strategy_option = click.option(
          "writes the files). The result is the one-device result, up to rounding.")
 
 
+device_option = click.option(
+    "--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+    help="Where to compute: auto takes a GPU when TensorFlow sees one, else the CPU; recorded in the report.")
+
+
+def place_computation(device, strategy="default"):
+    """Places the rest of the command on --device (`devices.resolve_device`) and returns the
+    report's `device` entry; with a --strategy the strategy places it.
+
+    Raises:
+        click.UsageError: --device cpu or gpu beside a --strategy.
+    """
+    if strategy != "default":
+        if device != "auto":
+            raise click.UsageError("--device picks one device and --strategy its own; give one of them")
+        return {"requested": device, "used": f"--strategy {strategy}"}
+    import tensorflow as tf
+
+    from keras_embed.devices import resolve_device
+
+    name, record = resolve_device(device)
+    click.get_current_context().with_resource(tf.device(name))
+    return record
+
+
 def start_strategy(name):
     """(the `tf.distribute.Strategy` of --strategy NAME or None, the report's `strategy`
     entry or None, whether this process writes the files); made first, as

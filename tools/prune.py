@@ -4,8 +4,9 @@ import json
 
 import click
 
-from keras_embed.tools.common import (FiniteFloat, calibration_data, data_options, handles_errors, output_options,
-                                      progress, start_strategy, strategy_option, table)
+from keras_embed.tools.common import (FiniteFloat, calibration_data, data_options, device_option, handles_errors,
+                                      output_options, place_computation, progress, start_strategy, strategy_option,
+                                      table)
 
 
 @click.command()
@@ -26,6 +27,7 @@ from keras_embed.tools.common import (FiniteFloat, calibration_data, data_option
 @click.option("--gram-budget", type=click.IntRange(min=1), default=256, show_default=True, metavar="MIB",
               help="Data mode: memory one channel group's Gram matrix and cross-product may take, in MiB.")
 @strategy_option
+@device_option
 @click.option("--finetune", type=click.IntRange(min=1), metavar="EPOCHS", help="Train the result this many epochs on the calibration data (needs labels y); reported separately.")
 @click.option("--lin-tol", type=FiniteFloat(min=0), default=1e-4, show_default=True,
               help="Affine-fit residual sqrt(1-R^2) below which a smooth unit counts as linear on the data.")
@@ -42,7 +44,7 @@ from keras_embed.tools.common import (FiniteFloat, calibration_data, data_option
                    "within 1e-2 (float16) or 1e-1 (int8) times the output scale.")
 @handles_errors
 def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_size, max_samples, validation, mode, max_accuracy_drop,
-          max_output_error, keep_ratio, target_params, cos, gram_budget, strategy, finetune, lin_tol, allow_growth,
+          max_output_error, keep_ratio, target_params, cos, gram_budget, strategy, device, finetune, lin_tol, allow_growth,
           report, as_json, rtol, force, keep_format, quantize):
     """Remove redundant units and layers from MODEL and write the smaller model to OUTPUT.
 
@@ -72,6 +74,7 @@ def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
     \b
     Exit codes: 0 ok, 2 bad usage or input, 3 verification failed, 4 unsupported model.
     """
+    placed = place_computation(device, strategy)
     strategy, shared, writes = start_strategy(strategy)
     from keras_embed.pipeline import prune as prune_model
     from keras_embed.files.data import load_checked, row_count, spread_rows
@@ -111,7 +114,8 @@ def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
             validation_labels=held_out_y, cos=cos, lin_tol=lin_tol, allow_growth=allow_growth,
             batch_size=batch_size, on_batch=bar.update, gram_budget=gram_budget * 2**20, strategy=strategy,
         )
-    figures = {"input": {"kind": kind, **notes}, **result.to_dict(), **({"strategy": shared} if shared else {})}
+    figures = {"input": {"kind": kind, **notes}, **result.to_dict(), "device": placed,
+               **({"strategy": shared} if shared else {})}
     sparsity = sparsity_figures(original, pruned)
     if sparsity["zero_kernel_weights_before"]:
         figures["sparsity"] = sparsity

@@ -21,6 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_embed import devices
 from keras_embed.errors import InputError
 from keras_embed.experiments.training import Settings, build_mlp, default_batch_size, train
 
@@ -49,22 +50,16 @@ class Comparison:
 
 
 def resolve_device(device="auto", mixed_precision=False):
-    """The TensorFlow device for `device` in auto|cpu|gpu, and a record of the choice.
+    """`devices.resolve_device`, its record with `mixed_precision` and the library versions.
 
     Raises:
-        InputError: gpu asked for where TensorFlow sees none; mixed precision without a GPU.
+        InputError: as `devices.resolve_device`; mixed precision without a GPU.
     """
-    if device not in ("auto", "cpu", "gpu"):
-        raise InputError(f"unknown device '{device}'; choose auto, cpu or gpu")
-    gpus = tf.config.list_physical_devices("GPU")
-    if device == "gpu" and not gpus:
-        raise InputError("--device gpu, but TensorFlow sees no GPU here; use --device auto or cpu")
-    use_gpu = bool(gpus) and device != "cpu"
-    if mixed_precision and not use_gpu:
+    name, record = devices.resolve_device(device)
+    if mixed_precision and name != "/GPU:0":
         raise InputError("--mixed-precision needs a GPU (float16 is slow and inexact on a CPU); drop it or use a GPU")
-    name = "/GPU:0" if use_gpu else "/CPU:0"
     return name, {
-        "requested": device, "used": name, "gpus_visible": len(gpus), "mixed_precision": mixed_precision,
+        **record, "mixed_precision": mixed_precision,
         "versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
                      "keras": keras.__version__, "numpy": np.__version__},
     }
