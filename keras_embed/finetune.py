@@ -8,6 +8,7 @@ import keras
 import numpy as np
 
 from keras_embed.errors import InputError
+from keras_embed.files.data import batches, concatenated, is_arrays
 from keras_embed.model.read import read_model
 from keras_embed.stopping import class_labels
 
@@ -34,7 +35,8 @@ def check_one_output(model):
 
 def finetune(model, x, y, epochs, batch_size=32, learning_rate=1e-3, seed=0):
     """Trains a copy of `model` on (x, y) with Adam; returns the copy. `x` may be a dict of
-    inputs by name; the model must have one output (`check_one_output`).
+    inputs by name, or any data `files.data.batches` reads (its rows are gathered for
+    `model.fit`); the model must have one output (`check_one_output`).
 
     Raises:
         InputError: a model of several outputs.
@@ -44,5 +46,6 @@ def finetune(model, x, y, epochs, batch_size=32, learning_rate=1e-3, seed=0):
     tuned = keras.models.clone_model(model)
     tuned.set_weights(model.get_weights())
     tuned.compile(keras.optimizers.Adam(learning_rate), loss_for(model, y))
+    x = x if is_arrays(x) else concatenated(batches(x))
     tuned.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0, shuffle=True)
     return tuned

@@ -156,7 +156,7 @@ def test_a_group_too_wide_for_the_gram_budget_is_refused_before_any_pass():
     assert batches_seen == []
 
 
-@settings(max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(50), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cnns(), st.data())
 def test_property_channel_data_mode_meets_its_stopping_rule_or_raises(cnn, data):
     model, editable = cnn()

@@ -53,7 +53,7 @@ def set_weights(model, weights):
 # ---------------------------------------------------------------- property: prune undoes critical lifting
 
 
-@settings(max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(50), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_property_prune_collapses_every_critical_lift_and_gives_back_the_narrow_network(data):
     keras.backend.clear_session()

@@ -6,7 +6,8 @@ and constant units and linearized layers on the data) is drawn: units dead on th
 (relu, bias below the layer's input range) and saturated ones (tanh/sigmoid at exactly 1)
 are added by hand, as no operator makes them.
 
-`make test` runs 100 examples; `make fuzz` sets KERAS_EMBED_FUZZ_EXAMPLES=2000.
+`make test` runs 50 examples of the embeddings property (2 s each) and 100 of the
+others; `make fuzz` sets KERAS_EMBED_FUZZ_EXAMPLES=2000.
 """
 
 import math
@@ -111,7 +112,7 @@ def _embed_randomly(data, graph, x, rng):
     return graph, kinds
 
 
-@settings(max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(50), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_property_prune_undoes_random_embeddings(data):
     keras.backend.clear_session()

@@ -200,7 +200,7 @@ data_options = _options(
     click.option("--data", type=click.Path(path_type=str),
                  help="Calibration inputs: .npy, .npz with key x (else its first array) and optional labels y, or an "
                       "image folder (one sub-folder per class, labels from the folder names, resized to the model's "
-                      "input)."),
+                      "input), or a folder written by tf.data.Dataset.save (elements x or (x, y))."),
     click.option("--dataset", type=click.Choice(DATASETS),
                  help="Use a dataset bundled with scikit-learn (or the synthetic 1-D regression task) as calibration data (no download)."),
     click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,

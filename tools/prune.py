@@ -14,7 +14,8 @@ from keras_embed.tools.common import (FiniteFloat, calibration_data, data_option
 @output_options
 @data_options
 @click.option("--validation", type=click.Path(path_type=str),
-              help="Held-out data (.npy, .npz with x and optional y, or an image folder) the result is checked on as well.")
+              help="Held-out data (.npy, .npz with x and optional y, an image folder or a tf.data.Dataset.save "
+                   "folder) the result is checked on as well.")
 @click.option("--mode", type=click.Choice(["exact", "condense", "data"]), default="exact", show_default=True,
               help="exact: outputs kept (within --atol); condense: merge units whose incoming weights have cosine >= --cos; "
                    "data: keep the channels that best reproduce what their readers see on the data and refit the readers "

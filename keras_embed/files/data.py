@@ -1,4 +1,5 @@
-"""Calibration data: files, arrays, tf.data datasets, iterables of batches, bundled datasets.
+"""Calibration data: files, image folders, saved tf.data datasets, arrays, tf.data datasets,
+iterables of batches and generator functions, bundled datasets.
 
 Everything is checked against the model input before use and streamed in batches, so
 memory does not grow with the number of samples: `.npy` files and the uncompressed
@@ -14,6 +15,7 @@ Example:
     >>> x, y = load_data("calib.npz")                 # key x, optional y; else the first array
     >>> x, y = load_checked("calib.npz", model)        # two inputs: keys image, features (and y)
     >>> x, y = load_checked("photos/", model)          # an image folder: labels from its class sub-folders
+    >>> x, y = load_checked("calib_ds/", model)        # a tf.data.Dataset.save folder, streamed
     >>> x, y = bundled_dataset("digits")               # scikit-learn's bundled copy, no download
     >>> for batch in batches(x, batch_size=256): ...
 """
@@ -28,6 +30,7 @@ import numpy as np
 
 from keras_embed.files.archives import member_start
 from keras_embed.files.images import ImageFolder, image_folder
+from keras_embed.files.saved_dataset import SavedDataset, is_saved_dataset, open_saved_dataset
 from keras_embed.errors import InputError
 
 DATASETS = ("digits", "iris", "wine", "breast_cancer", "regression1d")
@@ -106,6 +109,8 @@ def spread_rows(data, limit):
         return LazyCast(data.array[::step], data.dtype)
     if isinstance(data, ImageFolder):
         return ImageFolder(data.files[::step], data.size, data.channels, data.dtype)
+    if isinstance(data, SavedDataset):
+        return data.every(step)
     return data[::step]
 
 
@@ -226,8 +231,11 @@ def load_checked(path, model):
     """(inputs checked against `model`, labels y checked against them, or None) of a data
     file (for a model of several inputs an `.npz` keyed by its input names, see
     `check_inputs`), or of an image folder (`images.image_folder`: labels from its class
-    sub-folders)."""
+    sub-folders), or of a folder written by `tf.data.Dataset.save` (`saved_dataset`)."""
     specs = input_specs(model)
+    if Path(path).is_dir() and is_saved_dataset(path):
+        x = open_saved_dataset(path, specs)
+        return x, x.labels
     if Path(path).is_dir():
         if len(specs) > 1:
             raise InputError(f"'{path}' is an image folder but the model takes {len(specs)} inputs; pass an .npz "
@@ -365,7 +373,8 @@ def _first(element):
 
 def batches(data, batch_size=256):
     """Yields numpy batches of inputs from an array, a dict of arrays (by input name), a
-    tf.data.Dataset or an iterable of batches.
+    tf.data.Dataset, a `saved_dataset.SavedDataset`, an iterable of batches or a function
+    returning one (a generator function: called once per pass).
 
     An array (numpy, memory-mapped or a `LazyCast`) is sliced into `batch_size` rows, a dict
     of arrays into dicts of such slices; a dataset or iterable is used batch by batch as it
@@ -381,6 +390,10 @@ def batches(data, batch_size=256):
         for start in range(0, row_count(data), batch_size):
             yield take_rows(data, slice(start, start + batch_size))  # plain arrays, even of memory-mapped ones
         return
+    if isinstance(data, SavedDataset):
+        data = data.dataset(batch_size)
+    if callable(data):  # a generator function: a fresh iterator per pass
+        data = data()
     if hasattr(data, "as_numpy_iterator"):  # tf.data.Dataset: the next batches made while this one is used
         data = data.prefetch(_PREFETCH).as_numpy_iterator()
     for element in data:
@@ -398,10 +411,11 @@ def concatenated(parts):
 
 def require_reusable(data):
     """Raises unless `data` can be read more than once (a generator cannot)."""
-    if data is not None and not is_array(data) and iter(data) is data:
+    if data is not None and not is_array(data) and not callable(data) and iter(data) is data:
         raise InputError(
             "calibration data is a one-shot iterator but is read twice (statistics, then verification); "
-            "pass an array, a list of batches or a tf.data.Dataset"
+            "pass an array, a list of batches, a tf.data.Dataset or the generator function itself (called once "
+            "per pass)"
         )
 
 

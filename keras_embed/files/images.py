@@ -98,5 +98,6 @@ def image_folder(path, spec):
         labels += [label] * len(found)
     if not files:
         raise InputError(f"folder '{path}' holds no images in class sub-folders ({', '.join(FORMATS)}); lay it out "
-                         "as image_dataset_from_directory reads it: one sub-folder per class")
+                         "as image_dataset_from_directory reads it (one sub-folder per class), or save a tf.data.Dataset there "
+                         "with Dataset.save")
     return ImageFolder(files, shape[:2], shape[-1], dtype), np.asarray(labels, dtype=np.int64)
