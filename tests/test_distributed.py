@@ -108,3 +108,28 @@ def test_cli_device_is_recorded_and_a_missing_gpu_refused(tmp_path, saved_models
     both = CliRunner().invoke(main, ["analyze", model, "--device", "cpu", "--strategy", "mirrored"])
     assert both.exit_code == 2 and "give one of them" in both.output
     assert not (tmp_path / "out.keras").exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["embed", "{model}", "-o", "{out}", "--widen", "0:0"],
+    ["hessian", "{model}", "--dataset", "digits", "--loss", "sparse_categorical_crossentropy", "--top-k", "1"],
+    ["experiment", "condensation", "-o", "{out}", "--seeds", "1", "--epochs", "10", "--task", "1d"],
+    ["experiment", "strict-saddle", "-o", "{out}"],
+    ["experiment", "bn-ablation", "-o", "{out}", "--quick"],
+])
+def test_every_command_that_computes_takes_device(tmp_path, saved_models, command):
+    model = str(saved_models / "digits_narrow.keras")
+    filled = [part.format(model=model, out=tmp_path / "out") for part in command]
+    assert "--device" in CliRunner().invoke(main, [*filled[:2 if filled[0] == "experiment" else 1], "--help"]).output
+    if not tf.config.list_physical_devices("GPU"):
+        refused = CliRunner().invoke(main, [*filled, "--device", "gpu"])
+        assert refused.exit_code == 2 and "sees no GPU here" in refused.output, refused.output
+        assert not (tmp_path / "out").exists()
+
+
+def test_hessian_records_the_device_it_ran_on(saved_models):
+    result = CliRunner().invoke(main, ["hessian", str(saved_models / "digits_narrow.keras"), "--dataset", "digits",
+                                       "--loss", "sparse_categorical_crossentropy", "--top-k", "1", "--trace-samples",
+                                       "2", "--device", "cpu", "--json", "-"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["device"]["used"] == "/CPU:0"

@@ -9,7 +9,7 @@ import logging
 
 import click
 
-from keras_embed.tools.common import handles_errors
+from keras_embed.tools.common import device_option, handles_errors, place_computation
 
 TASK_NAMES = ("1d", "digits")  # keras_embed.experiments.condensation.TASKS, named here so --help needs no TensorFlow
 
@@ -24,8 +24,9 @@ TASK_NAMES = ("1d", "digits")  # keras_embed.experiments.condensation.TASKS, nam
 @click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True, help="Seeds 0..N-1 per network.")
 @click.option("--epochs", type=click.IntRange(min=10), default=None,
               help="Full-batch epochs per run  [default: 400 for 1d, 600 for digits].")
+@device_option
 @handles_errors
-def condensation(output_dir, overwrite, tasks, seeds, epochs):
+def condensation(output_dir, overwrite, tasks, seeds, epochs, device):
     """Fit small-initialised two-layer networks with EmbeddingMonitor watching.
 
     1d: a 1-500-1 tanh (and relu) network, full-batch Adam on 50 points of a 1-D task; the
@@ -42,8 +43,10 @@ def condensation(output_dir, overwrite, tasks, seeds, epochs):
     from keras_embed.experiments.report import check_folder
 
     check_folder(output_dir, overwrite)
+    placed = place_computation(device)
     logging.getLogger("keras_embed.callbacks").setLevel(logging.ERROR)  # the table says what the monitor saw
     result = run(seeds=tuple(range(seeds)), tasks=tasks or TASK_NAMES, epochs=epochs)
+    result["device"] = placed
     click.echo(summary_table(result))
     files = write(result, output_dir, overwrite)
     click.echo(f"{result['seconds']} s; wrote {', '.join(files)} to {output_dir}")

@@ -4,7 +4,8 @@ import math
 
 import click
 
-from keras_embed.tools.common import FiniteFloat, calibration_data, data_options, handles_errors, output_options, table
+from keras_embed.tools.common import (FiniteFloat, calibration_data, data_options, device_option, handles_errors,
+                                      output_options, place_computation, table)
 
 
 def _parse(spec, option, form, numbers):
@@ -37,9 +38,10 @@ def _parse(spec, option, form, numbers):
                    "(critical lifting); needs --data or --dataset. Repeatable.")
 @click.option("--margin", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True,
               help="Smallest pre-activation of a --deepen layer on the data.")
+@device_option
 @handles_errors
 def embed(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_size, max_samples, widen_specs, null_specs,
-          deepen_layers, margin):
+          deepen_layers, margin, device):
     """Grow MODEL by the Embedding Principle's embeddings; the outputs stay the same.
 
     --widen splits a channel of a Dense or convolution layer (in every layer an Add
@@ -54,9 +56,8 @@ def embed(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
     \b
     Exit codes: 0 ok, 2 bad usage or input, 3 verification failed, 4 unsupported model.
     """
-
+    placed = place_computation(device)
     from keras_embed.files.load import load_model
-
     from keras_embed.files.save import check_output, save_model
     from keras_embed.pipeline import embed as embed_model
 
@@ -76,4 +77,4 @@ def embed(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
     save_model(grown, output, format_)
     click.echo(table(figures["layers"], ("name", "width_before", "width_after")))
     click.echo(f"params: {figures['params_before']} -> {figures['params_after']}   max abs output difference: "
-               f"{figures['max_abs_diff']:.3g} (atol {figures['atol']:.3g})")
+               f"{figures['max_abs_diff']:.3g} (atol {figures['atol']:.3g})   device: {placed['used']}")

@@ -9,7 +9,8 @@ import json
 
 import click
 
-from keras_embed.tools.common import FiniteFloat, calibration_data, data_options, handles_errors, unsafe_option
+from keras_embed.tools.common import (FiniteFloat, calibration_data, data_options, device_option, handles_errors,
+                                      place_computation, unsafe_option)
 
 
 @click.command()
@@ -32,9 +33,10 @@ from keras_embed.tools.common import FiniteFloat, calibration_data, data_options
               help="Write the figures as JSON to this path ('-': stdout, the summary then goes to stderr).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --json file.")
 @unsafe_option
+@device_option
 @handles_errors
 def hessian(model, data, dataset, batch_size, max_samples, loss, from_logits, top_k, full, zero_rtol, trace_samples, seed,
-            json_path, overwrite, unsafe):
+            json_path, overwrite, unsafe, device):
     """Gradient norm and Hessian spectrum of the loss of MODEL on the data, in float64.
 
     The loss is the mean of --loss over the data (--data with labels y, or --dataset),
@@ -46,9 +48,10 @@ def hessian(model, data, dataset, batch_size, max_samples, loss, from_logits, to
     \b
     JSON keys: grad_norm, loss, eigenvalues (those computed, ascending), negative, zero,
     positive, zero_threshold, counts_complete, trace, trace_method, trace_error, params,
-    samples, method, dtype.
+    samples, method, dtype, device.
     Exit codes: 0 ok, 2 bad usage or input, 4 unsupported model.
     """
+    placed = place_computation(device)
     from keras_embed.hessian import EmpiricalRisk, analyze_hessian, cast_model, get_loss
     from keras_embed.files.load import load_model
     from keras_embed.files.save import check_side_output, write_text
@@ -63,6 +66,7 @@ def hessian(model, data, dataset, batch_size, max_samples, loss, from_logits, to
     x, y = calibration_data(data, dataset, wide, max_samples)
     risk = EmpiricalRisk(wide, x, y, loss_function, batch_size=batch_size)
     figures = analyze_hessian(risk, top_k=top_k, full=full, rtol=zero_rtol, trace_samples=trace_samples, seed=seed)
+    figures["device"] = placed
     click.echo(summary(figures), err=json_path == "-")
     text = json.dumps(figures, indent=2)
     if json_path == "-":

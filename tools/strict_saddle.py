@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from keras_embed.tools.common import FiniteFloat, handles_errors, table
+from keras_embed.tools.common import FiniteFloat, device_option, handles_errors, place_computation, table
 
 FILES = ("results.json", "table.md", "spectra.png")
 COLUMNS = ("network", "width", "params", "loss", "grad_norm", "negative", "zero", "positive")
@@ -24,8 +24,9 @@ COLUMNS = ("network", "width", "params", "loss", "grad_norm", "negative", "zero"
 @click.option("--overwrite", is_flag=True, help="Replace the files of an earlier run in --output-dir.")
 @click.option("--zero-rtol", type=FiniteFloat(min=0, min_open=True), default=1e-10, show_default=True,
               help="An eigenvalue counts as zero when |lambda| <= this times the network's largest |lambda|.")
+@device_option
 @handles_errors
-def strict_saddle(output_dir, overwrite, zero_rtol):
+def strict_saddle(output_dir, overwrite, zero_rtol, device):
     """Split one neuron of width-2 networks at a critical point and count Hessian eigenvalues.
 
     A tanh network on the synthetic 1-D task and a sigmoid network on Iris (MSE on
@@ -41,7 +42,8 @@ def strict_saddle(output_dir, overwrite, zero_rtol):
     from keras_embed.experiments.strict_saddle import strict_saddle as run
 
     folder = _check_folder(Path(output_dir), overwrite)
-    result = run(rtol=zero_rtol)
+    placed = place_computation(device)
+    result = {**run(rtol=zero_rtol), "device": placed}
     click.echo(table([_cells(row) for row in result["rows"]], COLUMNS))
     click.echo(verdicts(result))
     _write(result, folder)
