@@ -88,6 +88,7 @@ bench: $(BENCH_INSTALLED)
 	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/bench_callbacks.py
 	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/bench_transformer.py
 	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/bench_latency.py --size 96
+	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/bench_scale.py
 
 # 2,000 examples per property (about 2 h of CPU): pytest-xdist spreads the properties over the cores.
 fuzz: $(INSTALLED)

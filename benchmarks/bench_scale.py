@@ -1,0 +1,147 @@
+"""How each step of exact pruning grows with the model: ResNet50/101/152 and EfficientNetB0/B4/B7 (issue 20).
+
+Requirement: no step is quadratic in the number of layers (seconds per layer stay flat
+from ResNet50 to ResNet152, 177 to 517 layers, and from EfficientNetB0 to B7, 238 to 813),
+weights are held once in float64 (the graph's copy) beside Keras' float32 ones, and the
+verification is batched.
+
+Run: `.venv/bin/python benchmarks/bench_scale.py [--size 64] [--models ResNet50,ResNet152]`
+Each model runs in its own fresh process (weights=None, seeded, no download; 32 seeded
+standard-normal images at --size). One channel of three groups is split first
+(`embed --widen`, the test oracle), so prune has something to find. Steps, wall clock:
+    read      `read_model`: the Keras model to the graph (float64 weights)
+    stats     the one statistics pass over the 32 images (`pipeline.statistics`)
+    plan      `plan_prune`: the weight rules, data rules and collapses, in rounds
+    apply     `apply_plan`: the surgery on the graph
+    build     `build_model`: the graph back to a Keras model
+    verify    `assert_outputs_preserved` on the 32 images, batched
+Memory: peak RSS of the process (`ru_maxrss`) against the RSS after building the model and
+predicting once (the base), and the model's float32 weight bytes: a graph holding one
+float64 copy adds about twice those bytes.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+INTERPRETATION = """(written from the run of 2026-12-03 on this 2-core machine; see the table above for the figures)
+- No step is quadratic in the number of layers: from ResNet50 to ResNet152 (177 to 517 layers, 2.9x) the
+  structural steps (read, plan, apply, build) take 26.2 then 22.5 ms per layer (0.18 and 0.19 s per million
+  parameters), the statistics pass and the verification grow with the forward pass (3.0x, 3.1x). Across
+  EfficientNetB0, B4 and B7 (240 to 816 layers) the layers widen too, so the time per layer grows (7.4 to 29.1 ms)
+  while the time per parameter stays flat (0.33, 0.38, 0.36 s per million): the steps follow the weights, not the
+  layer count.
+- Every pruned model equals its widened model on the 32 images (max abs diff at most 1.9e-9); the params after
+  pruning are below the original's because BatchNormalization folds into the convolutions and, on random weights
+  and 32 random images, many relu channels are dead on the data (the data rules remove them exactly on that data).
+- Memory: the graph holds one float64 copy of every weight (2x Keras' float32 bytes), and this benchmark keeps
+  several models and graphs alive at once (the original, the widened graph and model, its graph, the reduced graph,
+  the pruned model), so its peak - base RSS (8x the float32 weights) is an upper bound; what one `keras-embed prune`
+  process takes against one that only loads and predicts is in ZOO.md (bench_zoo_speed.py). The float64 picture is
+  not yet loaded layer by layer (issue 20, item 3: written down in the issue's note)."""
+DEFAULT_MODELS = "ResNet50,ResNet101,ResNet152,EfficientNetB0,EfficientNetB4,EfficientNetB7"
+SAMPLES = 32
+WIDEN = {"ResNet": ("conv1_conv", "conv3_block1_1_conv", "conv5_block1_2_conv"),
+         "EfficientNet": ("stem_conv", "block3a_expand_conv", "top_conv")}
+
+
+def _rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_model(name, size):
+    """Every step on one model in this process; returns its figures."""
+    import keras
+    import numpy as np
+
+    from keras_embed.edit.operators import widen
+    from keras_embed.edit.surgery import apply_plan
+    from keras_embed.model.build import build_model
+    from keras_embed.model.read import read_model
+    from keras_embed.pipeline import plan_prune, statistics
+    from keras_embed.verify import assert_outputs_preserved
+
+    keras.utils.set_random_seed(0)
+    original = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3))
+    x = np.random.default_rng(0).standard_normal((SAMPLES, size, size, 3)).astype("float32")
+    original.predict(x, verbose=0)
+    figures = {"model": name, "layers": len(original.layers), "params": original.count_params(),
+               "weight_mib": sum(weight.numpy().nbytes for weight in original.weights) / 2**20, "base_mib": _rss_mib()}
+    graph = read_model(original)
+    for layer in WIDEN["ResNet" if name.startswith("ResNet") else "EfficientNet"]:
+        graph = widen(graph, layer, 0, 0.3)
+    model = build_model(graph)
+    figures["params_widened"] = model.count_params()
+    steps = {}
+
+    def timed(step, function, *args):
+        start = time.perf_counter()
+        value = function(*args)
+        steps[step] = round(time.perf_counter() - start, 2)
+        return value
+
+    graph = timed("read", read_model, model)
+    stats = timed("stats", statistics, graph, x, SAMPLES)
+    analysis = timed("plan", plan_prune, graph, stats)
+    reduced = timed("apply", apply_plan, graph, analysis.plan)
+    pruned = timed("build", build_model, reduced)
+    diff, _ = timed("verify", assert_outputs_preserved, model, pruned, x, None, True, SAMPLES)
+    figures.update(steps=steps, params_pruned=pruned.count_params(), max_abs_diff=float(diff), peak_mib=_rss_mib())
+    return figures
+
+
+def table(results):
+    steps = ("read", "stats", "plan", "apply", "build", "verify")
+    lines = ["| model (64x64) | layers | params | widened -> pruned | " + " | ".join(f"{step} s" for step in steps)
+             + " | read+plan+apply+build: ms per layer, s per M params | max abs diff | weights MiB "
+             "| peak - base RSS MiB |", "| --- " * (len(steps) + 8) + "|"]
+    for row in results:
+        structural = sum(row["steps"][step] for step in ("read", "plan", "apply", "build"))
+        lines.append(f"| {row['model']} | {row['layers']} | {row['params']:,} | {row['params_widened']:,} -> "
+                     f"{row['params_pruned']:,} | " + " | ".join(f"{row['steps'][step]:.2f}" for step in steps)
+                     + f" | {1000 * structural / row['layers']:.1f}, {structural / row['params'] * 1e6:.2f} | "
+                     f"{row['max_abs_diff']:.1e} | {row['weight_mib']:.0f} | {row['peak_mib'] - row['base_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--models", default=DEFAULT_MODELS)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_model(args.one, args.size)))
+        return
+    sys.path.insert(0, str(Path(__file__).parent))
+    from results import load, machine, write_section
+
+    before, results = load(), []
+    for name in args.models.split(","):
+        child = subprocess.run([sys.executable, __file__, "--one", name, "--size", str(args.size)], capture_output=True,
+                               text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        if child.returncode:
+            sys.exit(f"{name} failed:\n{child.stderr[-3000:]}")
+        results.append(json.loads(child.stdout.strip().splitlines()[-1]))
+        print(f"{name}: {results[-1]['steps']}", file=sys.stderr)
+    text = "\n".join([
+        "## Exact pruning as models grow (benchmarks/bench_scale.py)", "",
+        f"Generated on {datetime.datetime.now().isoformat(timespec='seconds')} by `benchmarks/bench_scale.py --size "
+        f"{args.size} --models {args.models}`. Machine: {machine()}. 1-minute load average {before} before the run, "
+        f"{load()} after it.", "",
+        "### What is measured", "```", __doc__.strip(), "```", "",
+        "### Results", table(results), "",
+        "### Interpretation", INTERPRETATION,
+    ])
+    print(text)
+    write_section("scale", text)
+
+
+if __name__ == "__main__":
+    main()
