@@ -103,13 +103,24 @@ def test_a_saved_dataset_the_model_cannot_take_is_refused_in_one_line(task, tmp_
     assert message in result.output and "Traceback" not in result.output and len(result.output.splitlines()) == 1
 
 
-def test_a_damaged_saved_dataset_is_refused(task, tmp_path):
+def _shards(folder):
+    return [file for file in folder.rglob("*") if file.is_file() and file.parent.name.endswith(".shard")]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda folder: [shard.write_bytes(b"not a shard") for shard in _shards(folder)], "is damaged"),
+    (lambda folder: (folder / "dataset_spec.pb").write_bytes(b"\x00\xff not a protobuf" * 8), "could not read"),
+    (lambda folder: (folder / "dataset_spec.pb").write_bytes(b""), "could not read"),
+    (lambda folder: (folder / "snapshot.metadata").write_bytes(b"\x12\x34 nonsense"), "could not read"),
+    (lambda folder: (folder / "snapshot.metadata").unlink(), "could not read"),
+])
+def test_a_damaged_saved_dataset_is_refused_in_one_line(task, tmp_path, damage, message):
     root, *_ = task
     tf.data.Dataset.from_tensor_slices(np.zeros((10, 8), "float32")).save(str(tmp_path / "damaged"))
-    for shard in (file for file in (tmp_path / "damaged").rglob("*") if file.is_file() and file.parent.name.endswith(".shard")):
-        shard.write_bytes(b"not a shard")
+    damage(tmp_path / "damaged")
     result = CliRunner().invoke(main, ["analyze", str(root / "model.keras"), "--data", str(tmp_path / "damaged")])
-    assert result.exit_code == 2 and "is damaged" in result.output, result.output
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert "Op:" not in result.output and len(result.output.strip().splitlines()) == 1
 
 
 def test_a_generator_function_is_read_once_per_pass_and_a_generator_refused(task):

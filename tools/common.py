@@ -15,6 +15,8 @@ import time
 
 import click
 
+from keras_embed.devices import DEVICES
+
 UNSAFE_HELP = (
     "Load the model with Keras safe mode off. Safe mode refuses to run code stored in a model "
     "file (Lambda layers, pickled functions); turn it off only for files you trust."
@@ -152,7 +154,7 @@ strategy_option = click.option(
 
 
 device_option = click.option(
-    "--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+    "--device", type=click.Choice(DEVICES), default="auto", show_default=True,
     help="Where to compute: auto takes a GPU when TensorFlow sees one, else the CPU; recorded in the report.")
 
 

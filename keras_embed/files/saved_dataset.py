@@ -46,7 +46,7 @@ class SavedDataset:
         import tensorflow as tf
 
         self.path, self.specs, self.step = Path(path), specs, step
-        saved = tf.data.Dataset.load(str(path))
+        saved = _load(path)
         self._parts = _parts(saved.element_spec, specs, path)
         labels, self.rows = _first_pass(self._elements())
         _check_complete(path, int(saved.cardinality()), self.rows, self._parts.batched)
@@ -107,9 +107,24 @@ def open_saved_dataset(path, specs):
 
     try:
         return SavedDataset(path, specs)
-    except tf.errors.OpError as error:
-        raise InputError(f"could not read the saved dataset '{path}' ({error.message.splitlines()[0]}); "
-                         "save it again with tf.data.Dataset.save") from None
+    except tf.errors.OpError as error:  # a shard that cannot be read
+        raise _unreadable(path, error.message) from None
+
+
+def _load(path):
+    """`tf.data.Dataset.load(path)`; a damaged spec or metadata file raises `InputError`."""
+    import tensorflow as tf
+
+    try:
+        return tf.data.Dataset.load(str(path))
+    except Exception as error:  # protobuf, tf.errors and ValueError, depending on which file is damaged
+        raise _unreadable(path, getattr(error, "message", str(error))) from None
+
+
+def _unreadable(path, message):
+    """The one-line `InputError` of a saved dataset TensorFlow could not read, its reason without op names."""
+    reason = message.splitlines()[0].split("}} ")[-1].split(" [Op:")[0] if message else "unknown reason"
+    return InputError(f"could not read the saved dataset '{path}' ({reason}); save it again with tf.data.Dataset.save")
 
 
 class _Parts:
