@@ -204,27 +204,36 @@ def _held_out(data, labels, validation, validation_labels):
     return (data, labels) if validation is None else (validation, validation_labels)
 
 
-def _judge(model, data, labels, validation, validation_labels, batch_size):
-    """`judge(graph)`: the `stopping.measure` figures of a candidate graph's model on `_held_out`, and its params."""
+def _judge(model, data, labels, validation, validation_labels, batch_size, confidence):
+    """`judge(graph)`: the `stopping.measure` figures (with bounds at `confidence`) of a
+    candidate graph's model on `_held_out`, and its params."""
     inputs, inputs_labels = _held_out(data, labels, validation, validation_labels)
     reference = check_reference(predict(model, inputs, batch_size))  # before the search, not after it
     classes = len(model.outputs) == 1
     return lambda result: (measure(reference, predict(build_model(result[0]), inputs, batch_size), inputs_labels,
-                                   classes), result[0].params)
+                                   classes, confidence), result[0].params)
 
 
 def _held_out_checks(rule, model, pruned, data, labels, validation, validation_labels, batch_size, force):
     """The `stopping.measure` figures on the validation (else calibration) array; raises
     `RuleError` when `rule` fails there or an output is NaN or infinite, unless `force`."""
     held_out, held_out_labels = _held_out(data, labels, validation, validation_labels)
+    confidence = None if rule is None else rule.confidence
     figures = measure(predict(model, held_out, batch_size), predict(pruned, held_out, batch_size), held_out_labels,
-                      len(model.outputs) == 1)
+                      len(model.outputs) == 1, confidence)
     problem = shortfall(rule, figures, pruned.count_params())
     if problem is not None and not force:
         raise RuleError(f"on the held-out data the compressed model has {problem}; "
                         "nothing was written (relax the rule or pass --force)")
     checked_on = "calibration data" if validation is None else "validation data"
-    return {**figures, "checked_on": checked_on, **({"rule": {"kind": rule.kind, "value": rule.value}} if rule else {})}
+    needed = None if rule is None else rule.rows_to_certify(figures)
+    return {**figures, "checked_on": checked_on, **({"rows_to_certify": needed} if needed is not None else {}),
+            **({"rule": _rule_entry(rule)} if rule else {})}
+
+
+def _rule_entry(rule):
+    """The report's `rule`: kind, value and, where the rule holds for a bound, its confidence."""
+    return {"kind": rule.kind, "value": rule.value, **({"confidence": rule.confidence} if rule.bounded else {})}
 
 
 def _exact_checks(model, pruned, data, validation, atol, force, batch_size):
@@ -340,7 +349,8 @@ def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, mode="exact", 
     analysis = plan_prune(graph, stats, rtol, lin_tol, allow_growth)
     reduced = apply_plan(graph, analysis.plan)
     if mode != "exact":
-        judge = _judge(model, data, labels, validation, validation_labels, batch_size) if mode == "data" else None
+        judge = (_judge(model, data, labels, validation, validation_labels, batch_size, rule.confidence)
+                 if mode == "data" else None)
         extra = _approximate_round(graph, reduced, mode, data, rule, judge, cos, batch_size, gram_budget, strategy)
         analysis = dataclasses.replace(analysis, plan=Plan(analysis.plan.rounds + ((extra,) if extra else ())))
         reduced = apply_round(reduced, extra) if extra else reduced

@@ -175,10 +175,11 @@ def test_property_channel_data_mode_meets_its_stopping_rule_or_raises(cnn, data)
 
 def test_cli_finds_near_copies_exact_mode_cannot_remove(tmp_path, saved_models):
     """The widened example CNN with N(0, 1e-3) noise on every weight: no channel is an exact
-    copy, yet data mode gets back to at most the trained widths (8, 8, 12) within the rule."""
+    copy, yet data mode gets back to at most the trained widths (8, 8, 12) within the rule
+    (on 297 held-out rows a drop is bounded at 1.23 points at best, so a budget of 2)."""
     data, model = str(saved_models / "digits_images_heldout.npz"), str(saved_models / "digits_cnn_perturbed.keras")
     widths = {}
-    for mode in (["--mode", "exact"], ["--mode", "data", "--max-accuracy-drop", "0.5"]):
+    for mode in (["--mode", "exact"], ["--mode", "data", "--max-accuracy-drop", "2"]):
         report = tmp_path / f"{mode[1]}.json"
         result = CliRunner().invoke(main, ["prune", model, "-o", str(tmp_path / f"{mode[1]}.keras"), "--data", data,
                                            "--report", str(report), *mode])
@@ -187,7 +188,8 @@ def test_cli_finds_near_copies_exact_mode_cannot_remove(tmp_path, saved_models):
         widths[mode[1]] = {row["name"]: row["width_after"] for row in figures["layers"]}
     assert widths["exact"]["stem"] == 14 and widths["exact"]["res_a"] == 13
     assert widths["data"]["stem"] <= 8 and widths["data"]["res_a"] <= 8 and widths["data"]["head"] <= 12
-    assert figures["mode"] == "data" and figures["accuracy_drop"] <= 0.5
+    assert figures["mode"] == "data" and figures["accuracy_drop"] <= figures["accuracy_drop_bound"] <= 2
+    assert figures["rule"] == {"kind": "max_accuracy_drop", "value": 2.0, "confidence": 0.95}
     assert figures["params_after"] == keras.saving.load_model(tmp_path / "data.keras").count_params()
 
 

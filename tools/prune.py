@@ -24,6 +24,10 @@ from keras_embed.tools.common import (FiniteFloat, calibration_data, data_option
 @click.option("--max-output-error", type=FiniteFloat(), metavar="E", help="Data mode: largest relative output error ||dY||/||Y||.")
 @click.option("--keep-ratio", type=FiniteFloat(), metavar="R", help="Data mode: keep this fraction (0, 1] of every channel group (of its width in MODEL).")
 @click.option("--target-params", type=int, metavar="N", help="Data mode: at most N parameters.")
+@click.option("--confidence", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.95,
+              show_default=True, metavar="C",
+              help="Data mode: --max-accuracy-drop and --max-output-error hold for the one-sided upper confidence "
+                   "bound at level C on the held-out rows, not the point estimate (the report gives both).")
 @click.option("--cos", type=FiniteFloat(-1, 1), default=0.99, show_default=True, help="Condense mode: cosine similarity that groups units.")
 @click.option("--gram-budget", type=click.IntRange(min=1), default=256, show_default=True, metavar="MIB",
               help="Data mode: memory one channel group's Gram matrix and cross-product may take, in MiB.")
@@ -45,7 +49,7 @@ from keras_embed.tools.common import (FiniteFloat, calibration_data, data_option
                    "within 1e-2 (float16) or 1e-1 (int8) times the output scale.")
 @handles_errors
 def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_size, max_samples, validation, mode, max_accuracy_drop,
-          max_output_error, keep_ratio, target_params, cos, gram_budget, strategy, device, finetune, lin_tol, allow_growth,
+          max_output_error, keep_ratio, target_params, confidence, cos, gram_budget, strategy, device, finetune, lin_tol, allow_growth,
           report, as_json, rtol, force, keep_format, quantize):
     """Remove redundant units and layers from MODEL and write the smaller model to OUTPUT.
 
@@ -90,7 +94,7 @@ def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
                  keep_ratio=keep_ratio, target_params=target_params)
     if mode != "data" and any(value is not None for value in rules.values()):
         raise click.UsageError("stopping rules (--max-accuracy-drop, ...) apply to --mode data only")
-    rule = stopping_rule_from_options(**rules) if mode == "data" else None
+    rule = stopping_rule_from_options(**rules, confidence=confidence) if mode == "data" else None
     kind = input_kind(model)
     output, format_ = resolve_output(output, kind, format_, keep_format)
     format_ = check_output(output, model, format_, overwrite)
@@ -176,6 +180,11 @@ def summary(figures, output):
                     if "accuracy_before" in figures else "")
         lines.append(f"on {figures['checked_on']}: {agreement}"
                      f"relative output error {figures['output_error']:.3g}{accuracy}")
+        if "confidence" in figures:
+            drop = (f"accuracy drop {figures['accuracy_drop']:.3g} pp, bound {figures['accuracy_drop_bound']:.3g} pp; "
+                    if "accuracy_drop_bound" in figures else "")
+            lines.append(f"upper {figures['confidence']:.0%} confidence bounds on {figures['rows']:,} rows: {drop}"
+                         f"output error bound {figures['output_error_bound']:.3g}")
     if "finetune" in figures:
         tuned = figures["finetune"]
         lines.append(f"after {tuned['epochs']} epochs of fine-tuning: agreement {_percent(tuned['agreement'])}, "
