@@ -21,7 +21,6 @@ from the prune report (multiply-adds counted as two).
 """
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -125,7 +124,7 @@ def main():
         print(json.dumps(measure(arguments.child[0], int(arguments.child[1]))))
         return
     sys.path.insert(0, str(Path(__file__).parent))
-    from results import load, machine, write_section
+    from results import load, section, write_section
 
     before = load()
     lines = ["| model | params before / after | FLOPs ratio | prune s | " + " | ".join(
@@ -151,15 +150,9 @@ def main():
                      f"| {ratio:.2f} | {result['prune_seconds']:.0f} | " + " | ".join(cells) + " |")
     verdict = ("every speed-up is at least 0.7 of the FLOPs ratio" if not shortfalls
                else "below 0.7 of the FLOPs ratio: " + ", ".join(shortfalls))
-    text = "\n".join([
-        "## Latency after data mode, keep ratio 0.5 (benchmarks/bench_latency.py)", "",
-        f"Generated on {datetime.datetime.now().isoformat(timespec='seconds')} by "
-        f"`benchmarks/bench_latency.py --size {arguments.size} --models {arguments.models}`. Machine: {machine()}. "
-        f"1-minute load average {before} before the run, {load()} after it.", "",
-        "### What is measured", "```", __doc__.strip(), "```", "",
-        "### Results", *lines, "", f"Verdict: {verdict}.", "",
-        "### Interpretation", INTERPRETATION,
-    ])
+    text = section("Latency after data mode, keep ratio 0.5 (benchmarks/bench_latency.py)",
+                   f"benchmarks/bench_latency.py --size {arguments.size} --models {arguments.models}", before,
+                   __doc__, [*lines, "", f"Verdict: {verdict}."], INTERPRETATION)
     print(text)
     write_section("latency", text)
 

@@ -21,7 +21,6 @@ float64 copy adds about twice those bytes.
 """
 
 import argparse
-import datetime
 import json
 import os
 import resource
@@ -120,7 +119,7 @@ def main():
         print(json.dumps(run_model(args.one, args.size)))
         return
     sys.path.insert(0, str(Path(__file__).parent))
-    from results import load, machine, write_section
+    from results import load, section, write_section
 
     before, results = load(), []
     for name in args.models.split(","):
@@ -130,15 +129,9 @@ def main():
             sys.exit(f"{name} failed:\n{child.stderr[-3000:]}")
         results.append(json.loads(child.stdout.strip().splitlines()[-1]))
         print(f"{name}: {results[-1]['steps']}", file=sys.stderr)
-    text = "\n".join([
-        "## Exact pruning as models grow (benchmarks/bench_scale.py)", "",
-        f"Generated on {datetime.datetime.now().isoformat(timespec='seconds')} by `benchmarks/bench_scale.py --size "
-        f"{args.size} --models {args.models}`. Machine: {machine()}. 1-minute load average {before} before the run, "
-        f"{load()} after it.", "",
-        "### What is measured", "```", __doc__.strip(), "```", "",
-        "### Results", table(results), "",
-        "### Interpretation", INTERPRETATION,
-    ])
+    text = section("Exact pruning as models grow (benchmarks/bench_scale.py)",
+                   f"benchmarks/bench_scale.py --size {args.size} --models {args.models}", before, __doc__,
+                   [table(results)], INTERPRETATION)
     print(text)
     write_section("scale", text)
 

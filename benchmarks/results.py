@@ -4,6 +4,7 @@ Each benchmark owns one section, between `<!-- begin NAME -->` and `<!-- end NAM
 so `make bench` can run them one after another without losing the others' figures.
 """
 
+import datetime
 import os
 import platform
 import re
@@ -43,6 +44,24 @@ def machine():
     return (f"nproc {cores}, CPU {cpu_model()}, Python {platform.python_version()}, "
             f"TensorFlow {tf.__version__}, Keras {keras.__version__}, NumPy {np.__version__} "
             f"with BLAS {blas()}, {platform.system()} {platform.machine()}")
+
+
+def section(title, command, load_before, method, results, interpretation):
+    """The Markdown of one benchmark's section: title, when and how it ran, the method (its
+    docstring), the result lines and their interpretation.
+
+    Example:
+        >>> section("Latency (benchmarks/bench_latency.py)", "benchmarks/bench_latency.py --size 96", before,
+        ...         __doc__, table_lines, INTERPRETATION)
+    """
+    return "\n".join([
+        f"## {title}", "",
+        f"Generated on {datetime.datetime.now().isoformat(timespec='seconds')} by `{command}`. Machine: {machine()}. "
+        f"1-minute load average {load_before} before the run, {load()} after it.", "",
+        "### What is measured", "```", method.strip(), "```", "",
+        "### Results", *results, "",
+        "### Interpretation", interpretation,
+    ])
 
 
 def write_section(name, text):
