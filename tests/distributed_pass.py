@@ -22,7 +22,7 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-BATCH = 33  # 101 rows: batches of 33, 33, 33 and 2, so some replicas get no rows
+BATCH = 33  # 101 rows: batches of 33, 33, 33 and 2, the last fewer rows than replicas (run on one device)
 
 
 def _strategy(kind):

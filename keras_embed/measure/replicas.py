@@ -115,9 +115,11 @@ class Sharded:
 
     def __call__(self, inputs):
         """(the sums for the batch `inputs`, a list of tensors, summed over the replicas; the
-        figures with a new first axis of one row per replica, one without a strategy), as
-        NumPy arrays."""
-        if self.strategy is None:
+        figures with a new first axis of one row per replica, one without a strategy or for a
+        batch of fewer rows than replicas, run whole on this device), as NumPy arrays."""
+        if self.strategy is None or len(inputs[0]) < self.strategy.num_replicas_in_sync:
+            # a replica given no rows can crash TensorFlow 2.21 (oneDNN float32 convolutions of
+            # an empty batch); every worker sees the same batch sizes, so all take this branch
             sums, figures = self.local(inputs)
             return self._unpacked(np.asarray(sums), np.asarray(figures))
         bounds = np.linspace(0, len(inputs[0]), self.strategy.num_replicas_in_sync + 1).astype(int)
