@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from keras_embed.files.data import check_labels, is_arrays, require_reusable
+from keras_embed.files.data import check_labels, is_arrays, require_reusable, row_count, split_calibration
 from keras_embed.edit.operators import add_null, deepen, editable_layer, widen
 from keras_embed.edit.plan import Plan
 from keras_embed.edit.surgery import apply_plan, apply_round, follow
@@ -32,6 +32,7 @@ from keras_embed.find.constants import data_constants
 from keras_embed.find.data_rules import plan_collapses
 from keras_embed.find.refit import check_refit_memory, compress_groups, search
 from keras_embed.find.weight_rules import find_redundancy
+from keras_embed.measure.latency import Latency
 from keras_embed.measure.regimes import DEFAULT_LIN_TOL, moment_producers, producer_regimes
 from keras_embed.measure.statistics import GRAM_BUDGET, collect, producer_requests, source_requests
 from keras_embed.model.build import build_model
@@ -40,6 +41,8 @@ from keras_embed.stopping import check_reference, class_labels, measure, shortfa
 from keras_embed.verify import assert_outputs_preserved, calibration_inputs, predict
 
 MODES = ("exact", "condense", "data")
+HOLD_OUT = 0.2  # share of the calibration rows held out to judge an approximate mode without validation data
+HOLD_OUT_SEED = 0
 
 
 def statistics(graph, data, batch_size=256, on_batch=None, strategy=None):
@@ -199,36 +202,68 @@ class Report:
         }
 
 
-def _held_out(data, labels, validation, validation_labels):
-    """The data approximate modes are judged on: the validation data when given, else the calibration data."""
-    return (data, labels) if validation is None else (validation, validation_labels)
+def hold_out(data, labels, share=HOLD_OUT, seed=HOLD_OUT_SEED):
+    """((data, labels) to calibrate on, (data, labels) to judge on or None, what the report
+    says of it): without validation data, `share` of the calibration rows, seeded, judge an
+    approximate mode (arrays only; a stream is judged on its own rows)."""
+    if data is None or not is_arrays(data):
+        return (data, labels), None, None
+    fit, held = split_calibration(data, labels, share, seed)
+    if held is None:
+        return fit, None, None
+    return fit, held, {"share": share, "seed": seed, "rows": row_count(held[0]), "calibration_rows": row_count(fit[0])}
 
 
-def _judge(model, data, labels, validation, validation_labels, batch_size, confidence):
-    """`judge(graph)`: the `stopping.measure` figures (with bounds at `confidence`) of a
-    candidate graph's model on `_held_out`, and its params."""
-    inputs, inputs_labels = _held_out(data, labels, validation, validation_labels)
+def _figures(model, graph, reference, inputs, labels, classes, confidence, batch_size, latency):
+    """`stopping.measure` figures of `model` (built from `graph`) against `reference` outputs on
+    `inputs`, with its FLOPs and, given a `Latency`, its milliseconds."""
+    figures = measure(reference, predict(model, inputs, batch_size), labels, classes, confidence)
+    figures["flops"] = graph.flops
+    if latency is not None:
+        figures["latency_ms"] = latency.milliseconds(model)
+    return figures
+
+
+def _judge(model, inputs, inputs_labels, batch_size, confidence, latency):
+    """`judge(result)`: the `_figures` of a candidate (graph, edits) on `inputs` (with bounds
+    at `confidence`), and its params."""
     reference = check_reference(predict(model, inputs, batch_size))  # before the search, not after it
     classes = len(model.outputs) == 1
-    return lambda result: (measure(reference, predict(build_model(result[0]), inputs, batch_size), inputs_labels,
-                                   classes, confidence), result[0].params)
+    return lambda result: (_figures(build_model(result[0]), result[0], reference, inputs, inputs_labels, classes,
+                                    confidence, batch_size, latency), result[0].params)
 
 
-def _held_out_checks(rule, model, pruned, data, labels, validation, validation_labels, batch_size, force):
-    """The `stopping.measure` figures on the validation (else calibration) array; raises
+def _held_out_checks(rule, model, pruned, reduced, held_out, batch_size, force, checked_on, latency):
+    """The `_figures` of `pruned` (built from `reduced`) on `held_out` (inputs, labels); raises
     `RuleError` when `rule` fails there or an output is NaN or infinite, unless `force`."""
-    held_out, held_out_labels = _held_out(data, labels, validation, validation_labels)
+    inputs, labels = held_out
     confidence = None if rule is None else rule.confidence
-    figures = measure(predict(model, held_out, batch_size), predict(pruned, held_out, batch_size), held_out_labels,
-                      len(model.outputs) == 1, confidence)
+    reference = predict(model, inputs, batch_size)
+    figures = _figures(pruned, reduced, reference, inputs, labels, len(model.outputs) == 1, confidence, batch_size,
+                       latency)
+    if latency is not None:
+        figures.update(latency_ms_before=latency.milliseconds(model), latency_on=dataclasses.asdict(latency))
     problem = shortfall(rule, figures, pruned.count_params())
     if problem is not None and not force:
         raise RuleError(f"on the held-out data the compressed model has {problem}; "
                         "nothing was written (relax the rule or pass --force)")
-    checked_on = "calibration data" if validation is None else "validation data"
     needed = None if rule is None else rule.rows_to_certify(figures)
     return {**figures, "checked_on": checked_on, **({"rows_to_certify": needed} if needed is not None else {}),
             **({"rule": _rule_entry(rule)} if rule else {})}
+
+
+def _warnings(checks, reduced, calibration_rows):
+    """What the held-out figures cannot say: measured on the rows the refit was fitted to, or
+    on fewer rows than a group keeps channels (a refit of that many can reproduce them)."""
+    notes = []
+    if checks["checked_on"] == "calibration data":
+        notes.append("the figures are measured on the calibration rows the compression was fitted to and say "
+                     "little about other inputs; pass --validation (or array data, of which a share is held out)")
+    widest = max(((reduced.group_width(group), group) for group in reduced.editable_groups()), default=None)
+    if widest is not None and calibration_rows is not None and calibration_rows <= widest[0]:
+        notes.append(f"{calibration_rows} calibration rows but group '{widest[1]}' keeps {widest[0]} channels: a "
+                     "refit of that many channels can reproduce the rows it is fitted to exactly; give more rows")
+    return notes
 
 
 def _rule_entry(rule):
@@ -276,23 +311,32 @@ def _check_approximate_inputs(mode, data, rule, labels, validation, validation_l
                          "and validation .npz files")
 
 
-def _approximate_round(graph, reduced, mode, data, rule, judge, cos, batch_size, gram_budget, strategy):
+def _approximate_round(graph, reduced, mode, data, rule, judge, cos, batch_size, gram_budget, strategy, allocation):
     """The condense merge, or the data-driven refit as far as `rule` allows (each candidate
-    judged by `judge`), on `reduced`, the exactly reduced `graph` (a keep ratio is of the
-    groups' widths in `graph`)."""
+    judged by `judge`, widths chosen by `allocation`), on `reduced`, the exactly reduced
+    `graph` (a keep ratio is of the groups' widths in `graph`)."""
     if mode == "condense":
         return plan_condense(reduced, cos)
     widths = {group: graph.group_width(group) for group in graph.editable_groups()}
     heads = {node.name: node.config["num_heads"] for node in graph.nodes if node.kind == "MultiHeadAttention"}
-    compress = functools.partial(compress_groups, reduced, data, batch_size=batch_size, cache={}, widths=widths,
-                                 gram_budget=gram_budget, heads=heads, strategy=strategy)
+    measured = "flops" if rule.kind in ("target_flops", "target_latency") else "params"
+    compress = functools.partial(compress_groups, reduced, data, measure=measured, batch_size=batch_size, cache={},
+                                 widths=widths, gram_budget=gram_budget, heads=heads, strategy=strategy)
     widest = max((reduced.group_width(group) for group in reduced.editable_groups()), default=1)
-    return search(compress, rule, judge, 1.0 / widest)[1]
+    return search(compress, rule, judge, 1.0 / widest, allocation=allocation)[1]
+
+
+def _absolute(rule, graph):
+    """`rule` with a FLOPs target of at most 1 read as that share of `graph`'s FLOPs."""
+    if rule is not None and rule.kind == "target_flops" and rule.value <= 1:
+        return dataclasses.replace(rule, value=float(rule.value * graph.flops))
+    return rule
 
 
 def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, mode="exact", rule=None, labels=None,
           validation=None, validation_labels=None, cos=0.99, lin_tol=DEFAULT_LIN_TOL, allow_growth=False,
-          batch_size=256, on_batch=None, gram_budget=GRAM_BUDGET, strategy=None):
+          batch_size=256, on_batch=None, gram_budget=GRAM_BUDGET, strategy=None, allocation="global",
+          hold_out_share=HOLD_OUT, latency=None):
     """Compresses `model` and checks the result.
 
     Modes:
@@ -301,11 +345,12 @@ def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, mode="exact", 
             calibration data (1024 seeded standard-normal inputs without `data`) and on
             `validation`.
         condense: exact, then the width paper's cosine merge (`cos`); approximate.
-        data: exact, then greedy selection and least-squares refit on `data` (an array), as
-            far as `rule` allows, measured on `validation` when given (else on `data`);
-            approximate.
-        For the approximate modes the `rule` (when given) must hold on `validation` (else
-        on `data`), or `RuleError` is raised. Keep a test set apart from both.
+        data: exact, then greedy selection and least-squares refit on `data`, as far as
+            `rule` allows, with widths chosen across groups (`allocation`); approximate.
+        For the approximate modes the `rule` (when given) must hold on `validation`, or
+        `RuleError` is raised. Without `validation`, `hold_out_share` of the rows of array
+        `data` (seeded) is held out to judge on and the rest calibrates (a stream is judged
+        on its own rows, and the report warns). Keep a test set apart from both.
 
     Args:
         model: a Keras model of the layers `model.registry` knows (chains, CNNs, branches).
@@ -315,7 +360,8 @@ def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, mode="exact", 
         atol: exact mode: allowed max abs output difference; default 1e-4 times the output scale.
         force: return the model even when verification fails.
         mode: "exact", "condense" or "data".
-        rule: a `stopping.StoppingRule` (required in data mode).
+        rule: a `stopping.StoppingRule` (required in data mode); a `target_flops` of at
+            most 1 is a share of the model's FLOPs.
         labels, validation_labels: class labels of `data` and `validation` (for accuracy).
         validation: held-out inputs.
         cos: cosine threshold of condense mode.
@@ -327,6 +373,12 @@ def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, mode="exact", 
         strategy: a `tf.distribute.Strategy` whose replicas share every batch of the
             statistics passes (`measure.replicas`); the same result as without, up to
             float64 rounding.
+        allocation: "global" (widths from one price on error per parameter, or per FLOP
+            for FLOPs and latency targets: `find.allocation`) or "uniform" (one keep ratio
+            or tolerance for every group, as before); a keep-ratio rule is uniform.
+        hold_out_share: the share of calibration rows held out without `validation` (0: none).
+        latency: the `measure.latency.Latency` a `target_latency` rule is measured with
+            (default: TFLite, batch 1, one thread).
 
     Returns:
         (compressed model of stock Keras layers, `Report`). `model` is untouched.
@@ -341,27 +393,37 @@ def prune(model, rtol=1e-6, data=None, atol=None, force=False, *, mode="exact", 
     require_reusable(validation)
     labels, validation_labels = _checked_labels(labels, data), _checked_labels(validation_labels, validation)
     graph = read_model(model)
+    held_out, checked_on, split = (validation, validation_labels), "validation data", None
     if mode != "exact":
         _check_approximate_inputs(mode, data, rule, labels, validation, validation_labels, len(graph.outputs))
+        rule = _absolute(rule, graph)
+        latency = (latency or Latency()) if rule is not None and rule.kind == "target_latency" else None
+        if validation is None:
+            (data, labels), held_out, split = hold_out(data, labels, hold_out_share)
+            held_out, checked_on = ((data, labels), "calibration data") if held_out is None else (
+                held_out, "held-out calibration rows")
     if mode == "data":
         check_refit_memory(graph, gram_budget)  # before any pass: widths only shrink
     stats = None if data is None else statistics(graph, data, batch_size, on_batch, strategy)
     analysis = plan_prune(graph, stats, rtol, lin_tol, allow_growth)
     reduced = apply_plan(graph, analysis.plan)
     if mode != "exact":
-        judge = (_judge(model, data, labels, validation, validation_labels, batch_size, rule.confidence)
-                 if mode == "data" else None)
-        extra = _approximate_round(graph, reduced, mode, data, rule, judge, cos, batch_size, gram_budget, strategy)
+        judge = (_judge(model, *held_out, batch_size, rule.confidence, latency) if mode == "data" else None)
+        extra = _approximate_round(graph, reduced, mode, data, rule, judge, cos, batch_size, gram_budget, strategy,
+                                   allocation)
         analysis = dataclasses.replace(analysis, plan=Plan(analysis.plan.rounds + ((extra,) if extra else ())))
         reduced = apply_round(reduced, extra) if extra else reduced
     pruned = build_model(reduced)
     calibration = "user data"
     if data is None:
         data, calibration = calibration_inputs(model), "1024 seeded standard-normal inputs"
+        held_out = (data, None) if held_out[0] is None else held_out
     if mode == "exact":
         checks = _exact_checks(model, pruned, data, validation, atol, force, batch_size)
     else:
-        checks = _held_out_checks(rule, model, pruned, data, labels, validation, validation_labels, batch_size, force)
+        checks = _held_out_checks(rule, model, pruned, reduced, held_out, batch_size, force, checked_on, latency)
+        checks.update(**({"held_out": split} if split else {}),
+                      warnings=_warnings(checks, reduced, row_count(data) if mode == "data" and is_arrays(data) else None))
     return pruned, Report(mode, graph, reduced, analysis, model.count_params(), pruned.count_params(), calibration,
                           checks, time.perf_counter() - start)
 

@@ -1,7 +1,8 @@
 """Stopping rules of approximate compression, and the figures they are judged on.
 
 Exactly one rule bounds a `--mode data` compression: an accuracy drop (needs labels), a
-relative output error, a keep ratio per layer, or a parameter budget.
+relative output error, a keep ratio per layer, or a budget of parameters, of FLOPs per
+sample or of milliseconds per call (`measure.latency`).
 
 Example:
     >>> rule = StoppingRule("max_accuracy_drop", 0.5)            # percentage points
@@ -19,7 +20,7 @@ import numpy as np
 from keras_embed.confidence import accuracy_drop_bound, output_error_bound, rows_to_certify
 from keras_embed.errors import InputError
 
-KINDS = ("max_accuracy_drop", "max_output_error", "keep_ratio", "target_params")
+KINDS = ("max_accuracy_drop", "max_output_error", "keep_ratio", "target_params", "target_flops", "target_latency")
 
 
 def relative_error(reference, outputs):
@@ -139,7 +140,8 @@ class StoppingRule:
             raise InputError(f"--{self.kind.replace('_', '-')} must be a finite number. Received: {self.value!r}")
         if self.kind == "keep_ratio" and not 0 < self.value <= 1:
             raise InputError(f"--keep-ratio must be in (0, 1]. Received: {self.value}")
-        if self.value < 0 or (self.kind == "target_params" and self.value < 1):
+        if self.value < 0 or (self.kind == "target_params" and self.value < 1) or (
+                self.kind in ("target_flops", "target_latency") and self.value <= 0):
             raise InputError(f"--{self.kind.replace('_', '-')} must be positive. Received: {self.value}")
         if self.confidence is not None and not (isinstance(self.confidence, numbers.Real)
                                                 and 0 < self.confidence < 1):
@@ -155,8 +157,8 @@ class StoppingRule:
         return self.confidence is not None and self.kind in ("max_accuracy_drop", "max_output_error")
 
     def holds(self, figures, params):
-        """Whether `figures` (from `measure`) and the parameter count meet the rule (never
-        with NaN or infinite outputs)."""
+        """Whether `figures` (from `measure`, with "flops" and "latency_ms" for those targets)
+        and the parameter count meet the rule (never with NaN or infinite outputs)."""
         if not math.isfinite(figures["output_error"]):
             return False
         if self.kind == "max_accuracy_drop":
@@ -165,6 +167,10 @@ class StoppingRule:
             return figures[self._figure("output_error")] <= self.value
         if self.kind == "target_params":
             return params <= self.value
+        if self.kind == "target_flops":
+            return figures["flops"] <= self.value
+        if self.kind == "target_latency":
+            return figures["latency_ms"] <= self.value
         return True
 
     def _figure(self, name):
@@ -182,6 +188,10 @@ class StoppingRule:
                    f"(budget {self.value:g})"
         if self.kind == "target_params":
             return f"{params} parameters (bound {int(self.value)})"
+        if self.kind == "target_flops":
+            return f"{figures['flops']:,} FLOPs per sample (target {int(self.value):,})"
+        if self.kind == "target_latency":
+            return f"a latency of {figures['latency_ms']:.3g} ms (target {self.value:g} ms)"
         return f"keep ratio {self.value:g}"
 
     def _bound(self, figures, name, unit):

@@ -11,6 +11,7 @@ Writes, beside this script:
     digits_cnn.keras            the trained CNN (stem 8, residual block 8, head 12 channels)
     digits_cnn_widened.keras    the same function with 14-13-18 channels
     digits_images_heldout.npz   held-out images `x` (n, 8, 8, 1) and labels `y`
+    digits_images_train.npz     the 1,500 training images and labels (calibration data for --mode data)
     digits_cnn_perturbed.keras  the widened CNN with the noise added
 """
 
@@ -69,6 +70,7 @@ def main():
     narrow = train_cnn(x[train], y[train])
     wide = build_model(grow(read_model(narrow), np.random.default_rng(1)))
     accuracy, gap = save_examples(narrow, wide, x, y, ("digits_cnn.keras", "digits_cnn_widened.keras", "digits_images_heldout.npz"))
+    np.savez_compressed(HERE / "digits_images_train.npz", x=x[train], y=y[train])
     perturb(build_model(read_model(wide))).save(HERE / "digits_cnn_perturbed.keras")
     print(f"params {narrow.count_params()} -> widened {wide.count_params()}, held-out accuracy {accuracy:.3f}, "
           f"max abs difference narrow vs widened {gap:.2e}")

@@ -9,6 +9,7 @@ from hypothesis import event
 from hypothesis import strategies as st
 
 from keras_embed import prune, read_model
+from keras_embed.pipeline import hold_out
 from keras_embed.errors import RuleError
 from keras_embed.stopping import StoppingRule, measure
 from keras_embed.verify import predict
@@ -160,14 +161,17 @@ def stopping_rules(draw, max_params):
 
 def prune_meeting(rule, model, x, y):
     """`prune(mode="data")` of `model` under `rule` on (x, y): None when it raises
-    `RuleError`, else (pruned, report) once the rule is checked to hold on x."""
+    `RuleError`, else (pruned, report) once the rule is checked to hold on the rows of x it
+    holds out to judge on (`pipeline.hold_out`)."""
     event(rule.kind)
     try:
         pruned, report = prune(model, data=x, mode="data", rule=rule, labels=y)
     except RuleError:
         event(f"{rule.kind}: not met")
         return None
-    assert rule.holds(measure(predict(model, x), predict(pruned, x), y), pruned.count_params())
+    _, (x, y), _ = hold_out(x, y)
+    figures = {**measure(predict(model, x), predict(pruned, x), y), "flops": report.after.flops}
+    assert rule.holds(figures, pruned.count_params())
     return pruned, report
 
 

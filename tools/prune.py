@@ -24,6 +24,23 @@ from keras_embed.tools.common import (FiniteFloat, calibration_data, data_option
 @click.option("--max-output-error", type=FiniteFloat(), metavar="E", help="Data mode: largest relative output error ||dY||/||Y||.")
 @click.option("--keep-ratio", type=FiniteFloat(), metavar="R", help="Data mode: keep this fraction (0, 1] of every channel group (of its width in MODEL).")
 @click.option("--target-params", type=int, metavar="N", help="Data mode: at most N parameters.")
+@click.option("--target-flops", type=FiniteFloat(), metavar="N",
+              help="Data mode: at most N FLOPs per sample; a value of at most 1 is that share of MODEL's FLOPs.")
+@click.option("--target-latency", type=FiniteFloat(), metavar="MS",
+              help="Data mode: at most MS milliseconds per call on the --latency-on runtime (median of timed calls).")
+@click.option("--latency-on", type=click.Choice(["tflite", "keras"]), default="tflite", show_default=True,
+              help="Runtime --target-latency is measured on: the TFLite interpreter (XNNPACK) or a compiled Keras forward.")
+@click.option("--latency-batch", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help="Rows per call for --target-latency.")
+@click.option("--latency-threads", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help="TFLite interpreter threads for --target-latency (Keras uses TensorFlow's own thread pools).")
+@click.option("--allocation", type=click.Choice(["global", "uniform"]), default="global", show_default=True,
+              help="Data mode: choose widths across layers by one price on output error per parameter (per FLOP "
+                   "for --target-flops/--target-latency) saved, or give every layer the same keep ratio or tolerance.")
+@click.option("--hold-out", "hold_out_share", type=click.FloatRange(0, 0.9), default=0.2, show_default=True,
+              metavar="SHARE",
+              help="Approximate modes without --validation: the share of the calibration rows (seeded) held out "
+                   "to judge the rule on; 0 judges on the calibration rows themselves.")
 @click.option("--confidence", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.95,
               show_default=True, metavar="C",
               help="Data mode: --max-accuracy-drop and --max-output-error hold for the one-sided upper confidence "
@@ -49,8 +66,9 @@ from keras_embed.tools.common import (FiniteFloat, calibration_data, data_option
                    "within 1e-2 (float16) or 1e-1 (int8) times the output scale.")
 @handles_errors
 def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_size, max_samples, validation, mode, max_accuracy_drop,
-          max_output_error, keep_ratio, target_params, confidence, cos, gram_budget, strategy, device, finetune, lin_tol, allow_growth,
-          report, as_json, rtol, force, keep_format, quantize):
+          max_output_error, keep_ratio, target_params, target_flops, target_latency, latency_on, latency_batch,
+          latency_threads, allocation, hold_out_share, confidence, cos, gram_budget, strategy, device, finetune, lin_tol,
+          allow_growth, report, as_json, rtol, force, keep_format, quantize):
     """Remove redundant units and layers from MODEL and write the smaller model to OUTPUT.
 
     MODEL is a .keras or .h5 file (Keras 3 or tf_keras), or a SavedModel folder: one
@@ -67,7 +85,8 @@ def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
     inputs) and --validation; above --atol nothing is written and the exit code is 3.
 
     The condense and data modes approximate: the stopping rule must hold on --validation
-    (else on the calibration data), or nothing is written and the exit code is 3.
+    (else on the --hold-out share of the calibration rows, seeded), or nothing is written
+    and the exit code is 3.
 
     The written file is loaded back by its own runtime (Keras, tf.saved_model, the TFLite
     interpreter, tf_keras, onnxruntime) and its outputs compared on the calibration data;
@@ -81,6 +100,7 @@ def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
     """
     placed = place_computation(device, strategy)
     strategy, shared, writes = start_strategy(strategy)
+    from keras_embed.measure.latency import Latency
     from keras_embed.pipeline import prune as prune_model
     from keras_embed.files.data import load_checked, row_count, spread_rows
     from keras_embed.files.export import check_export_options, export_model
@@ -91,7 +111,8 @@ def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
     from keras_embed.stopping import stopping_rule_from_options
 
     rules = dict(max_accuracy_drop=max_accuracy_drop, max_output_error=max_output_error,
-                 keep_ratio=keep_ratio, target_params=target_params)
+                 keep_ratio=keep_ratio, target_params=target_params, target_flops=target_flops,
+                 target_latency=target_latency)
     if mode != "data" and any(value is not None for value in rules.values()):
         raise click.UsageError("stopping rules (--max-accuracy-drop, ...) apply to --mode data only")
     rule = stopping_rule_from_options(**rules, confidence=confidence) if mode == "data" else None
@@ -118,6 +139,8 @@ def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
             original, rtol, x, atol, force, mode=mode, rule=rule, labels=y, validation=held_out,
             validation_labels=held_out_y, cos=cos, lin_tol=lin_tol, allow_growth=allow_growth,
             batch_size=batch_size, on_batch=bar.update, gram_budget=gram_budget * 2**20, strategy=strategy,
+            allocation=allocation, hold_out_share=hold_out_share,
+            latency=Latency(latency_on, latency_batch, latency_threads),
         )
     figures = {"input": {"kind": kind, **notes}, **result.to_dict(), "device": placed,
                **({"strategy": shared} if shared else {})}
@@ -125,7 +148,8 @@ def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
     if sparsity["zero_kernel_weights_before"]:
         figures["sparsity"] = sparsity
     if finetune:
-        pruned, figures["finetune"] = _finetune(original, pruned, x, y, finetune, held_out, held_out_y, batch_size)
+        pruned, figures["finetune"] = _finetune(original, pruned, x, y, finetune, held_out, held_out_y, batch_size,
+                                                figures.get("held_out"))
     if not writes:
         click.echo(f"{summary(figures, output)}\n(a worker: the chief writes {output})", err=True)
         return
@@ -137,16 +161,22 @@ def prune(model, output, format_, overwrite, atol, unsafe, data, dataset, batch_
         if report:
             write_text(report, text + "\n")
     click.echo(summary(figures, output), err=as_json)
+    for note in figures.get("warnings", ()):
+        click.echo(f"warning: {note}", err=True)
     if as_json:
         click.echo(text)
 
 
-def _finetune(original, pruned, x, y, epochs, held_out, held_out_y, batch_size):
-    """Fine-tunes `pruned` on (x, y); returns it and its figures on the held-out data."""
+def _finetune(original, pruned, x, y, epochs, held_out, held_out_y, batch_size, split):
+    """Fine-tunes `pruned` on (x, y) (without the rows `split` held out, the report's
+    `held_out`, when given); returns it and its figures on the held-out data."""
     from keras_embed.finetune import finetune
+    from keras_embed.pipeline import hold_out
     from keras_embed.stopping import measure
     from keras_embed.verify import predict
 
+    if split is not None:
+        (x, y), (held_out, held_out_y), _ = hold_out(x, y, split["share"], split["seed"])
     tuned = finetune(pruned, x, y, epochs)
     check_x, check_y = (x, y) if held_out is None else (held_out, held_out_y)
     figures = measure(predict(original, check_x, batch_size), predict(tuned, check_x, batch_size), check_y)
@@ -178,13 +208,23 @@ def summary(figures, output):
         agreement = f"agreement {_percent(figures['agreement'])}, " if "agreement" in figures else ""
         accuracy = (f", accuracy {_percent(figures['accuracy_before'])} -> {_percent(figures['accuracy_after'])}"
                     if "accuracy_before" in figures else "")
-        lines.append(f"on {figures['checked_on']}: {agreement}"
-                     f"relative output error {figures['output_error']:.3g}{accuracy}")
+        split = figures.get("held_out")
+        where = (f"{figures['checked_on']} ({split['rows']:,} of {split['rows'] + split['calibration_rows']:,}, "
+                 f"seed {split['seed']})" if split else figures["checked_on"])
+        lines.append(f"on {where}: {agreement}relative output error {figures['output_error']:.3g}{accuracy}")
         if "confidence" in figures:
             drop = (f"accuracy drop {figures['accuracy_drop']:.3g} pp, bound {figures['accuracy_drop_bound']:.3g} pp; "
                     if "accuracy_drop_bound" in figures else "")
             lines.append(f"upper {figures['confidence']:.0%} confidence bounds on {figures['rows']:,} rows: {drop}"
                          f"output error bound {figures['output_error_bound']:.3g}")
+    if "latency_ms" in figures:
+        rule = figures["rule"]
+        setting = figures["latency_on"]
+        lines.append(f"latency on {setting['runtime']} (batch {setting['batch_size']}, {setting['threads']} "
+                     f"thread{'s' * (setting['threads'] > 1)}): {figures['latency_ms_before']:.3g} -> "
+                     f"{figures['latency_ms']:.3g} ms per call (target {rule['value']:g} ms)")
+    if figures.get("rule", {}).get("kind") == "target_flops":
+        lines.append(f"flops: {figures['flops_after']:,} per sample (target {int(figures['rule']['value']):,})")
     if "finetune" in figures:
         tuned = figures["finetune"]
         lines.append(f"after {tuned['epochs']} epochs of fine-tuning: agreement {_percent(tuned['agreement'])}, "

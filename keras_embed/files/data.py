@@ -41,27 +41,32 @@ _NPY_MAGIC, _ZIP_MAGICS = b"\x93NUMPY", (b"PK\x03\x04", b"PK\x05\x06")  # what n
 
 
 class LazyCast:
-    """An array (memory-mapped, typically) seen through a cast to `dtype`: every slice is
-    read and cast on its own, so a pass over the rows holds one batch at a time.
+    """An array (memory-mapped, typically) seen through a cast to `dtype`, and through a
+    choice of its `rows` when given: every slice is read and cast on its own, so a pass over
+    the rows holds one batch at a time.
 
     Example:
         >>> rows = LazyCast(np.load("x.npy", mmap_mode="r"), "float32")
-        >>> rows[:256].dtype, len(rows)
-        (dtype('float32'), 100000)
+        >>> rows[:256].dtype, len(rows), len(rows.subset(np.arange(0, 100000, 2)))
+        (dtype('float32'), 100000, 50000)
     """
 
-    def __init__(self, array, dtype):
-        self.array, self.dtype = array, np.dtype(dtype)
-        self.shape, self.ndim = array.shape, array.ndim
+    def __init__(self, array, dtype, rows=None):
+        self.array, self.dtype, self.rows = array, np.dtype(dtype), rows
+        self.shape, self.ndim = (len(array) if rows is None else len(rows), *array.shape[1:]), array.ndim
 
     def __len__(self):
-        return len(self.array)
+        return self.shape[0]
 
     def __getitem__(self, key):
-        return np.asarray(self.array[key], dtype=self.dtype)
+        return np.asarray(self.array[key if self.rows is None else self.rows[key]], dtype=self.dtype)
 
     def __array__(self, dtype=None, copy=None):  # everything at once: for model.fit and the like
-        return np.asarray(self.array, dtype=dtype or self.dtype)
+        return np.asarray(self.array if self.rows is None else self.array[self.rows], dtype=dtype or self.dtype)
+
+    def subset(self, index):
+        """The rows `index` (positions in this view), still lazy."""
+        return LazyCast(self.array, self.dtype, np.arange(len(self))[index] if self.rows is None else self.rows[index])
 
 
 def is_array(data):
@@ -105,13 +110,9 @@ def spread_rows(data, limit):
     if isinstance(data, dict):
         return {name: spread_rows(values, limit) for name, values in data.items()}
     step = max(1, math.ceil(len(data) / limit))
-    if isinstance(data, LazyCast):
-        return LazyCast(data.array[::step], data.dtype)
-    if isinstance(data, ImageFolder):
-        return ImageFolder(data.files[::step], data.size, data.channels, data.dtype)
     if isinstance(data, SavedDataset):
         return data.every(step)
-    return data[::step]
+    return row_subset(data, slice(None, None, step))
 
 
 def take_rows(data, rows):
@@ -119,6 +120,43 @@ def take_rows(data, rows):
     if isinstance(data, dict):
         return {name: np.asarray(values[rows]) for name, values in data.items()}
     return np.asarray(data[rows])
+
+
+def row_subset(data, rows):
+    """The rows `rows` (a slice or index array) of an array or of every array of a dict,
+    as lazy as the input: a memory-mapped array or `LazyCast` stays a view read batch by
+    batch, an image folder keeps its files."""
+    if isinstance(data, dict):
+        return {name: row_subset(values, rows) for name, values in data.items()}
+    if isinstance(data, LazyCast):
+        return data.subset(rows)
+    if isinstance(data, ImageFolder):
+        return ImageFolder(np.asarray(data.files, dtype=object)[rows].tolist(), data.size, data.channels, data.dtype)
+    if isinstance(data, np.memmap) and not isinstance(rows, slice):
+        return LazyCast(data, data.dtype, np.arange(len(data))[rows])
+    return data[rows]
+
+
+def split_calibration(data, labels, share, seed=0):
+    """Seeded split of the rows of `data` (an array or a dict of arrays; `row_subset`: as
+    lazy as it is) and `labels`:
+    ((data, labels) to fit on, (data, labels) held out: round(share * rows) rows, at least
+    one), each in the original row order; None for the held-out part when `share` is 0 or
+    fewer than two rows.
+
+    Example:
+        >>> (fit, _), (held, _) = split_calibration(np.arange(10), None, 0.2)
+        >>> held
+        array([4, 6])
+    """
+    rows = row_count(data)
+    count = min(rows - 1, max(1, round(share * rows))) if share > 0 else 0
+    if count < 1:
+        return (data, labels), None
+    order = np.random.default_rng(seed).permutation(rows)
+    held, kept = np.sort(order[:count]), np.sort(order[count:])
+    pick = lambda values, index: None if values is None else row_subset(values, index)  # noqa: E731
+    return (pick(data, kept), pick(labels, kept)), (pick(data, held), pick(labels, held))
 
 
 def load_data(path, keyed=False):

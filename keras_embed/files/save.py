@@ -245,9 +245,9 @@ def unrolled(model):
     return copy
 
 
-def write_tflite(model, path, quantize=None, representative=None):
-    """Converts `model` (its recurrent layers `unrolled`) to TFLite; `quantize` is None,
-    'float16' or 'int8' (then with `representative` inputs; inputs and outputs stay float)."""
+def tflite_flatbuffer(model, quantize=None, representative=None):
+    """`model` (its recurrent layers `unrolled`) converted to TFLite, as bytes; `quantize` is
+    None, 'float16' or 'int8' (then with `representative` inputs; inputs and outputs stay float)."""
     import keras
     import tensorflow as tf
 
@@ -264,8 +264,12 @@ def write_tflite(model, path, quantize=None, representative=None):
         rows = np.asarray(representative[:REPRESENTATIVE_ROWS], dtype=np.float32)
         converter.representative_dataset = lambda: ([row[None]] for row in rows)
     with contextlib.redirect_stdout(io.StringIO()):  # it prints the SavedModel it converts through
-        flatbuffer = converter.convert()
-    Path(path).write_bytes(flatbuffer)
+        return converter.convert()
+
+
+def write_tflite(model, path, quantize=None, representative=None):
+    """Writes `tflite_flatbuffer(model, quantize, representative)` to `path`."""
+    Path(path).write_bytes(tflite_flatbuffer(model, quantize, representative))
 
 
 def write_onnx(model, path):

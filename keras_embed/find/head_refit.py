@@ -26,6 +26,7 @@ import tensorflow as tf
 from keras_embed.edit.heads import computes_wrongly, head_weights
 from keras_embed.edit.plan import HeadRefit
 from keras_embed.files.data import batches, check_inputs
+from keras_embed.find.allocation import count_at_price
 from keras_embed.find.least_squares import RegressionStats, refit
 from keras_embed.measure.reduce import as_list, call, input_signature, input_tensors
 from keras_embed.measure.replicas import Sharded, scope
@@ -144,10 +145,11 @@ def select_heads(stats, heads, value_dim, intercept, limit):
     return chosen, energies
 
 
-def head_refit(graph, node, stats, tolerance=None, keep_ratio=None, base=None):
+def head_refit(graph, node, stats, tolerance=None, keep_ratio=None, base=None, price=None, share=None):
     """The `HeadRefit` of `node` from its `head_stats`, keeping `keep_ratio` of `base` heads
-    (default: its own) or the fewest that leave at most `tolerance` of what the constant fit
-    leaves unexplained; None when every head stays (never a count Keras computes wrongly:
+    (default: its own), the fewest that leave at most `tolerance` of what the constant fit
+    leaves unexplained, or the count at `price` (`allocation.count_at_price`, `share`: one
+    head's); None when every head stays (never a count Keras computes wrongly:
     `heads.computes_wrongly`)."""
     heads, value_dim, _ = _sizes(node)
     intercept = "output_bias" in head_weights(node)
@@ -156,8 +158,8 @@ def head_refit(graph, node, stats, tolerance=None, keep_ratio=None, base=None):
         order, energies = select_heads(stats, heads, value_dim, intercept, count)
     else:
         order, energies = select_heads(stats, heads, value_dim, intercept, heads)
-        count = next((count for count, energy in enumerate(energies[1:], start=1)
-                      if energy <= tolerance * energies[0]), heads)
+        count = count_at_price(energies, price, share) if price is not None else next(
+            (count for count, energy in enumerate(energies[1:], start=1) if energy <= tolerance * energies[0]), heads)
     while count < heads and computes_wrongly(graph, node, count):
         count += 1
     if count >= heads:

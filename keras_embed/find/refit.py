@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from keras_embed.files.data import batches, check_inputs
 from keras_embed.edit.plan import Refit
+from keras_embed.find.allocation import channel_cost, count_at_price, head_cost, total
 from keras_embed.find.head_refit import check_head_memory, head_refit, head_stats, refittable
 from keras_embed.find.least_squares import RegressionStats, refit
 from keras_embed.edit.surgery import apply_round
@@ -174,12 +175,15 @@ def units_to_keep(energies, width, tolerance=None, keep_ratio=None, base=None):
     return max(1, len(energies) - 1)
 
 
-def group_refit(group, width, stats, weighting, intercept, tolerance=None, keep_ratio=None, base=None):
-    """The `Refit` of one group from its `regression_stats` (`base`: the width `keep_ratio` is of)."""
+def group_refit(group, width, stats, weighting, intercept, tolerance=None, keep_ratio=None, base=None, price=None,
+                share=None):
+    """The `Refit` of one group from its `regression_stats` (`base`: the width `keep_ratio`
+    is of; `price` and `share`: `allocation.count_at_price`)."""
     gram, cross = (stats.gram, stats.cross) if intercept else (stats.gram[:-1, :-1], stats.cross[:-1])
     count = None if keep_ratio is None else units_to_keep(None, width, keep_ratio=keep_ratio, base=base)
     order, energies = greedy_selection(gram, cross, stats.energy, intercept, limit=count)
-    count = units_to_keep(energies, width, tolerance) if count is None else count
+    if count is None:
+        count = units_to_keep(energies, width, tolerance) if price is None else count_at_price(energies, price, share)
     rest = [channel for channel in range(width) if channel not in order]  # explain nothing (e.g. dead on the data)
     kept = sorted((list(order) + rest)[:count])  # a group keeps at least one channel
     rows, constant = refit(gram, cross, kept, intercept=intercept)
@@ -197,8 +201,8 @@ def check_refit_memory(graph, budget=GRAM_BUDGET):
         check_gram_memory({group: width}, budget, extra={group: 8 * (width + 1) * columns})
 
 
-def compress_groups(graph, data, tolerance=None, keep_ratio=None, batch_size=256, cache=None, widths=None,
-                    gram_budget=GRAM_BUDGET, heads=None, strategy=None):
+def compress_groups(graph, data, tolerance=None, keep_ratio=None, price=None, measure="params", batch_size=256,
+                    cache=None, widths=None, gram_budget=GRAM_BUDGET, heads=None, strategy=None):
     """Compresses every approximable group and the heads of every attention layer of `graph`
     (`find.head_refit`), in graph order.
 
@@ -210,6 +214,9 @@ def compress_groups(graph, data, tolerance=None, keep_ratio=None, batch_size=256
         keep_ratio: instead, keep this fraction of each group's channels (of its width in
             `widths`, {group: width}, when given: the original model's, say) and of each
             attention layer's heads (of its count in `heads`, {layer: heads}, when given).
+        price: instead, widths chosen across groups and attention layers by one price on
+            the unexplained share per share of the model's `measure` ("params" or "flops")
+            a channel or head costs (`find.allocation`).
         cache: a dict reused across calls on the same `graph` and `data`: a group's
             statistics are gathered once for each choice of channels kept before it (the
             attempts of `search` share most of them).
@@ -222,8 +229,8 @@ def compress_groups(graph, data, tolerance=None, keep_ratio=None, batch_size=256
     Raises:
         InputError: a group whose statistics exceed `gram_budget` (before any pass).
     """
-    if (tolerance is None) == (keep_ratio is None):
-        raise ValueError("give exactly one of tolerance and keep_ratio")
+    if sum(knob is not None for knob in (tolerance, keep_ratio, price)) != 1:
+        raise ValueError("give exactly one of tolerance, keep_ratio and price")
     check_refit_memory(graph, gram_budget)
     cache = {} if cache is None else cache
     current, edits = graph, []
@@ -235,7 +242,9 @@ def compress_groups(graph, data, tolerance=None, keep_ratio=None, batch_size=256
                     with scope(strategy):
                         cache["target", name] = build_model(graph.up_to([name]), outputs=[name])
                 cache[key] = head_stats(current, cache["target", name], name, data, batch_size, strategy)
-            edit = head_refit(current, current.by_name[name], cache[key], tolerance, keep_ratio, (heads or {}).get(name))
+            node = current.by_name[name]
+            edit = head_refit(current, node, cache[key], tolerance, keep_ratio, (heads or {}).get(name), price,
+                              head_cost(node, measure) / total(graph, measure))
         else:
             weighting = reader_weighting(current, name)
             if key not in cache:
@@ -244,7 +253,8 @@ def compress_groups(graph, data, tolerance=None, keep_ratio=None, batch_size=256
                         cache["reference"] = reference_probe(graph)
                 cache[key] = regression_stats(current, cache["reference"], name, data, weighting, batch_size, strategy)
             edit = group_refit(name, graph.group_width(name), cache[key], weighting, fits_constants(current, name),
-                               tolerance, keep_ratio, (widths or {}).get(name))
+                               tolerance, keep_ratio, (widths or {}).get(name), price,
+                               channel_cost(current, name, measure) / total(graph, measure))
         if edit is not None:
             current = apply_round(current, (edit,))
             edits.append(edit)
@@ -285,15 +295,22 @@ def _largest(attempt, low, high, steps):
     return best if best is not None else attempt(low)[1]
 
 
-def search(compress, rule, judge, narrowest, steps=10):
+TARGETS = ("target_params", "target_flops", "target_latency")
+PRICES = (-8.0, 6.0)  # log10 of the prices `search` tries: from keeping nearly all to keeping one channel a group
+ALLOCATIONS = ("global", "uniform")
+
+
+def search(compress, rule, judge, narrowest, steps=10, allocation="global"):
     """The compression that meets `rule` on the data `judge` measures on.
 
-    keep_ratio applies directly; target_params bisects the keep ratio (from `narrowest`
-    to 1); accuracy and output-error rules bisect the per-group tolerance (log scale,
-    1e-8 to 1).
+    keep_ratio applies directly. Under the others, `allocation` "global" bisects the price
+    of `find.allocation` (log scale): the smallest price that meets a target (params,
+    FLOPs, latency), the largest that keeps an accuracy or output-error budget; "uniform"
+    bisects one keep ratio for every group (targets; from `narrowest` to 1) or one
+    per-group tolerance (budgets; log scale, 1e-8 to 1).
 
     Args:
-        compress: `compress(tolerance=..., keep_ratio=...)` -> a result, e.g.
+        compress: `compress(tolerance=..., keep_ratio=..., price=...)` -> a result, e.g.
             `functools.partial(compress_groups, graph, x)`.
         judge: maps a result to (figures, params) for `rule.holds`.
         narrowest: the smallest keep ratio worth trying (one channel of the widest group).
@@ -304,11 +321,18 @@ def search(compress, rule, judge, narrowest, steps=10):
     """
     if rule.kind == "keep_ratio":
         return compress(keep_ratio=rule.value)
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}. Received: {allocation!r}")
+    target = rule.kind in TARGETS
 
     def attempt(knob):
-        result = compress(keep_ratio=knob) if rule.kind == "target_params" else compress(tolerance=10.0**knob)
+        if allocation == "global":
+            result = compress(price=10.0 ** (-knob if target else knob))
+        else:
+            result = compress(keep_ratio=knob) if target else compress(tolerance=10.0**knob)
         return rule.holds(*judge(result)), result
 
-    if rule.kind == "target_params":
-        return _largest(attempt, narrowest, 1.0, steps)
-    return _largest(attempt, -8.0, 0.0, steps)
+    if allocation == "uniform":
+        return _largest(attempt, narrowest, 1.0, steps) if target else _largest(attempt, -8.0, 0.0, steps)
+    low, high = PRICES
+    return _largest(attempt, -high, -low, steps) if target else _largest(attempt, low, high, steps)
