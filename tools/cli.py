@@ -12,8 +12,10 @@ from keras_embed.tools.embed import embed
 from keras_embed.tools.condensation import condensation
 from keras_embed.tools.experiment import experiment
 from keras_embed.tools.hessian import hessian
+from keras_embed.tools.landscape import landscape
 from keras_embed.tools.prune import prune
 from keras_embed.tools.strict_saddle import strict_saddle
+from keras_embed.tools.taxonomy import taxonomy
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -31,7 +33,9 @@ main.add_command(prune)
 main.add_command(embed)
 main.add_command(experiment)
 main.add_command(hessian)
+main.add_command(landscape)
 experiment.add_command(condensation)
+experiment.add_command(taxonomy)
 for command in (bn_ablation, data_size, strict_saddle):
     main.add_command(command)
     experiment.add_command(command)

@@ -198,6 +198,25 @@ progress_option = click.option("--progress", "progress_", is_flag=True, expose_v
                                help="Show the progress bar (rows/s, time left) on stderr even when it is not a terminal.")
 
 
+def json_output_option(what):
+    """--json PATH: `what` as JSON to PATH ('-': stdout, the summary then goes to stderr)."""
+    return click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=str),
+                        help=f"Write {what} as JSON to this path ('-': stdout, the summary then goes to stderr).")
+
+
+def write_json(figures, json_path):
+    """`figures` as indented JSON to --json's path, or stdout for '-' (nothing without a path)."""
+    import json
+
+    from keras_embed.files.save import write_text
+
+    text = json.dumps(figures, indent=2)
+    if json_path == "-":
+        click.echo(text)
+    elif json_path is not None:
+        write_text(json_path, text + "\n")
+
+
 data_options = _options(
     click.option("--data", type=click.Path(path_type=str),
                  help="Calibration inputs: .npy, .npz with key x (else its first array) and optional labels y, or an "

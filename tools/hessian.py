@@ -5,12 +5,10 @@ Example:
     keras-embed hessian model.keras --data train.npz --loss mse --top-k 10 --json hessian.json
 """
 
-import json
-
 import click
 
 from keras_embed.tools.common import (FiniteFloat, calibration_data, data_options, device_option, handles_errors,
-                                      place_computation, unsafe_option)
+                                      json_output_option, place_computation, unsafe_option, write_json)
 
 
 @click.command()
@@ -29,8 +27,7 @@ from keras_embed.tools.common import (FiniteFloat, calibration_data, data_option
 @click.option("--trace-samples", type=click.IntRange(min=1), default=100, show_default=True,
               help="Rademacher vectors of the Hutchinson trace estimate (without --full).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the Lanczos start and the Hutchinson vectors.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=str),
-              help="Write the figures as JSON to this path ('-': stdout, the summary then goes to stderr).")
+@json_output_option("the figures")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --json file.")
 @unsafe_option
 @device_option
@@ -54,7 +51,7 @@ def hessian(model, data, dataset, batch_size, max_samples, loss, from_logits, to
     placed = place_computation(device)
     from keras_embed.hessian import EmpiricalRisk, analyze_hessian, cast_model, get_loss
     from keras_embed.files.load import load_model
-    from keras_embed.files.save import check_side_output, write_text
+    from keras_embed.files.save import check_side_output
 
     if data is None and dataset is None:
         raise click.UsageError("the loss needs data with labels: give --data (an .npz with x and y) or --dataset")
@@ -68,11 +65,7 @@ def hessian(model, data, dataset, batch_size, max_samples, loss, from_logits, to
     figures = analyze_hessian(risk, top_k=top_k, full=full, rtol=zero_rtol, trace_samples=trace_samples, seed=seed)
     figures["device"] = placed
     click.echo(summary(figures), err=json_path == "-")
-    text = json.dumps(figures, indent=2)
-    if json_path == "-":
-        click.echo(text)
-    elif json_path is not None:
-        write_text(json_path, text + "\n")
+    write_json(figures, json_path)
 
 
 def _values(values):

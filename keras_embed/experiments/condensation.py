@@ -30,9 +30,7 @@ Example:
     True
 """
 
-import csv
 import dataclasses
-import json
 import statistics
 import time
 from typing import Callable
@@ -41,12 +39,11 @@ import keras
 import numpy as np
 
 from keras_embed.callbacks import EmbeddingMonitor
-from keras_embed.experiments.report import figure_and_panels, write_folder
+from keras_embed.experiments.report import figure_and_panels, write_result
 from keras_embed.files.data import bundled_dataset
 
 EVERY = 10
 ACTIONS = ("warn", "escape")
-FILES = ("results.json", "curves.csv", "summary.md", "loss.png")
 
 
 def plateau_task():
@@ -194,22 +191,14 @@ def summary_table(result):
 
 def write(result, folder, overwrite=False):
     """results.json, curves.csv (one row per run and epoch), summary.md and loss.png, all or nothing."""
-
-    def files(staging):
-        (staging / "results.json").write_text(json.dumps(result, indent=1, default=float))
-        with (staging / "curves.csv").open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            names = list(result["runs"][0]["records"]) if result["runs"] else []
-            writer.writerow(["task", "activation", "action", "seed", "epoch", *names])
-            for run_ in result["runs"]:
-                for epoch, values in enumerate(zip(*run_["records"].values()), start=1):
-                    writer.writerow([run_["task"], run_["activation"], run_["action"], run_["seed"], epoch, *values])
-        (staging / "summary.md").write_text(f"# The width paper's plateaus, with and without escape\n\n"
-                                            f"{summary_table(result)}\n")
-        _plot(result, staging / "loss.png")
-
-    write_folder(folder, files, overwrite)
-    return list(FILES)
+    names = list(result["runs"][0]["records"]) if result["runs"] else []
+    rows = [["task", "activation", "action", "seed", "epoch", *names]]
+    for run_ in result["runs"]:
+        for epoch, values in enumerate(zip(*run_["records"].values()), start=1):
+            rows.append([run_["task"], run_["activation"], run_["action"], run_["seed"], epoch, *values])
+    summary = f"# The width paper's plateaus, with and without escape\n\n{summary_table(result)}\n"
+    return write_result(folder, result, "curves.csv", rows, summary, {"loss.png": lambda path: _plot(result, path)},
+                        overwrite)
 
 
 def _plot(result, path):

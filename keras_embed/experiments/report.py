@@ -124,6 +124,23 @@ def write_folder(folder, files, overwrite=False):
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def write_result(folder, result, csv_name, rows, summary, plots, overwrite=False):
+    """An experiment's folder, all or nothing (`write_folder`): results.json (`result`),
+    `csv_name` (`rows`: the header, then one list per row), summary.md (`summary`, Markdown)
+    and each plot ({file name: function writing it to a path}). Returns the file names."""
+
+    def files(staging):
+        (staging / "results.json").write_text(json.dumps(result, indent=1, default=float))
+        with (staging / csv_name).open("w", newline="") as handle:
+            csv.writer(handle).writerows(rows)
+        (staging / "summary.md").write_text(summary)
+        for name, plot in plots.items():
+            plot(staging / name)
+
+    write_folder(folder, files, overwrite)
+    return ["results.json", csv_name, "summary.md", *plots]
+
+
 def check_folder(folder, overwrite=False):
     """Refuses, before any work, a result folder `write` could not replace: an existing one
     without `overwrite`, anything but an earlier result folder, a device or FIFO (as
