@@ -91,6 +91,9 @@ bench: $(BENCH_INSTALLED)
 	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/bench_transformer.py
 	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/bench_latency.py --size 96
 	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/bench_scale.py
+	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/bench_allocation.py
+	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/bench_skeptic.py
+	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/bench_landscape.py
 
 # 2,000 examples per property (about 2 h of CPU): pytest-xdist spreads the properties over the cores.
 fuzz: $(INSTALLED)
