@@ -30,6 +30,7 @@ from click.testing import CliRunner
 
 import keras_embed
 from keras_embed.edit.operators import widen
+from keras_embed.pipeline import hold_out
 from keras_embed.tools.cli import main
 
 SAVED_MODELS = Path(__file__).resolve().parents[1] / "saved_models"
@@ -499,7 +500,8 @@ def test_embed_null_on_the_residual_cnn_adds_channels_no_layer_reads(tmp_path):
 def test_prune_data_mode_with_finetune_on_the_residual_cnn_reports_the_tuned_figures(tmp_path):
     """--mode data --keep-ratio 0.5 --finetune 2 on the CNN with integer labels (it used to
     exit 4): every group keeps at most half its channels (rounded up), and the written model
-    is the fine-tuned one whose figures the report and the summary give."""
+    is the fine-tuned one whose figures the report and the summary give, on the calibration
+    rows held out from both the refit and the fine-tuning."""
     output, report_path = tmp_path / "small.keras", tmp_path / "report.json"
     result = invoke("prune", CNN, "-o", output, "--mode", "data", "--keep-ratio", "0.5", "--finetune", "2",
                     "--data", CNN_HELDOUT, "--report", report_path)
@@ -518,7 +520,8 @@ def test_prune_data_mode_with_finetune_on_the_residual_cnn_reports_the_tuned_fig
     figures = report["finetune"]
     assert set(figures) == {"epochs", "output_error", "agreement", "accuracy_before", "accuracy_after", "accuracy_drop"}
     assert figures["epochs"] == 2
-    x, y = images()
+    _, (x, y), split = hold_out(*images())
+    assert report["held_out"] == split and report["checked_on"] == "held-out calibration rows"
     assert_figures_of(figures, keras.saving.load_model(CNN), tuned, x, y)
     assert figures["accuracy_after"] > report["accuracy_after"]  # training on the labels helped the refit model
     assert (f"after 2 epochs of fine-tuning: agreement {100 * figures['agreement']:.2f}%, "

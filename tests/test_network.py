@@ -38,7 +38,7 @@ def _removed(row):
     return sum(row[kind] for kind in REMOVAL_KINDS)
 
 
-@settings(max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(50), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cnns(), st.data())
 def test_property_widen_then_prune_restores_size_and_outputs(cnn, data):
     model, editable = cnn()
@@ -58,7 +58,7 @@ def test_property_widen_then_prune_restores_size_and_outputs(cnn, data):
     assert report.to_dict()["verified"]
 
 
-@settings(max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(50), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cnns(), st.data())
 def test_property_deepen_then_prune_with_data_restores_depth(cnn, data):
     model, editable = cnn()
