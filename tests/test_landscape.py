@@ -64,11 +64,12 @@ def _permuted(model, seed=1):
     return build_model(graph)
 
 
-def test_a_permuted_copy_has_cka_one_on_outputs_and_on_the_permuted_layer(digits_models):
+def test_a_model_and_its_permuted_copy_have_cka_one_on_outputs_and_on_the_permuted_layer(digits_models):
     (model, *_), x, _ = digits_models
     copy = _permuted(model)
     ours, theirs = features(model, x, ["hidden"]), features(copy, x, ["hidden"])
     assert not np.allclose(ours["hidden"], theirs["hidden"])  # the units are in another order
+    assert linear_cka(ours["hidden"], ours["hidden"]) == pytest.approx(1.0, abs=1e-6)
     assert linear_cka(ours["output"], theirs["output"]) == pytest.approx(1.0, abs=1e-6)
     assert linear_cka(ours["hidden"], theirs["hidden"]) == pytest.approx(1.0, abs=1e-6)
 
