@@ -243,8 +243,8 @@ def compress_groups(graph, data, tolerance=None, keep_ratio=None, price=None, me
                         cache["target", name] = build_model(graph.up_to([name]), outputs=[name])
                 cache[key] = head_stats(current, cache["target", name], name, data, batch_size, strategy)
             node = current.by_name[name]
-            edit = head_refit(current, node, cache[key], tolerance, keep_ratio, (heads or {}).get(name), price,
-                              head_cost(node, measure) / total(graph, measure))
+            share = None if price is None else head_cost(node, measure) / total(graph, measure)
+            edit = head_refit(current, node, cache[key], tolerance, keep_ratio, (heads or {}).get(name), price, share)
         else:
             weighting = reader_weighting(current, name)
             if key not in cache:
@@ -252,9 +252,9 @@ def compress_groups(graph, data, tolerance=None, keep_ratio=None, price=None, me
                     with scope(strategy):
                         cache["reference"] = reference_probe(graph)
                 cache[key] = regression_stats(current, cache["reference"], name, data, weighting, batch_size, strategy)
+            share = None if price is None else channel_cost(current, name, measure) / total(graph, measure)
             edit = group_refit(name, graph.group_width(name), cache[key], weighting, fits_constants(current, name),
-                               tolerance, keep_ratio, (widths or {}).get(name), price,
-                               channel_cost(current, name, measure) / total(graph, measure))
+                               tolerance, keep_ratio, (widths or {}).get(name), price, share)
         if edit is not None:
             current = apply_round(current, (edit,))
             edits.append(edit)
