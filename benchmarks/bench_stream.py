@@ -42,15 +42,16 @@ INTERPRETATION = """\
 - Memory: the pipeline makes each batch as it is read and the pass keeps per-channel figures only, so the peak is
   the model, TensorFlow and one batch of every layer's outputs, whatever the row count.
 - Throughput: `data.batches` prefetches a dataset (`prefetch(AUTOTUNE)`), so the pipeline makes the next batches
-  while the pass reduces this one, as `predict` does with its own iterator. On an array of 100,000 rows, which
-  needs no generation, the pass takes about as long as predict (measured 2.2-2.9 s against 2.3-3.0 s). Per batch
-  the reduction costs about 1.45x the forward pass (the model with every layer's pre-activation and output, cast
-  to float64 and reduced; measured on one batch of 1,024 rows in a loop of 30 calls: 20.7 ms against 14.3 ms);
-  each call also builds and traces its probe once (about 1.5 s), which weighs at 100,000 rows.
-- Runs on 2026-12-03: before the prefetch, 0.55 (100,000) and 0.50 (1,000,000); with it, 0.77 and 1.35 in one run
-  and 0.55 and 0.66 in the next (predict's own rate moved from 24,000 to 48,000 rows/s between them on this shared
-  2-core machine). So at 1,000,000 rows the pass is at the 2/3 line, not safely above it; what would move it is a
-  cheaper exact per-batch reduction (float64 casts of every channel are the cost) or a probe kept across calls."""
+  while the pass reduces this one, as `predict` does with its own iterator.
+- Runs on 2026-12-03, before the reduction was made cheaper: 0.55 (100,000) and 0.66 (1,000,000) in one run, 0.77 and
+  1.35 in another. Per batch of 1,024 rows the reduction then cost about 1.2x the forward pass. Three changes of
+  2026-12-04 (`measure/reduce.py`) took one batch of the pass from 20.2 ms to 10.9 ms against the model's 7-9 ms
+  (a loop of 30 calls on one batch): counting positive pre-activations as an int32 sum (`count_nonzero` to int64
+  took 43 ms where the int32 sum takes 10 ms on a 147,456 x 96 tensor), computing the extremes and the float64
+  mean of a tensor once when two requests read it (one producer's output is the next one's input), and tracing
+  without autograph (Keras layers need none; the trace fell from about 1.1 s to a few tenths). At 100,000 rows the
+  probe's build and trace still weigh; at 1,000,000 they do not.
+  Two runs after the change: 0.69 and 0.85 alone on the machine, 0.83 and 1.00 (the table) beside another process."""
 
 
 def _model():
