@@ -137,6 +137,33 @@ def test_a_latency_target_is_met_on_the_runtime_measured_with_the_smallest_compr
     assert figures["latency_on"] == {"runtime": "tflite", "batch_size": 1, "threads": 1}
 
 
+@dataclasses.dataclass(frozen=True)
+class FloorClock(Latency):
+    """A runtime slowest at both ends: FLOPs / 1e4 plus a fixed cost that grows as the model
+    narrows (fastest at `fastest` FLOPs), each call recorded as (FLOPs, milliseconds) in `calls`."""
+
+    fastest: float = 1.0
+    calls: list = dataclasses.field(default_factory=list, compare=False)
+
+    def milliseconds(self, model):
+        flops = read_model(model).flops
+        self.calls.append((flops, flops / 1e4 + self.fastest**2 / 1e4 / flops))
+        return self.calls[-1][1]
+
+
+def test_an_unreachable_latency_target_under_force_returns_the_fastest_candidate_not_the_narrowest(near_copies):
+    model, x, _ = near_copies
+    flops = read_model(model).flops
+    clock = FloorClock(fastest=flops / 3)
+    best_possible = 2 * clock.fastest / 1e4
+    pruned, report = prune(model, data=x, mode="data", rule=StoppingRule("target_latency", best_possible / 2),
+                           latency=clock, force=True)
+    candidates = clock.calls[:-2]  # then the written model and the original are measured
+    narrowest = min(candidates)
+    assert report.to_dict()["latency_ms"] == min(ms for _, ms in candidates) < narrowest[1]
+    assert read_model(pruned).flops > narrowest[0]
+
+
 def test_cli_latency_target_reports_the_measured_latency_on_tflite(near_copies, tmp_path):
     """The real clock: a target far above what the model takes holds, and the report and
     summary give both latencies and the runtime they were measured on."""
