@@ -1,6 +1,6 @@
 """The one internal picture of a network: layer nodes over tensors whose channels belong to groups.
 
-Every node is one Keras layer (weights as read-only float64 arrays). The last axis of
+Every node is one Keras layer (weights read-only, handed out as float64: `Weights`). The last axis of
 every tensor holds channels, and every channel belongs to a *group*: the channels a
 producer (Dense, Conv2D, ...) or a model input creates, joined with others where a
 merging layer (Add, ...) adds them. A group's channels are kept, removed, merged or split
@@ -29,12 +29,57 @@ from keras_embed.model import registry
 
 
 def frozen_array(values):
-    """A read-only float64 copy of `values` (None stays None)."""
+    """A read-only float64 copy of `values` (None stays None; a read-only float64 array is its own copy)."""
     if values is None:
         return None
+    if isinstance(values, np.ndarray) and values.dtype == np.float64 and not values.flags.writeable:
+        return values
     array = np.array(values, dtype=np.float64)
     array.setflags(write=False)
     return array
+
+
+def _stored(values):
+    """`values` read-only in its own floating dtype (float64 where it is not a NumPy float),
+    copied so that no caller can change it."""
+    array = np.asarray(values)
+    if array.dtype.kind != "f":
+        array = np.array(array, dtype=np.float64)
+    elif array.flags.writeable:
+        array = array.copy()
+    array.setflags(write=False)
+    return array
+
+
+class Weights(tuple):
+    """A layer's weights, kept in the dtype they came in and handed out as read-only float64.
+
+    Weights read from a float32 model stay float32 (no float64 copy of the whole network);
+    weights an edit computes stay float64. Each access gives an exactly equal float64 array
+    that lives as long as its reader, so rules and edits compute in float64 one layer at a time.
+
+    Example:
+        >>> weights = Weights([np.ones((2, 3), np.float32)])
+        >>> weights[0].dtype, weights.stored[0].dtype
+        (dtype('float64'), dtype('float32'))
+    """
+
+    def __new__(cls, values=()):
+        values = values.stored if isinstance(values, Weights) else values
+        return super().__new__(cls, (_stored(value) for value in values))
+
+    @property
+    def stored(self):
+        """The arrays as kept, in their own dtypes."""
+        return tuple(super().__iter__())
+
+    def __iter__(self):
+        return (frozen_array(value) for value in super().__iter__())
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return tuple(frozen_array(value) for value in super().__getitem__(index))
+        return frozen_array(super().__getitem__(index))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +91,7 @@ class Node:
         kind: the Keras class name, a key of `registry.REGISTRY`.
         inputs: names of the nodes it reads, in call order.
         config: the layer's `get_config()` (activations as names).
-        weights: its weights in `get_weights()` order, float64.
+        weights: its weights in `get_weights()` order (`Weights`: float64 on access).
         shape: its output shape without the batch axis.
     """
 
@@ -58,7 +103,7 @@ class Node:
     shape: tuple = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "weights", tuple(frozen_array(weight) for weight in self.weights))
+        object.__setattr__(self, "weights", Weights(self.weights))
 
     @property
     def entry(self):
@@ -81,7 +126,7 @@ class Node:
 
     @property
     def params(self):
-        return sum(weight.size for weight in self.weights)
+        return sum(weight.size for weight in self.weights.stored)
 
     @property
     def flops(self):

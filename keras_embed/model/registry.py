@@ -98,12 +98,12 @@ class LayerType:
         return self
 
     def read(self, layer):
-        """(config, float64 weights) of a built Keras layer."""
+        """(config, weights in the dtype of its variables) of a built Keras layer."""
         config = layer.get_config()
         if "activation" in config:
             config["activation"] = _activation_name(layer)
         self.check(layer, config)
-        return config, [np.asarray(weight, dtype=np.float64) for weight in layer.get_weights()]
+        return config, layer.get_weights()
 
     def read_nodes(self, layer):
         """The graph nodes of a built Keras layer, each reading the one before (the first
