@@ -34,7 +34,7 @@ def _full(kernel_p, kernel_b):
     kernel = np.zeros(spatial + (kernel_p.shape[-2], kernel_b.shape[-1]))
     for tap in np.ndindex(*kernel_b.shape[:-2]):
         window = tuple(slice(start, start + size) for start, size in zip(tap, kernel_p.shape[:-2]))
-        kernel[window] += np.einsum("...im,mo->...io", kernel_p, kernel_b[tap])
+        kernel[window] += kernel_p @ kernel_b[tap]
     return kernel
 
 
@@ -52,10 +52,10 @@ def compose_layers(producer, reader, slope, intercept):
     if p_geometry.pointwise:
         if b_entry.reads_zero_padding(reader) and np.any(constant != 0):
             return None
-        kernel = np.einsum("im,...mo->...io", scaled.reshape(scaled.shape[-2:]), b_kernel)
+        kernel = scaled.reshape(scaled.shape[-2:]) @ b_kernel
         return b_entry.with_weights(reader, kernel, absorbed)
     if b_geometry.pointwise:
-        kernel = np.einsum("...im,mo->...io", scaled, b_kernel.reshape(b_kernel.shape[-2:]))
+        kernel = scaled @ b_kernel.reshape(b_kernel.shape[-2:])
         config = {**producer.config, "activation": reader.config.get("activation", "linear")}
         template = dataclasses.replace(producer, name=reader.name, inputs=reader.inputs, config=config, shape=reader.shape)
         return p_entry.with_weights(template, kernel, absorbed)
