@@ -2,22 +2,23 @@
 
 Requirement: no step is quadratic in the number of layers (seconds per layer stay flat
 from ResNet50 to ResNet152, 177 to 517 layers, and from EfficientNetB0 to B7, 238 to 813),
-weights are held once in float64 (the graph's copy) beside Keras' float32 ones, and the
-verification is batched.
+weights are held once (the graph keeps a float32 model's weights in float32 and hands
+each layer's out as float64 while a step reads it), and the verification is batched.
 
 Run: `.venv/bin/python benchmarks/bench_scale.py [--size 64] [--models ResNet50,ResNet152]`
 Each model runs in its own fresh process (weights=None, seeded, no download; 32 seeded
 standard-normal images at --size). One channel of three groups is split first
 (`embed --widen`, the test oracle), so prune has something to find. Steps, wall clock:
-    read      `read_model`: the Keras model to the graph (float64 weights)
+    read      `read_model`: the Keras model to the graph (weights as the layers keep them)
     stats     the one statistics pass over the 32 images (`pipeline.statistics`)
     plan      `plan_prune`: the weight rules, data rules and collapses, in rounds
     apply     `apply_plan`: the surgery on the graph
     build     `build_model`: the graph back to a Keras model
     verify    `assert_outputs_preserved` on the 32 images, batched
 Memory: peak RSS of the process (`ru_maxrss`) against the RSS after building the model and
-predicting once (the base), and the model's float32 weight bytes: a graph holding one
-float64 copy adds about twice those bytes.
+predicting once (the base), the model's float32 weight bytes, and the bytes the graph holds
+(`Weights.stored`): of the graph read from the widened model (float32, as the model keeps
+them) and of the pruned graph (the layers an edit rewrote are float64, the rest float32).
 """
 
 import argparse
@@ -29,21 +30,23 @@ import sys
 import time
 from pathlib import Path
 
-INTERPRETATION = """(written from the run of 2026-12-03 on this 2-core machine; see the table above for the figures)
+INTERPRETATION = """(written from the run of 2026-12-07 on this 2-core machine; see the table above for the figures)
 - No step is quadratic in the number of layers: from ResNet50 to ResNet152 (177 to 517 layers, 2.9x) the
-  structural steps (read, plan, apply, build) take 26.2 then 22.5 ms per layer (0.18 and 0.19 s per million
-  parameters), the statistics pass and the verification grow with the forward pass (3.0x, 3.1x). Across
-  EfficientNetB0, B4 and B7 (240 to 816 layers) the layers widen too, so the time per layer grows (7.4 to 29.1 ms)
-  while the time per parameter stays flat (0.33, 0.38, 0.36 s per million): the steps follow the weights, not the
-  layer count.
-- Every pruned model equals its widened model on the 32 images (max abs diff at most 1.9e-9); the params after
+  structural steps (read, plan, apply, build) take 27.5 then 20.4 ms per layer (0.19 and 0.17 s per million
+  parameters), the statistics pass and the verification grow with the forward pass (2.8x, 2.9x). Across
+  EfficientNetB0, B4 and B7 (240 to 816 layers) the layers widen too, so the time per layer grows (6.2 to 23.2 ms)
+  while the time per parameter stays flat (0.28, 0.27, 0.28 s per million): the steps follow the weights, not the
+  layer count. (plan on EfficientNetB7 was 25.7 s on the same machine before compose_layers used matmul instead of einsum.)
+- Every pruned model equals its widened model on the 32 images (max abs diff at most 2.8e-9); the params after
   pruning are below the original's because BatchNormalization folds into the convolutions and, on random weights
   and 32 random images, many relu channels are dead on the data (the data rules remove them exactly on that data).
-- Memory: the graph holds one float64 copy of every weight (2x Keras' float32 bytes), and this benchmark keeps
-  several models and graphs alive at once (the original, the widened graph and model, its graph, the reduced graph,
-  the pruned model), so its peak - base RSS (8x the float32 weights) is an upper bound; what one `keras-embed prune`
-  process takes against one that only loads and predicts is in ZOO.md (bench_zoo_speed.py). The float64 picture is
-  not yet loaded layer by layer (issue 20, item 3: written down in the issue's note)."""
+- Memory: the graph read from a model holds its weights once, in float32 (graph MiB = weights MiB); a layer an edit
+  rewrites is held in float64, so the pruned ResNets, where BatchNormalization folds into every convolution, hold
+  1.7x. Before (2026-12-03, every weight a float64 copy) the peak - base RSS was 1885 MiB on ResNet152 and 2458 MiB
+  on EfficientNetB7, now 1693 and 1799. This benchmark keeps several models and graphs alive at once (the original,
+  the widened graph and model, its graph, the reduced graph, the pruned model), so its peak - base RSS is an upper
+  bound; what one `keras-embed prune` process takes against one that only loads and predicts is in ZOO.md
+  (bench_zoo_speed.py)."""
 DEFAULT_MODELS = "ResNet50,ResNet101,ResNet152,EfficientNetB0,EfficientNetB4,EfficientNetB7"
 SAMPLES = 32
 WIDEN = {"ResNet": ("conv1_conv", "conv3_block1_1_conv", "conv5_block1_2_conv"),
@@ -52,6 +55,10 @@ WIDEN = {"ResNet": ("conv1_conv", "conv3_block1_1_conv", "conv5_block1_2_conv"),
 
 def _rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _held_mib(graph):
+    return sum(weight.nbytes for node in graph.nodes for weight in node.weights.stored) / 2**20
 
 
 def run_model(name, size):
@@ -86,9 +93,11 @@ def run_model(name, size):
         return value
 
     graph = timed("read", read_model, model)
+    figures["graph_mib"] = _held_mib(graph)
     stats = timed("stats", statistics, graph, x, SAMPLES)
     analysis = timed("plan", plan_prune, graph, stats)
     reduced = timed("apply", apply_plan, graph, analysis.plan)
+    figures["pruned_graph_mib"] = _held_mib(reduced)
     pruned = timed("build", build_model, reduced)
     diff, _ = timed("verify", assert_outputs_preserved, model, pruned, x, None, True, SAMPLES)
     figures.update(steps=steps, params_pruned=pruned.count_params(), max_abs_diff=float(diff), peak_mib=_rss_mib())
@@ -99,13 +108,14 @@ def table(results):
     steps = ("read", "stats", "plan", "apply", "build", "verify")
     lines = ["| model (64x64) | layers | params | widened -> pruned | " + " | ".join(f"{step} s" for step in steps)
              + " | read+plan+apply+build: ms per layer, s per M params | max abs diff | weights MiB "
-             "| peak - base RSS MiB |", "| --- " * (len(steps) + 8) + "|"]
+             "| graph MiB: read, pruned | peak - base RSS MiB |", "| --- " * (len(steps) + 9) + "|"]
     for row in results:
         structural = sum(row["steps"][step] for step in ("read", "plan", "apply", "build"))
         lines.append(f"| {row['model']} | {row['layers']} | {row['params']:,} | {row['params_widened']:,} -> "
                      f"{row['params_pruned']:,} | " + " | ".join(f"{row['steps'][step]:.2f}" for step in steps)
                      + f" | {1000 * structural / row['layers']:.1f}, {structural / row['params'] * 1e6:.2f} | "
-                     f"{row['max_abs_diff']:.1e} | {row['weight_mib']:.0f} | {row['peak_mib'] - row['base_mib']:.0f} |")
+                     f"{row['max_abs_diff']:.1e} | {row['weight_mib']:.0f} | {row['graph_mib']:.0f}, "
+                     f"{row['pruned_graph_mib']:.0f} | {row['peak_mib'] - row['base_mib']:.0f} |")
     return "\n".join(lines)
 
 
