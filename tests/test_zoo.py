@@ -58,8 +58,10 @@ APPLICATIONS = {  # name: (input size, extra arguments)
     "InceptionResNetV2": (75, {}),
     "Xception": (71, {}),
 }
-# VGG's 4,096-unit fc1 needs 257 MiB of Gram and cross-product for its refit, above the default 256 MiB budget
-DATA_MODE_OPTIONS = {"VGG16": ("--gram-budget", "512"), "VGG19": ("--gram-budget", "512")}
+# VGG's 4,096-unit fc1 needs 257 MiB of Gram and cross-product for its refit, above the default 256 MiB budget;
+# ConvNeXtLarge's 6,144-unit pointwise convolutions 360 MiB, ConvNeXtXLarge's 8,192-unit ones about 640 MiB
+DATA_MODE_OPTIONS = {"VGG16": ("--gram-budget", "512"), "VGG19": ("--gram-budget", "512"),
+                     "ConvNeXtLarge": ("--gram-budget", "512"), "ConvNeXtXLarge": ("--gram-budget", "1024")}
 IN_MAKE_TEST = {"MobileNetV2"}  # the demo's architecture; the rest run in make zoo
 
 
