@@ -72,9 +72,11 @@ def scope(strategy):
 class Sharded:
     """`function` (a list of input tensors -> (sums, figures), two structures of tensors of
     static shapes) traced for the input `signature` (a list of `tf.TensorSpec`) and run on
-    each batch, on the replicas of `strategy` when one is given (see module docstring). Each
-    replica packs its sums, and its figures, into one float64 vector (exact for float32 and
-    for counts below 2**53), so a batch costs one reduction and one gather, not one per tensor;
+    each batch, on the replicas of `strategy` when one is given (see module docstring). Under
+    a strategy each replica packs its sums, and its figures, into one float64 vector (exact
+    for float32 and for counts below 2**53), so a batch costs one reduction and one gather,
+    not one per tensor (without one nothing is packed: a packed copy of a group's Grams
+    would double the memory they take);
     each vector starts with a zero, as collectives of empty tensors crash TensorFlow 2.21.
 
     Example:
@@ -98,7 +100,7 @@ class Sharded:
             return sums, figures[None]
 
         self.packed = packed
-        self.local = tf.function(packed, input_signature=[signature])
+        self.local = tf.function(function, input_signature=[signature])  # one device: nothing to pack
         self.distributed = tf.function(self._step, reduce_retracing=True)
 
     def _step(self, inputs):
@@ -121,7 +123,8 @@ class Sharded:
             # a replica given no rows can crash TensorFlow 2.21 (oneDNN float32 convolutions of
             # an empty batch); every worker sees the same batch sizes, so all take this branch
             sums, figures = self.local(inputs)
-            return self._unpacked(np.asarray(sums), np.asarray(figures))
+            return (tf.nest.map_structure(np.asarray, sums),
+                    tf.nest.map_structure(lambda value: np.asarray(value)[None], figures))
         bounds = np.linspace(0, len(inputs[0]), self.strategy.num_replicas_in_sync + 1).astype(int)
 
         def shard(context):
@@ -138,6 +141,6 @@ def _split(rows, layout):
     pieces, start = [], 1
     for shape, dtype in layout:
         size = int(np.prod(shape))
-        pieces.append(rows[:, start:start + size].reshape((len(rows), *shape)).astype(dtype))
+        pieces.append(rows[:, start:start + size].reshape((len(rows), *shape)).astype(dtype, copy=False))
         start += size
     return pieces
