@@ -61,17 +61,19 @@ def fits_constants(graph, group):
     return not any(reader.entry.reads_zero_padding(reader) for reader, _ in graph.readers_of(group))
 
 
-def _part_products(current, reference, parts):
+def _part_products(current, reference, parts, weighting):
     """Sums over the rows of `parts` ((tensor, positions), ...) of (rows, a^T a, sum a,
-    a^T r, sum r, r^T r) in float64, a from {name: current tensor}, r from {name: reference
-    tensor}: per part, never stacked."""
+    a^T r L, sum r L, ||r L||^2) in float64, a from {name: current tensor}, r from {name:
+    reference tensor}, L the `weighting`: per part, never stacked; r^T r never formed (its
+    (channels, channels) would be a second Gram)."""
     sums = None
     for name, positions in parts:
         a, r = (tf.cast(tf.gather(tf.reshape(values[name], (-1, values[name].shape[-1])), list(positions), axis=1),
                         tf.float64) for values in (current, reference))
+        seen = tf.linalg.matmul(r, weighting)
         products = (tf.cast(tf.shape(a)[0], tf.float64), tf.linalg.matmul(a, a, transpose_a=True),
-                    tf.reduce_sum(a, axis=0), tf.linalg.matmul(a, r, transpose_a=True), tf.reduce_sum(r, axis=0),
-                    tf.linalg.matmul(r, r, transpose_a=True))
+                    tf.reduce_sum(a, axis=0), tf.linalg.matmul(a, seen, transpose_a=True), tf.reduce_sum(seen, axis=0),
+                    tf.reduce_sum(seen * seen))
         sums = products if sums is None else tuple(total + product for total, product in zip(sums, products))
     return sums
 
@@ -94,25 +96,26 @@ def regression_stats(graph, target, group, data, weighting, batch_size=256, stra
         current = build_model(graph.up_to(names), outputs=names)
     reference = keras.Model(target.inputs, [target.get_layer(name).output for name in names])
 
+    seen_through = tf.constant(weighting, tf.float64)  # captured by the trace, not copied into it
+
     def products(inputs):
         outputs = [dict(zip(names, as_list(call(model, inputs)))) for model in (current, reference)]
-        return _part_products(*outputs, request.a), ()
+        return _part_products(*outputs, request.a, seen_through), ()
 
     sharded = Sharded(products, input_signature(current), strategy)
     width = graph.group_width(group)
-    gram, cross_r = np.zeros((width + 1, width + 1)), np.zeros((width + 1, width))
-    target_gram = np.zeros((width, width))
+    gram, cross, energy = np.zeros((width + 1, width + 1)), np.zeros((width + 1, weighting.shape[1])), 0.0
     for batch in batches(data, batch_size):
         batch = check_inputs(batch, graph.inputs)
-        (rows, a_a, a_sum, a_r, r_sum, r_r), _ = sharded(input_tensors(current, batch))
+        (rows, a_a, a_sum, a_seen, seen_sum, seen_energy), _ = sharded(input_tensors(current, batch))
         gram[:-1, :-1] += a_a
         gram[:-1, -1] += a_sum
         gram[-1, :-1] += a_sum
         gram[-1, -1] += rows
-        cross_r[:-1] += a_r
-        cross_r[-1] += r_sum
-        target_gram += r_r
-    return RegressionStats(gram, cross_r @ weighting, float(np.sum(weighting * (target_gram @ weighting))))
+        cross[:-1] += a_seen
+        cross[-1] += seen_sum
+        energy += float(seen_energy)
+    return RegressionStats(gram, cross, energy)
 
 
 def greedy_selection(gram, cross, energy, intercept=True, limit=None):
@@ -217,7 +220,8 @@ def compress_groups(graph, data, tolerance=None, keep_ratio=None, price=None, me
         price: instead, widths chosen across groups and attention layers by one price on
             the unexplained share per share of the model's `measure` ("params" or "flops")
             a channel or head costs (`find.allocation`).
-        cache: a dict reused across calls on the same `graph` and `data`: a group's
+        cache: a mapping reused across calls on the same `graph` and `data` (a dict, or a
+            `find.stats_cache.StatsCache` that bounds the memory it holds): a group's
             statistics are gathered once for each choice of channels kept before it (the
             attempts of `search` share most of them).
         gram_budget: bytes one group's Gram and cross-product may take (see `check_refit_memory`).
@@ -237,23 +241,26 @@ def compress_groups(graph, data, tolerance=None, keep_ratio=None, price=None, me
     for kind, name in _units(graph):
         key = (kind, name) + tuple((getattr(edit, "group", None) or edit.layer, edit.kept) for edit in edits)
         if kind == "heads":
-            if key not in cache:
+            stats = cache.get(key)
+            if stats is None:
                 if ("target", name) not in cache:
                     with scope(strategy):
                         cache["target", name] = build_model(graph.up_to([name]), outputs=[name])
-                cache[key] = head_stats(current, cache["target", name], name, data, batch_size, strategy)
+                stats = cache[key] = head_stats(current, cache["target", name], name, data, batch_size, strategy)
             node = current.by_name[name]
             share = None if price is None else head_cost(node, measure) / total(graph, measure)
-            edit = head_refit(current, node, cache[key], tolerance, keep_ratio, (heads or {}).get(name), price, share)
+            edit = head_refit(current, node, stats, tolerance, keep_ratio, (heads or {}).get(name), price, share)
         else:
             weighting = reader_weighting(current, name)
-            if key not in cache:
+            stats = cache.get(key)
+            if stats is None:
                 if "reference" not in cache:
                     with scope(strategy):
                         cache["reference"] = reference_probe(graph)
-                cache[key] = regression_stats(current, cache["reference"], name, data, weighting, batch_size, strategy)
+                stats = cache[key] = regression_stats(current, cache["reference"], name, data, weighting, batch_size,
+                                                      strategy)
             share = None if price is None else channel_cost(current, name, measure) / total(graph, measure)
-            edit = group_refit(name, graph.group_width(name), cache[key], weighting, fits_constants(current, name),
+            edit = group_refit(name, graph.group_width(name), stats, weighting, fits_constants(current, name),
                                tolerance, keep_ratio, (widths or {}).get(name), price, share)
         if edit is not None:
             current = apply_round(current, (edit,))
