@@ -31,6 +31,7 @@ from keras_embed.find.condense import plan_condense
 from keras_embed.find.constants import data_constants
 from keras_embed.find.data_rules import plan_collapses
 from keras_embed.find.refit import check_refit_memory, compress_groups, search
+from keras_embed.find.stats_cache import STATS_CACHE_BUDGET, StatsCache
 from keras_embed.find.weight_rules import find_redundancy
 from keras_embed.measure.latency import Latency
 from keras_embed.measure.regimes import DEFAULT_LIN_TOL, moment_producers, producer_regimes
@@ -321,7 +322,8 @@ def _approximate_round(graph, reduced, mode, data, rule, judge, cos, batch_size,
     widths = {group: graph.group_width(group) for group in graph.editable_groups()}
     heads = {node.name: node.config["num_heads"] for node in graph.nodes if node.kind == "MultiHeadAttention"}
     measured = "flops" if rule.kind in ("target_flops", "target_latency") else "params"
-    compress = functools.partial(compress_groups, reduced, data, measure=measured, batch_size=batch_size, cache={},
+    cache = StatsCache(0 if rule.kind == "keep_ratio" else STATS_CACHE_BUDGET)  # one attempt: nothing to reuse
+    compress = functools.partial(compress_groups, reduced, data, measure=measured, batch_size=batch_size, cache=cache,
                                  widths=widths, gram_budget=gram_budget, heads=heads, strategy=strategy)
     widest = max((reduced.group_width(group) for group in reduced.editable_groups()), default=1)
     if rule.kind == "target_latency":  # one timing is noisy: leave room for the final one
