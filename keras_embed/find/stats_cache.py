@@ -26,7 +26,8 @@ def _bytes(value):
     """The bytes of the NumPy arrays a statistics record holds (0 for a model)."""
     if not dataclasses.is_dataclass(value):
         return 0
-    return sum(np.asarray(field).nbytes for field in dataclasses.astuple(value) if isinstance(field, np.ndarray))
+    fields = (getattr(value, field.name) for field in dataclasses.fields(value))  # astuple would copy them
+    return sum(field.nbytes for field in fields if isinstance(field, np.ndarray))
 
 
 def _prefix(key):
