@@ -238,8 +238,8 @@ CATALOGUE = [
     Case("unknown-custom-layer", 4, ("GhostDense", "stock Keras layers"), rezipped(GHOST), commands=MODEL_COMMANDS),
     Case("conv-lstm-layer", 4, ("ConvLSTM1D", "supported layers"),
          saved(lambda: [keras.layers.ConvLSTM1D(2, 3), keras.layers.Flatten()], shape=(4, 8, 1))),
-    Case("unitnorm-layer", 4, ("UnitNormalization", "supported layers"),
-         saved(lambda: [keras.layers.Dense(4), keras.layers.UnitNormalization()]), commands=MODEL_COMMANDS),
+    Case("repeat-vector-layer", 4, ("RepeatVector", "supported layers"),
+         saved(lambda: [keras.layers.Dense(4), keras.layers.RepeatVector(2)]), commands=MODEL_COMMANDS),
     # calibration data
     Case("data-missing", 2, ("not found", "check the path"), data=file("missing.npy"), commands=MODEL_COMMANDS),
     Case("data-unknown-extension", 2, ("unknown data format", ".npy or .npz"), data=file("data.csv", b"1,2,3\n")),

@@ -326,8 +326,8 @@ UNSUPPORTED = {
     # normalizes the feature axis of a sequence, not the last axis: no layer can absorb it
     "batchnorm": (lambda: sequential(keras.layers.BatchNormalization(axis=1, name="norm"), keras.layers.Dense(3),
                                      shape=(4, 5)), ("norm", "BatchNormalization")),
-    "unit-norm": (lambda: sequential(keras.layers.Dense(4), keras.layers.UnitNormalization(name="unit_norm")),
-                  ("unit_norm", "UnitNormalization")),
+    "unit-norm-across-positions": (lambda: sequential(keras.layers.Dense(4), keras.layers.UnitNormalization(
+        axis=1, name="unit_norm"), shape=(3, 5)), ("unit_norm", "UnitNormalization", "normalizes axis 1")),
     "nested-two-outputs": (nested_functional, ("inner_model", "2 outputs")),
     "shared-functional": (shared_functional, ("'shared'", "shared layer")),
     "conv2d-channels-first": (lambda: sequential(keras.layers.Conv2D(2, 3, data_format="channels_first", name="conv"),
@@ -356,11 +356,11 @@ class Shifted(Scaled):
 def test_every_unknown_layer_is_named_in_one_message():
     x = keras.Input((4,))
     h = Shifted(name="shift_a")(Scaled(name="scale")(keras.layers.Dense(3, name="dense")(x)))
-    model = keras.Model(x, keras.layers.UnitNormalization(name="unit")(Shifted(name="shift_b")(h)))
+    model = keras.Model(x, keras.layers.RepeatVector(2, name="unit")(Shifted(name="shift_b")(h)))
     with pytest.raises(UnsupportedLayerError) as error:
         read_model(model)
     assert str(error.value).startswith("layer 'scale' (Scaled) is not supported, nor are 'shift_a', 'shift_b' "
-                                       "(Shifted), 'unit' (UnitNormalization); supported layers: InputLayer, Dense")
+                                       "(Shifted), 'unit' (RepeatVector); supported layers: InputLayer, Dense")
 
 
 class Backbone(keras.Model):

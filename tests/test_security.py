@@ -648,7 +648,7 @@ STOCK_MODELS = {  # every entry of _LAYER_WEIGHTS appears in one of them
     "1d-3d": sequential((6, 6, 6, 2), lambda: [
         L.Conv3D(3, 2), L.Conv3DTranspose(2, 2), L.Reshape((-1, 2)), L.Conv1D(3, 2), L.Conv1DTranspose(2, 2),
         L.SeparableConv1D(2, 2), L.DepthwiseConv1D(2), L.LayerNormalization(), L.GroupNormalization(2),
-        L.Normalization()]),
+        L.RMSNormalization(), L.Normalization()]),
     "channels-first": sequential((3, 8, 8), lambda: [
         L.Conv2D(4, 3, data_format="channels_first"), L.BatchNormalization(axis=1)]),
     "recurrent": sequential((5, 4), lambda: [

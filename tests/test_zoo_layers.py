@@ -76,9 +76,36 @@ def _nested():
                              keras.layers.Dense(3, name="scores")], name="transfer")
 
 
-BUILDERS = {"mlp": _activations_mlp, "preprocessing": _preprocessing_cnn, "gated": _gated_cnn, "nested": _nested}
+def _augmented():
+    """The Keras tutorials' image classifier: an augmentation Sequential (the identity at inference),
+    Resizing, CenterCrop and Identity before the convolutions."""
+    augment = keras.Sequential([keras.layers.RandomFlip("horizontal", name="flip"),
+                                keras.layers.RandomRotation(0.1, name="rotate"), keras.layers.RandomZoom(0.1, name="zoom"),
+                                keras.layers.RandomContrast(0.2, name="contrast")], name="augment")
+    x = keras.Input((12, 12, 3), name="image")
+    h = keras.layers.Resizing(10, 10, name="resize")(augment(x))
+    h = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="conv_a")(keras.layers.CenterCrop(8, 8)(h))
+    h = keras.layers.Identity(name="same")(keras.layers.Resizing(16, 16, interpolation="nearest", name="up")(h))
+    h = keras.layers.Conv2D(5, 3, activation="relu", name="conv_b")(h)
+    return keras.Model(x, keras.layers.Dense(3, name="scores")(keras.layers.GlobalAveragePooling2D(name="gap")(h)))
+
+
+def _normalized():
+    """UnitNormalization, RMSNormalization and GroupNormalization fix the groups they normalize; the
+    groups around them stay prunable."""
+    x = keras.Input((6, 6, 3), name="image")
+    h = keras.layers.GroupNormalization(2, name="group_norm")(keras.layers.Conv2D(4, 3, name="conv")(x))
+    h = keras.layers.Conv2D(6, 1, activation="relu", name="conv_wide")(keras.layers.Activation("relu")(h))
+    h = keras.layers.Dense(5, name="d1")(keras.layers.GlobalMaxPooling2D(name="pool")(h))
+    h = keras.layers.Dense(7, activation="relu", name="d2")(keras.layers.UnitNormalization(name="unit_norm")(h))
+    h = keras.layers.RMSNormalization(name="rms_norm")(keras.layers.Dense(5, name="d3")(h))
+    return keras.Model(x, keras.layers.Dense(3, name="scores")(h), name="normalized")
+
+
+BUILDERS = {"mlp": _activations_mlp, "preprocessing": _preprocessing_cnn, "gated": _gated_cnn, "nested": _nested,
+            "augmented": _augmented, "normalized": _normalized}
 GROW = {"mlp": ["d1", "d3", "d4"], "preprocessing": ["conv_a", "conv_b"], "gated": ["expand", "se_reduce", "branch_a"],
-        "nested": ["stem_conv", "body"]}
+        "nested": ["stem_conv", "body"], "augmented": ["conv_a", "conv_b"], "normalized": ["conv_wide", "d2"]}
 
 
 def _inputs(model, samples=64, seed=0):
@@ -196,3 +223,34 @@ def test_the_application_classes_are_read_as_stock_layers():
     assert {node.kind for node in graph.nodes} <= set(keras_embed.model.registry.REGISTRY)
     assert graph.node("residual").kind == "Add" and "residual_scale" not in graph.by_name  # folded into 'branch'
     assert_same_function(model, build_model(graph), _inputs(model))
+
+
+def test_normalizations_fix_their_groups_and_augmentations_stay_for_training():
+    keep_half = StoppingRule("keep_ratio", 0.5)
+    normalized = _normalized()
+    pruned, _ = keras_embed.prune(normalized, mode="data", rule=keep_half, data=_inputs(normalized), force=True)
+    widths = {layer.name: layer.output.shape[-1] for layer in pruned.layers}
+    assert (widths["conv"], widths["d1"], widths["d3"]) == (4, 5, 5)  # read by a normalization: fixed
+    assert widths["conv_wide"] < 6 and widths["d2"] < 7
+
+    augmented = _augmented()
+    pruned, _ = keras_embed.prune(augmented, mode="data", rule=keep_half, data=_inputs(augmented), force=True)
+    kinds = [type(layer).__name__ for layer in pruned.layers]
+    assert kinds[1:7] == ["RandomFlip", "RandomRotation", "RandomZoom", "RandomContrast", "Resizing", "CenterCrop"]
+
+
+AUGMENTATION_ARGUMENTS = {"RandomBrightness": {"factor": 0.3}, "RandomColorDegeneration": {"factor": 0.3},
+                          "RandomContrast": {"factor": 0.3}, "RandomHue": {"factor": 0.3},
+                          "RandomPosterization": {"factor": 4, "value_range": (0, 255)},
+                          "RandomRotation": {"factor": 0.3}, "RandomSaturation": {"factor": 0.3},
+                          "RandomSharpness": {"factor": 0.3}, "RandomZoom": {"height_factor": 0.2},
+                          "RandomTranslation": {"height_factor": 0.2, "width_factor": 0.2},
+                          "RandomColorJitter": {"brightness_factor": 0.2}}
+
+
+@pytest.mark.parametrize("kind", keras_embed.model.registry.AUGMENTATIONS)
+def test_every_augmentation_read_as_the_identity_is_the_identity_at_inference(kind):
+    layer = getattr(keras.layers, kind)(**AUGMENTATION_ARGUMENTS.get(kind, {}))
+    images = np.random.default_rng(4).normal(0.0, 300.0, (3, 9, 9, 3)).astype("float32")  # outside any value range
+    assert np.array_equal(keras.ops.convert_to_numpy(layer(images, training=False)), images)
+    assert tuple(layer.compute_output_shape((None, 9, 9, 3))) == (None, 9, 9, 3)

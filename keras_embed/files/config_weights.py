@@ -228,6 +228,7 @@ _LAYER_WEIGHTS = {  # weights Keras allocates for a layer, from its inputs and c
     "BatchNormalization": _normalization(4),
     "LayerNormalization": _normalization(2),
     "GroupNormalization": _normalization(2),
+    "RMSNormalization": _normalization(1),
     "Normalization": _adapted_normalization,
     "PReLU": _prelu,
     "MultiHeadAttention": _multi_head_attention,

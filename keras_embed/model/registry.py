@@ -830,13 +830,15 @@ class CustomScaleLayer(LayerType):
                 (layer.name, "Add", {**common, "name": layer.name}, [], shape, (0, scaled))]
 
 
-class LayerNormalization(PerChannel):
-    """Normalizes over the channel axis: it mixes the channels, so it fixes its group's width."""
+class ChannelNormalization(LayerType):
+    """Normalizes over the channel axis (UnitNormalization; with per-channel weights,
+    LayerNormalization, GroupNormalization, RMSNormalization): it mixes the channels, so it
+    fixes its group's width."""
 
     def check(self, layer, config):
         axes = config["axis"] if isinstance(config["axis"], (list, tuple)) else [config["axis"]]
         if list(axes) not in ([-1], [len(layer.input.shape) - 1]):
-            raise UnsupportedLayerError(f"layer '{layer.name}' (LayerNormalization) normalizes axis "
+            raise UnsupportedLayerError(f"layer '{layer.name}' ({type(layer).__name__}) normalizes axis "
                                         f"{config['axis']}; only the last axis is supported")
 
     def freezes(self, node):
@@ -844,6 +846,10 @@ class LayerNormalization(PerChannel):
 
     def propagate(self, node, values, rtol=0.0):
         return np.full(len(values[0]), np.nan)
+
+
+class LayerNormalization(PerChannel, ChannelNormalization):
+    pass
 
 
 class DepthwiseConv2D(PerChannel):
@@ -965,7 +971,8 @@ class PReLU(PerChannel):
 
 
 class Identity(LayerType):
-    """Layers that are the identity at inference (Dropout, GaussianNoise, ...)."""
+    """Layers that are the identity at inference (Identity, Dropout, GaussianNoise, RandomFlip and
+    the other random image augmentations, ...)."""
 
     elementwise = True
     passes = "affine"
@@ -991,7 +998,8 @@ class ZeroPadding(Spatial):
 
 
 class Resampling(Spatial):
-    """UpSampling2D (nearest, bilinear) and Cropping2D: every output value is an input value
+    """UpSampling2D (nearest, bilinear), Resizing (the same, without padding), Cropping2D and
+    CenterCrop (a crop, or a bilinear resize when the input is smaller): every output value is an input value
     of the same channel, or a convex combination of its neighbours (bilinear), so channel
     identity is kept, a constant stays that constant, and every per-position affine map
     (per channel) commutes with it."""
@@ -1000,11 +1008,14 @@ class Resampling(Spatial):
     INTERPOLATIONS = ("nearest", "bilinear")
 
     def check(self, layer, config):
-        if config.get("data_format", "channels_last") != "channels_last" or \
-                config.get("interpolation", "nearest") not in self.INTERPOLATIONS:
-            raise UnsupportedLayerError(f"layer '{layer.name}' ({type(layer).__name__}) uses channels_first or "
-                                        f"interpolation '{config.get('interpolation')}'; only channels_last and "
-                                        f"{' or '.join(self.INTERPOLATIONS)} interpolation are supported")
+        refuse_channels_first(layer, config)
+        if config.get("interpolation", "nearest") not in self.INTERPOLATIONS:
+            raise UnsupportedLayerError(f"layer '{layer.name}' ({type(layer).__name__}) uses interpolation "
+                                        f"'{config['interpolation']}'; only {' or '.join(self.INTERPOLATIONS)} "
+                                        "interpolation is supported")
+        if config.get("pad_to_aspect_ratio"):
+            raise UnsupportedLayerError(f"layer '{layer.name}' ({type(layer).__name__}) pads to the aspect ratio "
+                                        "with a fill value; only resizing without padding is supported")
 
 
 class Add(LayerType):
@@ -1106,8 +1117,14 @@ class Permute(LayerType):
                                         "only permutations keeping the last axis last are supported")
 
 
-INFERENCE_IDENTITIES = ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianNoise",
-                        "GaussianDropout", "AlphaDropout", "ActivityRegularization")
+# Image augmentations that return their input unchanged at inference (RandomCrop crops: not one)
+AUGMENTATIONS = ("RandomBrightness", "RandomColorDegeneration", "RandomColorJitter", "RandomContrast",
+                 "RandomElasticTransform", "RandomErasing", "RandomFlip", "RandomGaussianBlur", "RandomGrayscale",
+                 "RandomHue", "RandomInvert", "RandomPerspective", "RandomPosterization", "RandomRotation",
+                 "RandomSaturation", "RandomSharpness", "RandomShear", "RandomTranslation", "RandomZoom", "AugMix",
+                 "CutMix", "MixUp", "RandAugment")
+INFERENCE_IDENTITIES = ("Identity", "Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D",
+                        "GaussianNoise", "GaussianDropout", "AlphaDropout", "ActivityRegularization", *AUGMENTATIONS)
 DENSE, CONV, GROUPED_CONV = Dense(), Conv(), GroupedConv()
 POSITION_RESHAPE = PositionReshape()
 DEPTHWISE, MULTIPLIED_DEPTHWISE = DepthwiseConv2D(), MultipliedDepthwise()  # the variants by depth_multiplier
@@ -1125,6 +1142,8 @@ REGISTRY = {
     "Cropping2D": Resampling(),
     "UpSampling1D": Resampling(),
     "Cropping1D": Resampling(),
+    "Resizing": Resampling(),
+    "CenterCrop": Resampling(),
     "BatchNormalization": BatchNormalization(),
     "Rescaling": Rescaling(),
     "Normalization": Normalization(),
@@ -1134,7 +1153,8 @@ REGISTRY = {
     "ELU": ELU(),
     "PReLU": PReLU(),
     "Softmax": Softmax(),
-    "LayerNormalization": LayerNormalization(),
+    **dict.fromkeys(("LayerNormalization", "GroupNormalization", "RMSNormalization"), LayerNormalization()),
+    "UnitNormalization": ChannelNormalization(),
     "MultiHeadAttention": MultiHeadAttention(),
     **dict.fromkeys(("LSTM", "GRU", "SimpleRNN"), Recurrent()),
     "Bidirectional": Bidirectional(),
