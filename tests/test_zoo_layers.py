@@ -102,10 +102,20 @@ def _normalized():
     return keras.Model(x, keras.layers.Dense(3, name="scores")(h), name="normalized")
 
 
+def _time_distributed():
+    """Dense and Dropout wrapped in TimeDistributed over a sequence: each acts on every step alone."""
+    x = keras.Input((10, 6), name="steps")
+    h = keras.layers.TimeDistributed(keras.layers.Dense(8, activation="relu"), name="td_a")(x)
+    h = keras.layers.TimeDistributed(keras.layers.Dropout(0.3), name="td_drop")(h)
+    h = keras.layers.TimeDistributed(keras.layers.Dense(6, activation="tanh"), name="td_b")(h)
+    return keras.Model(x, keras.layers.Dense(3, name="scores")(keras.layers.GlobalAveragePooling1D(name="gap")(h)))
+
+
 BUILDERS = {"mlp": _activations_mlp, "preprocessing": _preprocessing_cnn, "gated": _gated_cnn, "nested": _nested,
-            "augmented": _augmented, "normalized": _normalized}
+            "augmented": _augmented, "normalized": _normalized, "time_distributed": _time_distributed}
 GROW = {"mlp": ["d1", "d3", "d4"], "preprocessing": ["conv_a", "conv_b"], "gated": ["expand", "se_reduce", "branch_a"],
-        "nested": ["stem_conv", "body"], "augmented": ["conv_a", "conv_b"], "normalized": ["conv_wide", "d2"]}
+        "nested": ["stem_conv", "body"], "augmented": ["conv_a", "conv_b"], "normalized": ["conv_wide", "d2"],
+        "time_distributed": ["td_a", "td_b"]}
 
 
 def _inputs(model, samples=64, seed=0):
@@ -254,3 +264,10 @@ def test_every_augmentation_read_as_the_identity_is_the_identity_at_inference(ki
     images = np.random.default_rng(4).normal(0.0, 300.0, (3, 9, 9, 3)).astype("float32")  # outside any value range
     assert np.array_equal(keras.ops.convert_to_numpy(layer(images, training=False)), images)
     assert tuple(layer.compute_output_shape((None, 9, 9, 3))) == (None, 9, 9, 3)
+
+
+def test_time_distributed_around_a_layer_that_mixes_positions_is_refused_naming_it():
+    x = keras.Input((3, 6, 6, 2))
+    model = keras.Model(x, keras.layers.TimeDistributed(keras.layers.Conv2D(2, 3), name="frames")(x))
+    with pytest.raises(UnsupportedLayerError, match=r"'frames' \(TimeDistributed\) wraps Conv2D; only Dense"):
+        keras_embed.read_model(model)

@@ -506,6 +506,24 @@ class Bidirectional(Recurrent):
         return config
 
 
+class TimeDistributed(LayerType):
+    """TimeDistributed around a layer that already acts on every position alone (Dense, an
+    elementwise layer): read, and written back, as that layer itself under the wrapper's name."""
+
+    def _inner(self, layer):
+        inner = layer.layer
+        kind = type(inner).__name__
+        if not (known(inner) and kind in REGISTRY and (kind == "Dense" or entry(kind, inner.get_config()).elementwise)):
+            raise UnsupportedLayerError(f"layer '{layer.name}' (TimeDistributed) wraps {kind}; only Dense and "
+                                        "elementwise layers (Activation, Dropout, ...) are supported inside it")
+        return inner
+
+    def read_nodes(self, layer):
+        inner = self._inner(layer)
+        config, weights = entry_of(inner).read(inner)
+        return [(layer.name, type(inner).__name__, dict(config, name=layer.name), weights, tuple(layer.output.shape[1:]))]
+
+
 class MultiHeadAttention(LayerType):
     """MultiHeadAttention called on (query, value[, key]): it makes a channel space of its
     output width and fixes the width of that space and of every group it reads; its heads are
@@ -1158,6 +1176,7 @@ REGISTRY = {
     "MultiHeadAttention": MultiHeadAttention(),
     **dict.fromkeys(("LSTM", "GRU", "SimpleRNN"), Recurrent()),
     "Bidirectional": Bidirectional(),
+    "TimeDistributed": TimeDistributed(),
     **{kind: Identity() for kind in INFERENCE_IDENTITIES},
     **dict.fromkeys(("MaxPooling1D", "MaxPooling2D", "GlobalMaxPooling1D", "GlobalMaxPooling2D"), Spatial()),
     **dict.fromkeys(("AveragePooling1D", "AveragePooling2D", "GlobalAveragePooling1D", "GlobalAveragePooling2D"),
