@@ -111,11 +111,23 @@ def _time_distributed():
     return keras.Model(x, keras.layers.Dense(3, name="scores")(keras.layers.GlobalAveragePooling1D(name="gap")(h)))
 
 
+def _convolutions_1d():
+    """SeparableConv1D and DepthwiseConv1D (with and without a depth multiplier) over a signal."""
+    x = keras.Input((20, 4), name="signal")
+    h = keras.layers.SeparableConv1D(8, 3, padding="same", activation="relu", name="sep")(x)
+    h = keras.layers.DepthwiseConv1D(3, activation="relu", name="dw")(h)
+    h = keras.layers.Conv1D(6, 1, activation="relu", name="mix")(h)
+    h = keras.layers.DepthwiseConv1D(3, padding="same", depth_multiplier=2, name="dw_x2")(h)  # fixes 'mix'
+    h = keras.layers.Conv1D(5, 1, activation="relu", name="head")(h)
+    return keras.Model(x, keras.layers.Dense(3, name="scores")(keras.layers.GlobalAveragePooling1D(name="gap")(h)))
+
+
 BUILDERS = {"mlp": _activations_mlp, "preprocessing": _preprocessing_cnn, "gated": _gated_cnn, "nested": _nested,
-            "augmented": _augmented, "normalized": _normalized, "time_distributed": _time_distributed}
+            "augmented": _augmented, "normalized": _normalized, "time_distributed": _time_distributed,
+            "convolutions_1d": _convolutions_1d}
 GROW = {"mlp": ["d1", "d3", "d4"], "preprocessing": ["conv_a", "conv_b"], "gated": ["expand", "se_reduce", "branch_a"],
         "nested": ["stem_conv", "body"], "augmented": ["conv_a", "conv_b"], "normalized": ["conv_wide", "d2"],
-        "time_distributed": ["td_a", "td_b"]}
+        "time_distributed": ["td_a", "td_b"], "convolutions_1d": ["sep", "head"]}
 
 
 def _inputs(model, samples=64, seed=0):
@@ -264,6 +276,13 @@ def test_every_augmentation_read_as_the_identity_is_the_identity_at_inference(ki
     images = np.random.default_rng(4).normal(0.0, 300.0, (3, 9, 9, 3)).astype("float32")  # outside any value range
     assert np.array_equal(keras.ops.convert_to_numpy(layer(images, training=False)), images)
     assert tuple(layer.compute_output_shape((None, 9, 9, 3))) == (None, 9, 9, 3)
+
+
+def test_a_separable_conv1d_comes_back_as_one_layer():
+    model = _convolutions_1d()
+    grown, _ = keras_embed.embed(model, widen_steps=[("sep", 0, 0.3)])
+    pruned, _ = keras_embed.prune(grown)
+    assert [type(layer).__name__ for layer in pruned.layers][1:3] == ["SeparableConv1D", "DepthwiseConv1D"]
 
 
 def test_time_distributed_around_a_layer_that_mixes_positions_is_refused_naming_it():

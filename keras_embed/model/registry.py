@@ -675,12 +675,13 @@ def _transposed_input_length(output, kernel, stride, dilation, output_padding, p
 
 
 class SeparableConv(Conv):
-    """SeparableConv2D, read as two nodes: `NAME_depthwise`, a DepthwiseConv2D (its kernel
-    size, strides, padding, dilation and depth multiplier; no bias, linear) that follows its
-    input channels, then `NAME`, of this kind: a 1x1 Conv2D producing the new channels, with
-    the layer's activation and bias. So every rule and edit sees a depthwise layer and a
-    producer. Built back as one SeparableConv2D while its depthwise part is read by it alone
-    and still has no bias and no activation (`fuse`), else as DepthwiseConv2D and Conv2D."""
+    """SeparableConv2D (and SeparableConv1D, with the 1-D layers below), read as two nodes:
+    `NAME_depthwise`, a DepthwiseConv2D (its kernel size, strides, padding, dilation and depth
+    multiplier; no bias, linear) that follows its input channels, then `NAME`, of this kind: a
+    1x1 Conv2D producing the new channels, with the layer's activation and bias. So every rule
+    and edit sees a depthwise layer and a producer. Built back as one SeparableConv2D while its
+    depthwise part is read by it alone and still has no bias and no activation (`fuse`), else
+    as DepthwiseConv2D and Conv2D."""
 
     DEPTHWISE = ("kernel_size", "strides", "padding", "data_format", "dilation_rate", "depth_multiplier",
                  "depthwise_initializer", "depthwise_regularizer", "depthwise_constraint")
@@ -691,30 +692,30 @@ class SeparableConv(Conv):
 
     def read_nodes(self, layer):
         config, (depthwise, pointwise, *bias) = self.read(layer)
-        name = f"{layer.name}_depthwise"
+        name, rank = f"{layer.name}_depthwise", len(config["kernel_size"])
         common = {"trainable": config["trainable"], "dtype": config["dtype"]}
         depthwise_config = {**common, "name": name, **{key: config[key] for key in self.DEPTHWISE},
                             "activation": "linear", "use_bias": False}
-        pointwise_config = {**common, "name": layer.name, "kernel_size": (1, 1), "strides": (1, 1), "padding": "valid",
-                            "data_format": "channels_last", "dilation_rate": (1, 1), "groups": 1,
+        pointwise_config = {**common, "name": layer.name, "kernel_size": (1,) * rank, "strides": (1,) * rank,
+                            "padding": "valid", "data_format": "channels_last", "dilation_rate": (1,) * rank, "groups": 1,
                             **{key: config[key] for key in self.POINTWISE},
                             **{key: config[source] for key, source in self.RENAMED.items()}}
         shape = tuple(layer.output.shape[1:-1]) + (depthwise.shape[-2] * depthwise.shape[-1],)
-        return [(name, "DepthwiseConv2D", depthwise_config, [depthwise], shape),
-                (layer.name, "SeparableConv2D", pointwise_config, [pointwise, *bias], tuple(layer.output.shape[1:]))]
+        return [(name, f"DepthwiseConv{rank}D", depthwise_config, [depthwise], shape),
+                (layer.name, type(layer).__name__, pointwise_config, [pointwise, *bias], tuple(layer.output.shape[1:]))]
 
     def layer(self, node):
-        return keras.layers.Conv2D.from_config(self.config(node))
+        return getattr(keras.layers, f"Conv{len(node.config['kernel_size'])}D").from_config(self.config(node))
 
     def fuse(self, node, source):
-        if source.kind != "DepthwiseConv2D" or source.config.get("activation", "linear") != "linear" \
+        if source.kind != f"DepthwiseConv{len(node.config['kernel_size'])}D" or source.config.get("activation", "linear") != "linear" \
                 or len(source.weights) != 1 or not self.geometry(node).pointwise:
             return None
         config = {"name": node.name, "trainable": node.config["trainable"], "dtype": node.config["dtype"],
                   **{key: source.config[key] for key in self.DEPTHWISE},
                   **{key: node.config[key] for key in self.POINTWISE}, "filters": node.width, "use_bias": len(node.weights) > 1,
                   **{key: node.config[own] for own, key in self.RENAMED.items()}}
-        return "SeparableConv2D", config, [*source.weights, *node.weights]
+        return node.kind, config, [*source.weights, *node.weights]
 
     def pointwise_identity(self, node, name, source, bias):
         return _conv2d_lift(node, name, source, bias)
@@ -870,8 +871,10 @@ class LayerNormalization(PerChannel, ChannelNormalization):
     pass
 
 
-class DepthwiseConv2D(PerChannel):
-    axis = -2  # kernel (height, width, channels, 1); the bias has axis 0 = -1
+class DepthwiseConv(PerChannel):
+    """DepthwiseConv1D and DepthwiseConv2D (depth_multiplier 1): each channel its own filter."""
+
+    axis = -2  # kernel (*spatial, channels, 1); the bias has axis 0 = -1
 
     def variant(self, config):
         return MULTIPLIED_DEPTHWISE if config.get("depth_multiplier", 1) != 1 else self
@@ -881,11 +884,11 @@ class DepthwiseConv2D(PerChannel):
 
     def gather(self, node, index):
         kernel, *bias = node.weights
-        return dataclasses.replace(node, weights=(kernel[:, :, index], *(weight[index] for weight in bias)))
+        return dataclasses.replace(node, weights=(kernel[..., index, :], *(weight[index] for weight in bias)))
 
     def channel_params(self, node):
         kernel, *bias = node.weights
-        return np.hstack([kernel[:, :, :, 0].reshape(-1, kernel.shape[2]).T] + [weight[:, None] for weight in bias])
+        return np.hstack([kernel[..., 0].reshape(-1, kernel.shape[-2]).T] + [weight[:, None] for weight in bias])
 
     def function(self, node):
         return activations.of_name(node.config.get("activation", "linear"))
@@ -904,7 +907,7 @@ class DepthwiseConv2D(PerChannel):
         kernel, *bias = node.weights
         bias = bias[0] if bias else np.zeros(len(values[0]))
         if node.config["padding"] == "valid" or max(node.config["kernel_size"]) == 1:
-            pre = values[0] * kernel[:, :, :, 0].sum(axis=(0, 1)) + bias
+            pre = values[0] * kernel[..., 0].reshape(-1, kernel.shape[-2]).sum(axis=0) + bias
         else:  # zero padding: constant only where the input is 0
             pre = np.where(values[0] == 0, bias, np.nan)
         return apply_known(self.function(node), pre)
@@ -1145,7 +1148,7 @@ INFERENCE_IDENTITIES = ("Identity", "Dropout", "SpatialDropout1D", "SpatialDropo
                         "GaussianNoise", "GaussianDropout", "AlphaDropout", "ActivityRegularization", *AUGMENTATIONS)
 DENSE, CONV, GROUPED_CONV = Dense(), Conv(), GroupedConv()
 POSITION_RESHAPE = PositionReshape()
-DEPTHWISE, MULTIPLIED_DEPTHWISE = DepthwiseConv2D(), MultipliedDepthwise()  # the variants by depth_multiplier
+DEPTHWISE, MULTIPLIED_DEPTHWISE = DepthwiseConv(), MultipliedDepthwise()  # the variants by depth_multiplier
 
 REGISTRY = {
     "InputLayer": Input(),
@@ -1153,7 +1156,9 @@ REGISTRY = {
     "Embedding": Embedding(),
     "Conv2D": CONV,
     "DepthwiseConv2D": DEPTHWISE,
+    "DepthwiseConv1D": DEPTHWISE,
     "SeparableConv2D": SeparableConv(),
+    "SeparableConv1D": SeparableConv(),
     "Conv2DTranspose": ConvTranspose(),
     "Conv1D": CONV,
     "UpSampling2D": Resampling(),
