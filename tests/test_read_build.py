@@ -321,8 +321,6 @@ def nested_functional():
 
 
 UNSUPPORTED = {
-    "conv1d-transpose": (lambda: sequential(keras.layers.Conv1DTranspose(2, 3, name="conv"), keras.layers.Flatten(),
-                                            shape=(8, 1)), ("conv", "Conv1DTranspose")),
     # normalizes the feature axis of a sequence, not the last axis: no layer can absorb it
     "batchnorm": (lambda: sequential(keras.layers.BatchNormalization(axis=1, name="norm"), keras.layers.Dense(3),
                                      shape=(4, 5)), ("norm", "BatchNormalization")),

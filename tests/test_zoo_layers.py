@@ -119,15 +119,28 @@ def _convolutions_1d():
     h = keras.layers.Conv1D(6, 1, activation="relu", name="mix")(h)
     h = keras.layers.DepthwiseConv1D(3, padding="same", depth_multiplier=2, name="dw_x2")(h)  # fixes 'mix'
     h = keras.layers.Conv1D(5, 1, activation="relu", name="head")(h)
+    h = keras.layers.Conv1DTranspose(4, 3, strides=2, padding="same", activation="relu", name="up")(h)
     return keras.Model(x, keras.layers.Dense(3, name="scores")(keras.layers.GlobalAveragePooling1D(name="gap")(h)))
+
+
+def _volumes():
+    """Conv3D, Conv3DTranspose and the 3-D padding, pooling, upsampling and cropping layers."""
+    x = keras.Input((6, 6, 6, 2), name="volume")
+    h = keras.layers.Conv3D(5, 3, activation="relu", name="c1")(keras.layers.ZeroPadding3D(1, name="pad")(x))
+    h = keras.layers.MaxPooling3D(name="pool")(h)
+    h = keras.layers.Cropping3D(1, name="crop")(keras.layers.UpSampling3D(2, name="upsample")(h))
+    h = keras.layers.Conv3DTranspose(4, 3, strides=2, padding="same", activation="relu", name="c2")(h)
+    h = keras.layers.AveragePooling3D(2, name="average")(keras.layers.Conv3D(3, 1, activation="relu", name="c3")(h))
+    return keras.Model(x, keras.layers.Dense(2, name="scores")(keras.layers.GlobalMaxPooling3D(name="gmp")(h)))
 
 
 BUILDERS = {"mlp": _activations_mlp, "preprocessing": _preprocessing_cnn, "gated": _gated_cnn, "nested": _nested,
             "augmented": _augmented, "normalized": _normalized, "time_distributed": _time_distributed,
-            "convolutions_1d": _convolutions_1d}
+            "convolutions_1d": _convolutions_1d, "volumes": _volumes}
 GROW = {"mlp": ["d1", "d3", "d4"], "preprocessing": ["conv_a", "conv_b"], "gated": ["expand", "se_reduce", "branch_a"],
         "nested": ["stem_conv", "body"], "augmented": ["conv_a", "conv_b"], "normalized": ["conv_wide", "d2"],
-        "time_distributed": ["td_a", "td_b"], "convolutions_1d": ["sep", "head"]}
+        "time_distributed": ["td_a", "td_b"], "convolutions_1d": ["sep", "head", "up"],
+        "volumes": ["c1", "c2", "c3"]}
 
 
 def _inputs(model, samples=64, seed=0):
@@ -276,6 +289,16 @@ def test_every_augmentation_read_as_the_identity_is_the_identity_at_inference(ki
     images = np.random.default_rng(4).normal(0.0, 300.0, (3, 9, 9, 3)).astype("float32")  # outside any value range
     assert np.array_equal(keras.ops.convert_to_numpy(layer(images, training=False)), images)
     assert tuple(layer.compute_output_shape((None, 9, 9, 3))) == (None, 9, 9, 3)
+
+
+def test_a_lift_after_conv3d_is_a_conv3d_and_prunes_away():
+    model = _volumes()
+    x = _inputs(model, 32)
+    lifted, _ = keras_embed.embed(model, deepen_layers=["c2"], data=x)
+    assert [type(layer).__name__ for layer in lifted.layers].count("Conv3D") == 3
+    pruned, _ = keras_embed.prune(lifted, data=x)
+    assert pruned.count_params() == model.count_params()
+    assert_same_function(model, pruned, x)
 
 
 def test_a_separable_conv1d_comes_back_as_one_layer():

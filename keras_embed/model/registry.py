@@ -301,10 +301,10 @@ class Conv(Producer):
                         tuple(config["dilation_rate"]))
 
 
-def _conv2d_lift(node, name, source, bias):
-    """`Producer.pointwise_identity` as a stock pointwise Conv1D or Conv2D, whatever kind of
-    convolution `node` is."""
-    kind = "Conv1D" if len(node.entry.geometry(node).kernel_size) == 1 else "Conv2D"
+def _pointwise_conv_lift(node, name, source, bias):
+    """`Producer.pointwise_identity` as a stock pointwise Conv1D, Conv2D or Conv3D, whatever kind
+    of convolution `node` is."""
+    kind = f"Conv{len(node.entry.geometry(node).kernel_size)}D"
     return CONV.pointwise_identity(dataclasses.replace(node, kind=kind), name, source, bias)
 
 
@@ -655,14 +655,15 @@ class ConvTranspose(Conv):
 
     def flops(self, node):
         """Every input position times the whole kernel, plus the bias per output position."""
-        geometry, output_padding = self.geometry(node), node.config.get("output_padding") or (None,) * 2
+        geometry = self.geometry(node)
+        output_padding = node.config.get("output_padding") or (None,) * len(geometry.kernel_size)
         inputs = math.prod(_transposed_input_length(*sizes, geometry.padding) for sizes in zip(
             node.shape[:-1], geometry.kernel_size, geometry.strides, geometry.dilation, output_padding))
         bias = self.bias(node)
         return 2 * inputs * node.weights[0].size + math.prod(node.shape[:-1]) * (0 if bias is None else bias.size)
 
     def pointwise_identity(self, node, name, source, bias):
-        return _conv2d_lift(node, name, source, bias)
+        return _pointwise_conv_lift(node, name, source, bias)
 
 
 def _transposed_input_length(output, kernel, stride, dilation, output_padding, padding):
@@ -718,7 +719,7 @@ class SeparableConv(Conv):
         return node.kind, config, [*source.weights, *node.weights]
 
     def pointwise_identity(self, node, name, source, bias):
-        return _conv2d_lift(node, name, source, bias)
+        return _pointwise_conv_lift(node, name, source, bias)
 
 
 class ChannelAffine(LayerType):
@@ -1160,11 +1161,16 @@ REGISTRY = {
     "SeparableConv2D": SeparableConv(),
     "SeparableConv1D": SeparableConv(),
     "Conv2DTranspose": ConvTranspose(),
+    "Conv1DTranspose": ConvTranspose(),
+    "Conv3DTranspose": ConvTranspose(),
     "Conv1D": CONV,
+    "Conv3D": CONV,
     "UpSampling2D": Resampling(),
     "Cropping2D": Resampling(),
     "UpSampling1D": Resampling(),
     "Cropping1D": Resampling(),
+    "UpSampling3D": Resampling(),
+    "Cropping3D": Resampling(),
     "Resizing": Resampling(),
     "CenterCrop": Resampling(),
     "BatchNormalization": BatchNormalization(),
@@ -1183,11 +1189,13 @@ REGISTRY = {
     "Bidirectional": Bidirectional(),
     "TimeDistributed": TimeDistributed(),
     **{kind: Identity() for kind in INFERENCE_IDENTITIES},
-    **dict.fromkeys(("MaxPooling1D", "MaxPooling2D", "GlobalMaxPooling1D", "GlobalMaxPooling2D"), Spatial()),
-    **dict.fromkeys(("AveragePooling1D", "AveragePooling2D", "GlobalAveragePooling1D", "GlobalAveragePooling2D"),
-                    AveragePooling()),
+    **dict.fromkeys(("MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "GlobalMaxPooling1D", "GlobalMaxPooling2D",
+                     "GlobalMaxPooling3D"), Spatial()),
+    **dict.fromkeys(("AveragePooling1D", "AveragePooling2D", "AveragePooling3D", "GlobalAveragePooling1D",
+                     "GlobalAveragePooling2D", "GlobalAveragePooling3D"), AveragePooling()),
     "ZeroPadding1D": ZeroPadding(),
     "ZeroPadding2D": ZeroPadding(),
+    "ZeroPadding3D": ZeroPadding(),
     "Add": Add(),
     "Subtract": Subtract(),
     "Average": Average(),
