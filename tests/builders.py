@@ -96,17 +96,18 @@ def randomize_network(model, rng):
 
 @st.composite
 def cnns(draw):
-    """A function building a random small CNN; it returns the model and the names of its
-    editable Dense/Conv2D layers. (Layers are built in the test, not while drawing:
-    Keras seeds its initializers from the `random` module.)"""
+    """A function building a random small CNN over 1, 2 or 3 spatial axes; it returns the
+    model and the names of its editable producers. (Layers are built in the test, not while
+    drawing: Keras seeds its initializers from the `random` module.)"""
     width = lambda: draw(st.integers(1, 4))  # noqa: E731
     activation = lambda: draw(st.sampled_from(CNN_ACTIVATIONS))  # noqa: E731
+    rank = draw(st.sampled_from([1, 2, 2, 3]))
     choice = {
-        "channels": draw(st.integers(1, 2)), "stem": (width(), draw(st.sampled_from([1, 3])), activation()),
+        "rank": rank, "channels": draw(st.integers(1, 2)), "stem": (width(), draw(st.sampled_from([1, 3])), activation()),
         "residual": draw(st.booleans()) and (width(), draw(st.booleans()), activation(), draw(st.sampled_from([1, 3]))),
-        "depthwise": draw(st.booleans()) and (draw(st.sampled_from(["same", "valid"])), activation()),
+        "depthwise": rank < 3 and draw(st.booleans()) and (draw(st.sampled_from(["same", "valid"])), activation()),
         "side": draw(st.booleans()) and (width(), activation()),
-        "pooling": draw(st.sampled_from(["none", "max", "average", "pad"])),
+        "pooling": draw(st.sampled_from(["none", "max", "average", "pad", "upsample", "crop"])),
         "head": (width(), draw(st.sampled_from([1, 2])), activation()),
         "flatten": draw(st.booleans()), "seed": draw(st.integers(0, 2**16)),
     }
@@ -114,32 +115,34 @@ def cnns(draw):
 
 
 def _build_cnn(choice):
-    image = keras.Input((6, 6, choice["channels"]), name="image")
+    rank = choice["rank"]
+    layer = lambda kind, *args, **kwargs: getattr(keras.layers, f"{kind}{rank}D")(*args, **kwargs)  # noqa: E731
+    image = keras.Input((6,) * rank + (choice["channels"],), name="image")
     filters, kernel_size, stem_activation = choice["stem"]
-    h = keras.layers.Conv2D(filters, kernel_size, padding="same", activation=stem_activation, name="stem")(image)
+    h = layer("Conv", filters, kernel_size, padding="same", activation=stem_activation, name="stem")(image)
     if choice["residual"]:  # BN between conv and activation
         filters, batch_norm, branch_activation, kernel_size = choice["residual"]
-        branch = keras.layers.Conv2D(filters, 3, padding="same", name="res_a")(h)
+        branch = layer("Conv", filters, 3, padding="same", name="res_a")(h)
         if batch_norm:
             branch = keras.layers.BatchNormalization(name="res_bn")(branch)
         branch = keras.layers.Activation(branch_activation, name="res_act")(branch)
-        branch = keras.layers.Conv2D(h.shape[-1], kernel_size, padding="same", name="res_b")(branch)
+        branch = layer("Conv", h.shape[-1], kernel_size, padding="same", name="res_b")(branch)
         h = keras.layers.Activation("relu", name="add_relu")(keras.layers.Add(name="add")([h, branch]))
     if choice["depthwise"]:
         padding, depthwise_activation = choice["depthwise"]
-        h = keras.layers.DepthwiseConv2D(3, padding=padding, activation=depthwise_activation, name="depthwise")(h)
+        h = layer("DepthwiseConv", 3, padding=padding, activation=depthwise_activation, name="depthwise")(h)
     if choice["side"]:  # a side branch joined by concatenation
-        side = keras.layers.Conv2D(choice["side"][0], 1, activation=choice["side"][1], name="side")(h)
+        side = layer("Conv", choice["side"][0], 1, activation=choice["side"][1], name="side")(h)
         h = keras.layers.Concatenate(name="concat")([h, side])
-    if choice["pooling"] == "max":
-        h = keras.layers.MaxPooling2D(name="pool")(h)
-    elif choice["pooling"] == "average":
-        h = keras.layers.AveragePooling2D(2, padding="same", name="pool")(h)
-    elif choice["pooling"] == "pad":
-        h = keras.layers.ZeroPadding2D(1, name="pad")(h)
+    pooling = {"max": lambda: layer("MaxPooling", name="pool"), "pad": lambda: layer("ZeroPadding", 1, name="pad"),
+               "average": lambda: layer("AveragePooling", 2, padding="same", name="pool"),
+               "upsample": lambda: layer("UpSampling", 2, name="upsample"),
+               "crop": lambda: layer("Cropping", 1, name="crop")}.get(choice["pooling"])
+    if pooling:
+        h = pooling()(h)
     filters, kernel_size, head_activation = choice["head"]
-    h = keras.layers.Conv2D(filters, kernel_size, activation=head_activation, name="head")(h)
-    h = keras.layers.Flatten(name="flatten")(h) if choice["flatten"] else keras.layers.GlobalAveragePooling2D(name="gap")(h)
+    h = layer("Conv", filters, kernel_size, activation=head_activation, name="head")(h)
+    h = keras.layers.Flatten(name="flatten")(h) if choice["flatten"] else layer("GlobalAveragePooling", name="gap")(h)
     model = randomize_network(keras.Model(image, keras.layers.Dense(3, name="out")(h)), np.random.default_rng(choice["seed"]))
     graph = read_model(model)
     editable = [node.name for node in graph.producers if graph.group_of(node.name) in graph.editable_groups()]
