@@ -166,7 +166,7 @@ def layer_rows(before, after, analysis):
 def _heads(graph, name):
     """The number of heads of attention layer `name` in `graph` (None for other layers)."""
     node = graph.by_name.get(name)
-    return node.config["num_heads"] if node is not None and node.kind == "MultiHeadAttention" else None
+    return node.config["num_heads"] if node is not None and node.entry.has_heads else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,7 +320,7 @@ def _approximate_round(graph, reduced, mode, data, rule, judge, cos, batch_size,
     if mode == "condense":
         return plan_condense(reduced, cos)
     widths = {group: graph.group_width(group) for group in graph.editable_groups()}
-    heads = {node.name: node.config["num_heads"] for node in graph.nodes if node.kind == "MultiHeadAttention"}
+    heads = {node.name: node.config["num_heads"] for node in graph.nodes if node.entry.has_heads}
     measured = "flops" if rule.kind in ("target_flops", "target_latency") else "params"
     cache = StatsCache(0 if rule.kind == "keep_ratio" else STATS_CACHE_BUDGET)  # one attempt: nothing to reuse
     compress = functools.partial(compress_groups, reduced, data, measure=measured, batch_size=batch_size, cache=cache,

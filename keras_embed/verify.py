@@ -16,6 +16,7 @@ import numpy as np
 from keras_embed.files.data import batches, check_inputs, row_count
 from keras_embed.errors import InputError, VerificationError
 from keras_embed.measure.reduce import EAGER_BYTES, layer_bytes
+from keras_embed.model.registry import vocabulary
 
 DEFAULT_SAMPLES = 1024
 RELATIVE_ATOL = 1e-4
@@ -36,8 +37,7 @@ def layers_within(model):
 def _token_count(model):
     """The smallest vocabulary (`input_dim`) of the model's Embedding layers, nested ones
     included; 2 without any."""
-    return min((layer.input_dim for layer in layers_within(model) if isinstance(layer, keras.layers.Embedding)),
-               default=2)
+    return min((size for size in map(vocabulary, layers_within(model)) if size is not None), default=2)
 
 
 def calibration_inputs(model, samples=DEFAULT_SAMPLES, seed=0):

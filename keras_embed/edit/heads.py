@@ -195,7 +195,7 @@ def find_head_edits(graph, rtol=1e-6):
     heads left would equal a sequence length: `computes_wrongly`), else its `HeadColumns`
     when columns inside the heads go (the next round looks again)."""
     edits = []
-    for node in (node for node in graph.nodes if node.kind == "MultiHeadAttention"):
+    for node in (node for node in graph.nodes if node.entry.has_heads):
         edit = head_edit(node, rtol)
         if not edit.removed_heads or computes_wrongly(graph, node, len(edit.kept_heads)):
             edit = column_edit(node, rtol)

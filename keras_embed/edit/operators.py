@@ -83,8 +83,7 @@ def widen(graph, layer, unit, alpha=0.5):
         a MultiHeadAttention `layer`, `unit` is a head and the layer gets one more head
         (`heads.split_head`).
     """
-    if isinstance(layer, str) and graph.by_name.get(layer) is not None and graph.by_name[layer].kind == \
-            "MultiHeadAttention":
+    if isinstance(layer, str) and graph.by_name.get(layer) is not None and graph.by_name[layer].entry.has_heads:
         return split_head(graph, layer, int(unit), check_number("alpha", alpha))
     node, group = editable_layer(graph, layer)
     _check_channel(graph, node, group, unit)

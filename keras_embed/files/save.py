@@ -248,12 +248,12 @@ def unrolled(model):
 def tflite_flatbuffer(model, quantize=None, representative=None):
     """`model` (its recurrent layers `unrolled`) converted to TFLite, as bytes; `quantize` is
     None, 'float16' or 'int8' (then with `representative` inputs; inputs and outputs stay float)."""
-    import keras
     import tensorflow as tf
 
+    from keras_embed.model.registry import runs_over_steps
     from keras_embed.verify import layers_within
 
-    if any(isinstance(layer, (keras.layers.RNN, keras.layers.Bidirectional)) for layer in layers_within(model)):
+    if any(map(runs_over_steps, layers_within(model))):
         model = unrolled(model)
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     if quantize is not None:

@@ -37,7 +37,7 @@ from keras_embed.model.build import build_model
 def refittable(node):
     """Whether the heads of `node` can be refitted: MultiHeadAttention over the one
     sequence axis of 3-D inputs (the default attention axes)."""
-    return (node.kind == "MultiHeadAttention" and len(node.shape) == 2
+    return (node.entry.has_heads and len(node.shape) == 2
             and node.config.get("attention_axes") in (None, [1], (1,), 1))
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_embed.errors import InputError
+from keras_embed.model.registry import normalizes_batches
 from keras_embed.stopping import class_labels, predicted_classes
 
 POINTS = 5
@@ -78,7 +79,7 @@ class Evaluator:
         self.model.set_weights(model.get_weights())
         self.x, self.y, self.loss, self.batch_size = x, y, loss, batch_size
         self.labels = class_labels(y) if len(model.outputs) == 1 else None
-        self.norms = [layer for layer in self.model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+        self.norms = [layer for layer in self.model.layers if normalizes_batches(layer)]
 
     def at(self, weights):
         """{"loss": mean loss, "error": error in percent (None without class labels)} at `weights`."""

@@ -89,6 +89,7 @@ class LayerType:
     elementwise = False  # acts on every value alone (Activation, Dropout)
     commutes_with_scaling = False  # whatever its config (pooling, Add)
     passes = None  # the per-position maps it commutes with: "affine" (Flatten, average pooling), "monotone" (max pooling)
+    has_heads = False  # its units are attention heads (`edit.heads`)
 
     def check(self, layer, config):
         """Raises `UnsupportedLayerError` for a configuration the entry cannot handle."""
@@ -536,6 +537,8 @@ class MultiHeadAttention(LayerType):
         >>> entry("MultiHeadAttention").attention_inputs(node)     # called as (x, x, attention_mask=m)
         ('x', 'x', 'x', 'm')
     """
+
+    has_heads = True
 
     role = "produces"
     composes = False
@@ -1252,6 +1255,21 @@ def refuse_unknown(layers):
             "the Keras examples' encoder block: MultiHeadAttention, LayerNormalization, Dense) to prune it") if hub else ""
     raise UnsupportedLayerError(f"layer '{first.name}' ({type(first).__name__}) is not supported{also}{hint}; "
                                 f"supported layers: {', '.join(SUPPORTED)}")
+
+
+def vocabulary(layer):
+    """The number of tokens `layer` reads (`input_dim` of an Embedding), None for other layers."""
+    return layer.input_dim if known(layer) and type(layer).__name__ == "Embedding" else None
+
+
+def runs_over_steps(layer):
+    """Whether `layer` is recurrent (an RNN or a Bidirectional one): TFLite needs it unrolled."""
+    return isinstance(layer, (keras.layers.RNN, keras.layers.Bidirectional))
+
+
+def normalizes_batches(layer):
+    """Whether `layer` is a BatchNormalization (its statistics follow the weights before it)."""
+    return isinstance(layer, keras.layers.BatchNormalization)
 
 
 def entry_of(layer):
