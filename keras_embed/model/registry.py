@@ -59,10 +59,10 @@ class Geometry:
 
 
 def refuse_channels_first(layer, config):
-    """Raises `UnsupportedLayerError` for a convolution whose channels are not on the last axis."""
+    """Raises `UnsupportedLayerError` for a layer whose channels are not on the last axis."""
     if config.get("data_format", "channels_last") != "channels_last":
         raise UnsupportedLayerError(f"layer '{layer.name}' ({type(layer).__name__}) uses channels_first; "
-                                    "only channels_last convolutions are supported")
+                                    "only channels_last layers are supported")
 
 
 def apply_known(function, values):
@@ -712,7 +712,8 @@ class SeparableConv(Conv):
         return getattr(keras.layers, f"Conv{len(node.config['kernel_size'])}D").from_config(self.config(node))
 
     def fuse(self, node, source):
-        if source.kind != f"DepthwiseConv{len(node.config['kernel_size'])}D" or source.config.get("activation", "linear") != "linear" \
+        depthwise = f"DepthwiseConv{len(node.config['kernel_size'])}D"
+        if source.kind != depthwise or source.config.get("activation", "linear") != "linear" \
                 or len(source.weights) != 1 or not self.geometry(node).pointwise:
             return None
         config = {"name": node.name, "trainable": node.config["trainable"], "dtype": node.config["dtype"],
